@@ -1,0 +1,421 @@
+"""
+data.py: the tokenizer, the data files, and the built-in task with its gold reward.
+
+- Tokenizer: a byte-level BPE the project trains itself (deterministic, seconds on 1 MB), served
+  through tiktoken.Encoding and saved as a JSON rank file that we write and parse ourselves. A plain
+  256-byte encoding for tests. Every tokenizer here is a tiktoken.Encoding with <|endoftext|>.
+- Files: JSON lines, read with a one-line error naming the file, line and field; every output is
+  written to a temporary file and renamed into place, so a crash never leaves half a file.
+- Sequences: <|endoftext|> + prompt + response + <|endoftext|>, right-padded into batches.
+- The built-in task: seeded movie reviews (and restaurant reviews, out of distribution) whose gold
+  reward is the VADER sentiment compound score of the response, known exactly, as in DPO's
+  sentiment experiment. Preference labels are drawn from it with Bradley-Terry noise.
+
+    python data.py   # prints a few built-in examples with their gold rewards
+"""
+import base64
+import contextlib
+import gzip
+import heapq
+import json
+import math
+import os
+import random
+import re
+from collections import Counter, defaultdict
+
+import tiktoken
+
+EOT = "<|endoftext|>"
+# Pre-tokenisation pattern (GPT-2's, written with classes that Python's re and tiktoken's regex engine
+# read the same way, so training and encoding split text alike): contractions, letters, digits,
+# other symbols, whitespace. Together they match every character, so decode(encode(s)) == s.
+PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+"""
+
+
+# -----------------------------------------------------------------------------
+# files: one-line errors, atomic writes
+
+class DataError(ValueError):
+    """Bad input, with a message of one line that names the file, line and field."""
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yields a temporary path beside `path`; renamed onto `path` only if the block succeeds."""
+    path = str(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        yield tmp
+        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_jsonl(path, records):
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def write_json(path, obj):
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def open_text(path):
+    """Open a text file, gunzipping *.gz; a missing file is a DataError."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file")
+    return gzip.open(path, "rt", encoding="utf-8") if str(path).endswith(".gz") else open(path, encoding="utf-8")
+
+
+def read_jsonl(path, schema=None):
+    """Read a JSON-lines file into a list of dicts. schema {field: type} checks that each record has
+    the field with that type (list fields are checked item by item against schema's (list, item) tuple).
+    Any bad line is a DataError naming the file, line and field."""
+    records = []
+    with open_text(path) as f:
+        try:
+            lines = list(f)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            raise DataError(f"{path}:{n}: empty line")
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(rec, dict):
+            raise DataError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
+        for field, kind in (schema or {}).items():
+            check_field(rec, field, kind, f"{path}:{n}")
+        records.append(rec)
+    if not records:
+        raise DataError(f"{path}: empty file, no records")
+    return records
+
+
+def check_field(rec, field, kind, where):
+    item = None
+    if isinstance(kind, tuple):
+        kind, item = kind
+    if field not in rec:
+        raise DataError(f"{where}: missing field '{field}'")
+    value = rec[field]
+    ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        ok = True  # JSON writes 1.0 as 1
+    if not ok:
+        raise DataError(f"{where}: field '{field}' should be {kind.__name__}, got {type(value).__name__}")
+    if item is not None:
+        for k, v in enumerate(value):
+            check_field({f"{field}[{k}]": v}, f"{field}[{k}]", item, where)
+    if kind is str and not value.strip():
+        raise DataError(f"{where}: field '{field}' is empty")
+    if kind is float and not math.isfinite(value):
+        raise DataError(f"{where}: field '{field}' is {value}, not a finite number")
+
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+def byte_tokenizer():
+    """256 single bytes + <|endoftext|> (id 256): no training, no files. For tests."""
+    return tiktoken.Encoding(name="bytes", pat_str=PAT_STR,
+                             mergeable_ranks={bytes([i]): i for i in range(256)},
+                             special_tokens={EOT: 256})
+
+
+def train_bpe(text, vocab_size=1024):
+    """Byte-level BPE: 256 byte tokens, then the most frequent adjacent pair merged, repeatedly,
+    until vocab_size - 1 tokens (the last id is <|endoftext|>). Deterministic: ties go to the pair
+    with the larger ids. Pair counts are updated incrementally, so 1 MB of text takes seconds.
+    Returns a tiktoken.Encoding."""
+    vocab = [bytes([i]) for i in range(256)]
+    rank = {b: i for i, b in enumerate(vocab)}
+    word_counts = Counter(re.findall(PAT_STR, text))
+    words = [list(w.encode("utf-8")) for w in word_counts]    # each word as a list of token ids
+    counts = list(word_counts.values())
+    pair_count, pair_words = Counter(), defaultdict(set)
+    for wi, w in enumerate(words):
+        for pair in zip(w, w[1:]):
+            pair_count[pair] += counts[wi]
+            pair_words[pair].add(wi)
+    heap = [(-c, tuple(-t for t in p), p) for p, c in pair_count.items()]
+    heapq.heapify(heap)
+    while len(vocab) < vocab_size - 1 and heap:
+        neg, _, pair = heapq.heappop(heap)
+        if pair_count.get(pair, 0) != -neg or -neg == 0:
+            continue  # a stale heap entry: this pair's count changed since it was pushed
+        merged = vocab[pair[0]] + vocab[pair[1]]
+        if merged not in rank:  # two merge paths can spell the same bytes: one token for both
+            rank[merged] = len(vocab)
+            vocab.append(merged)
+        new_id, changed = rank[merged], set()
+        for wi in list(pair_words[pair]):
+            w, c = words[wi], counts[wi]
+            for p in zip(w, w[1:]):
+                pair_count[p] -= c
+                changed.add(p)
+            out, i = [], 0
+            while i < len(w):
+                if i + 1 < len(w) and (w[i], w[i + 1]) == pair:
+                    out.append(new_id)
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            words[wi] = out
+            for p in zip(out, out[1:]):
+                pair_count[p] += c
+                pair_words[p].add(wi)
+                changed.add(p)
+        del pair_words[pair]
+        pair_count.pop(pair, None)
+        for p in changed:
+            if pair_count.get(p, 0) > 0:
+                heapq.heappush(heap, (-pair_count[p], tuple(-t for t in p), p))
+    return make_encoding("vcb-bpe", PAT_STR, vocab)
+
+
+def make_encoding(name, pat_str, vocab):
+    """vocab: list of token byte strings in rank order; <|endoftext|> gets the next id."""
+    return tiktoken.Encoding(name=name, pat_str=pat_str,
+                             mergeable_ranks={b: i for i, b in enumerate(vocab)},
+                             special_tokens={EOT: len(vocab)})
+
+
+def save_tokenizer(enc, path):
+    """Our own rank file: JSON with the pattern and the tokens' bytes in rank order (base64)."""
+    ranks = sorted(enc._mergeable_ranks.items(), key=lambda kv: kv[1])
+    write_json(path, {"format": "vcb-tokenizer-1", "name": enc.name, "pat_str": enc._pat_str,
+                      "tokens": [base64.b64encode(b).decode("ascii") for b, _ in ranks]})
+
+
+def load_tokenizer(path):
+    """Parse a rank file written by save_tokenizer; a corrupt one is a DataError that says why."""
+    try:
+        with open_text(path) as f:
+            spec = json.load(f)
+        if spec.get("format") != "vcb-tokenizer-1":
+            raise ValueError(f"unknown format {spec.get('format')!r}")
+        vocab = [base64.b64decode(t, validate=True) for t in spec["tokens"]]
+        if vocab[:256] != [bytes([i]) for i in range(256)] or len(set(vocab)) != len(vocab):
+            raise ValueError("the first 256 tokens must be the single bytes and no token may repeat")
+        return make_encoding(spec["name"], spec["pat_str"], vocab)
+    except DataError:
+        raise
+    except Exception as e:  # JSON, base64, key or regex errors all mean the same thing to a user
+        raise DataError(f"{path}: corrupt tokenizer file ({type(e).__name__}: {e})") from None
+
+
+def gpt2_tokenizer():
+    """tiktoken's GPT-2 encoding. tiktoken fetches its files on first use, so offline it works only
+    from a cache; we check for one first rather than let a download hang."""
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
+    if not cache or not os.path.isdir(cache) or not os.listdir(cache):
+        raise DataError("--tokenizer=gpt2 needs tiktoken's GPT-2 files in a local cache: on a machine "
+                        "with network run `TIKTOKEN_CACHE_DIR=/path/cache python -c \"import tiktoken; "
+                        "tiktoken.get_encoding('gpt2')\"`, then set TIKTOKEN_CACHE_DIR=/path/cache here")
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:
+        raise DataError(f"GPT-2 tokenizer not usable from TIKTOKEN_CACHE_DIR={cache} ({type(e).__name__}: {e})") from None
+
+
+# -----------------------------------------------------------------------------
+# sequences and batches
+
+def encode_example(enc, prompt, response, block_size):
+    """<|endoftext|> + prompt + response + <|endoftext|> as token ids, and the index of the first
+    response token. A sequence longer than block_size loses prompt tokens from the left (the start
+    of the prompt matters least for what comes next); a response that alone does not fit is cut.
+    Returns (ids, start, truncated)."""
+    eot = enc.eot_token
+    p = enc.encode_ordinary(prompt)
+    r = enc.encode_ordinary(response) + [eot]
+    keep_p = max(block_size - 1 - len(r), 1)  # at least one prompt token stays
+    truncated = len(p) > keep_p or 1 + min(len(p), keep_p) + len(r) > block_size
+    p = p[-keep_p:]
+    ids = ([eot] + p + r)[:block_size]
+    return ids, 1 + len(p), truncated
+
+
+def collate(examples, pad_id):
+    """examples: list of (ids, start) -> idx (B, T) right-padded, mask (B, T) 1 on response tokens."""
+    import torch
+    T = max(len(ids) for ids, _ in examples)
+    idx = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), T), dtype=torch.bool)
+    for b, (ids, start) in enumerate(examples):
+        idx[b, :len(ids)] = torch.tensor(ids)
+        mask[b, start:len(ids)] = True
+    return idx, mask
+
+
+def encode_prompt(enc, prompt, max_len):
+    """<|endoftext|> + prompt, cut from the left to max_len tokens, for generation."""
+    return ([enc.eot_token] + enc.encode_ordinary(prompt))[-max_len:]
+
+
+# -----------------------------------------------------------------------------
+# the built-in task: reviews whose gold reward is the VADER sentiment of the response
+
+def gold_reward(texts):
+    """VADER compound sentiment in [-1, 1] of each text (its lexicon ships inside the package)."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    global _vader
+    if "_vader" not in globals():
+        _vader = SentimentIntensityAnalyzer()
+    return [_vader.polarity_scores(t)["compound"] for t in texts]
+
+
+MOVIES = dict(
+    names=["The Silent Harbor", "Night Train", "A Summer in Rome", "The Last Orchard", "Iron Valley",
+           "Paper Moons", "The Glass Road", "Cold River", "The Long Winter", "Blue Horizon", "Echo Park",
+           "The Hollow Crown", "Midnight Garden", "Salt and Stone", "The Red Lantern", "Wild Hearts",
+           "Distant Shores", "The Clockmaker", "Northern Lights", "The Quiet Hour", "Broken Compass",
+           "Golden Fields", "The Lighthouse Keeper", "Stormbound", "City of Ash", "The Little Fox"],
+    kinds=["drama", "comedy", "thriller", "horror film", "romance", "war film", "western", "musical",
+           "science fiction film", "family film", "mystery", "crime story"],
+    subjects=["a young teacher", "two brothers", "a retired detective", "a lonely pilot",
+              "a small town", "a family of farmers", "an old sailor", "a group of students",
+              "a famous singer", "a stubborn doctor", "a runaway girl", "a travelling circus"],
+    events=["on the eve of a war", "in a small village", "after a long storm", "far from home",
+            "during one strange summer", "in a big city", "on a long journey", "at the end of the world"],
+    about="It is a {kind} about {subject} {event}.",
+    openers=["I watched {name} last night.", "I saw {name} with my family.",
+             "We went to see {name} on Sunday.", "I finally watched {name} at home."],
+    aspects=["the acting", "the story", "the music", "the dialogue", "the ending", "the camera work",
+             "the pacing", "the cast", "the script", "the soundtrack", "the lead actor", "the plot"],
+    it_is=["the film", "the movie", "it"],
+    verdict="film",
+)
+
+RESTAURANTS = dict(  # the out-of-distribution family: same kind of language, new nouns
+    names=["Luigi's Kitchen", "The Green Table", "Blue Bay Grill", "Mama Rosa", "The Copper Pot",
+           "Saffron House", "Harbor Fish Bar", "The Old Mill Cafe", "Sakura Garden", "Casa Verde"],
+    kinds=["Italian restaurant", "fish restaurant", "cafe", "steak house", "noodle bar", "bakery"],
+    subjects=["a young chef", "two sisters", "an old couple", "a local family"],
+    events=["near the station", "by the river", "in the old town", "on the main square"],
+    about="It is a {kind} run by {subject} {event}.",
+    openers=["We had dinner at {name} last night.", "I had lunch at {name} with a friend.",
+             "We tried {name} on Saturday."],
+    aspects=["the food", "the service", "the bill", "the dessert", "the soup", "the bread",
+             "the wine", "the waiter", "the atmosphere", "the coffee"],
+    it_is=["the place", "the meal", "it"],
+    verdict="restaurant",
+)
+
+# graded sentiment: strong and mild praise and complaints, negations, and plain facts
+ADJ = {2: ["wonderful", "brilliant", "amazing", "excellent", "superb", "fantastic"],
+       1: ["good", "nice", "fine", "pleasant", "solid", "decent"],
+       -1: ["weak", "dull", "slow", "odd", "uneven", "forgettable"],
+       -2: ["terrible", "awful", "horrible", "painful", "dreadful", "boring"]}
+MILD = ["a bit", "somewhat", "quite", "fairly", "a little"]
+STRONG = ["really", "very", "truly", "extremely", "incredibly"]
+SENTENCES = {
+    2: ["I loved every minute of it.", "An absolute masterpiece.", "I would happily go again.",
+        "Easily the best {verdict} I have seen this year.", "What a wonderful surprise!"],
+    1: ["I enjoyed it.", "Worth a look.", "It was a good evening.", "I liked it more than I expected."],
+    0: ["It lasted about two hours.", "We went on a {day}.", "There were not many people there.",
+        "I went there after work.", "My friend chose it."],
+    -1: ["I was a little bored.", "It could have been better.", "I expected more.", "Not really my thing."],
+    -2: ["I hated it.", "A complete waste of time.", "Never again.", "I wanted my money back.",
+         "The worst {verdict} I have seen in years."],
+}
+NEGATIONS = {1: ["{it} was not bad at all.", "I did not hate {it}.", "{aspect} was not bad."],
+             -1: ["{it} was not great.", "{aspect} was not very good.", "{it} was not as good as I hoped."]}
+DAYS = ["Monday", "Tuesday", "Friday", "Saturday", "Sunday", "rainy evening"]
+
+
+def review_sentence(rng, fam, tone):
+    """One sentence whose sentiment leans with tone in {-2, -1, 0, 1, 2}."""
+    aspect = rng.choice(fam["aspects"])
+    it = rng.choice(fam["it_is"])
+    roll = rng.random()
+    if tone != 0 and roll < 0.15:  # mixed: praise one thing, fault another
+        good, bad = rng.choice(ADJ[rng.choice([1, 2])]), rng.choice(ADJ[rng.choice([-1, -2])])
+        a2 = rng.choice([a for a in fam["aspects"] if a != aspect])
+        s = f"{aspect} was {good} but {a2} was {bad}." if tone > 0 else f"{aspect} was {bad} but {a2} was {good}."
+    elif tone != 0 and roll < 0.3:
+        s = rng.choice(NEGATIONS[1 if tone > 0 else -1]).format(it=it, aspect=aspect)
+    elif tone != 0 and roll < 0.7:
+        adverb = rng.choice(STRONG if abs(tone) == 2 else MILD + [""])
+        adj = rng.choice(ADJ[tone])
+        s = f"{rng.choice([aspect, it])} was {adverb + ' ' if adverb else ''}{adj}."
+    else:
+        s = rng.choice(SENTENCES[tone]).format(verdict=fam["verdict"], day=rng.choice(DAYS))
+    return s[0].upper() + s[1:]
+
+
+def review_prompt(rng, fam):
+    name = rng.choice(fam["names"])
+    first = rng.choice(fam["openers"]).format(name=name)
+    second = fam["about"].format(kind=rng.choice(fam["kinds"]), subject=rng.choice(fam["subjects"]),
+                                 event=rng.choice(fam["events"]))
+    return f"{first} {second}" if rng.random() < 0.7 else first
+
+
+def review_response(rng, fam):
+    """One to three sentences around a tone drawn per review, so reviews read as one opinion."""
+    tone = rng.choice([-2, -1, -1, 0, 1, 1, 2])
+    parts = [review_sentence(rng, fam, tone if rng.random() < 0.8 else rng.choice([-2, -1, 0, 1, 2]))
+             for _ in range(rng.choice([1, 2, 2, 3]))]
+    return " " + " ".join(parts)
+
+
+def builtin_task(seed=0, n_sft=4000, n_prefs=3000, n_align=512, n_eval=128, n_ood=128, pref_tau=0.25):
+    """The built-in task's files as lists of records. Evaluation prompts are drawn first and never
+    appear in training. Preference labels: the winner of (a, b) is a with probability
+    sigmoid((g_a - g_b) / pref_tau), g the gold reward (Bradley-Terry noise, like human labels)."""
+    rng = random.Random(seed)
+    eval_prompts = unique_prompts(rng, MOVIES, n_eval, set())
+    ood_prompts = unique_prompts(rng, RESTAURANTS, n_ood, set())
+    seen = set(eval_prompts)
+    align_prompts = unique_prompts(rng, MOVIES, n_align, seen)
+    sft = []
+    for _ in range(n_sft):
+        p = review_prompt(rng, MOVIES)
+        if p not in seen:
+            sft.append({"prompt": p, "response": review_response(rng, MOVIES)})
+    prefs = []
+    while len(prefs) < n_prefs:
+        p = review_prompt(rng, MOVIES)
+        a, b = review_response(rng, MOVIES), review_response(rng, MOVIES)
+        if p in seen or a == b:
+            continue
+        ga, gb = gold_reward([a, b])
+        a_wins = rng.random() < 1 / (1 + math.exp(-(ga - gb) / pref_tau))
+        prefs.append({"prompt": p, "chosen": a if a_wins else b, "rejected": b if a_wins else a})
+    return {"sft": sft, "prefs": prefs,
+            "align_prompts": [{"prompt": p} for p in align_prompts],
+            "eval_prompts": [{"prompt": p} for p in eval_prompts],
+            "ood_prompts": [{"prompt": p} for p in ood_prompts]}
+
+
+def unique_prompts(rng, fam, n, exclude):
+    out, seen = [], set(exclude)
+    for _ in range(100 * n):
+        if len(out) == n:
+            break
+        p = review_prompt(rng, fam)
+        if p not in seen:
+            seen.add(p)
+            out.append(p)
+    if len(out) < n:
+        raise ValueError(f"the review generator has fewer than {n} distinct prompts")
+    return out
+
+
+if __name__ == "__main__":
+    task = builtin_task(seed=0, n_sft=5, n_prefs=3, n_align=3, n_eval=3, n_ood=3)
+    for r in task["sft"]:
+        print(f"{gold_reward([r['response']])[0]:+.3f}  {r['prompt']!r} -> {r['response']!r}")
+    for r in task["ood_prompts"]:
+        print(f"out of distribution prompt: {r['prompt']!r}")

@@ -1,0 +1,109 @@
+"""Tokenizers (round trip, determinism, our own rank file), sequence encoding and the built-in task."""
+import json
+import random
+
+import pytest
+from hypothesis import given, strategies as st
+
+import data
+
+SYLLABLES = ["ka", "ri", "to", "me", "su", "na", "lo", "pe", "ba", "de", "gi", "fu", "zo", "str", "ing", "ed"]
+
+
+def corpus(n_chars, seed=0):
+    """Made-up words with Zipf-like frequencies: enough variety to fill a 1024-token vocabulary."""
+    rng = random.Random(seed)
+    words = ["".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 4))) for _ in range(3000)]
+    weights = [1 / (i + 1) for i in range(len(words))]
+    out, size = [], 0
+    while size < n_chars:
+        s = " ".join(rng.choices(words, weights, k=10)).capitalize() + rng.choice([". ", "! ", ", 42 ", "\n"])
+        out.append(s)
+        size += len(s)
+    return "".join(out)
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return data.train_bpe(corpus(200_000), vocab_size=1024)
+
+
+def test_bpe_reaches_its_vocabulary_size_and_is_deterministic(bpe):
+    assert bpe.n_vocab == 1024 and bpe.eot_token == 1023
+    again = data.train_bpe(corpus(200_000), vocab_size=1024)
+    assert again._mergeable_ranks == bpe._mergeable_ranks
+    sample = corpus(2000, seed=1)
+    assert len(bpe.encode_ordinary(sample)) < len(sample.encode()) / 2  # it really compresses
+
+
+@given(st.text(max_size=200))
+def test_round_trip_any_unicode_string(bpe, s):
+    for enc in (bpe, data.byte_tokenizer()):
+        assert enc.decode(enc.encode_ordinary(s)) == s
+
+
+def test_special_token_text_in_data_is_plain_text(bpe):
+    ids = bpe.encode_ordinary("a <|endoftext|> b")
+    assert bpe.eot_token not in ids and bpe.decode(ids) == "a <|endoftext|> b"
+
+
+def test_byte_tokenizer_is_256_bytes_and_eot():
+    enc = data.byte_tokenizer()
+    assert enc.n_vocab == 257 and enc.eot_token == 256
+    assert enc.encode_ordinary("é") == list("é".encode())
+
+
+def test_saved_tokenizer_loads_identically_and_a_rewritten_file_is_reread(bpe, tmp_path):
+    path = tmp_path / "tokenizer.json"
+    data.save_tokenizer(bpe, path)
+    loaded = data.load_tokenizer(path)
+    assert loaded._mergeable_ranks == bpe._mergeable_ranks and loaded.n_vocab == bpe.n_vocab
+    text = corpus(500, seed=3)
+    assert loaded.encode_ordinary(text) == bpe.encode_ordinary(text)
+    smaller = data.train_bpe(corpus(50_000, seed=2), vocab_size=300)
+    data.save_tokenizer(smaller, path)  # same path, new vocabulary: no stale cached copy
+    assert data.load_tokenizer(path).n_vocab == 300
+
+
+@pytest.mark.parametrize("corruption", [
+    lambda spec: "{not json",
+    lambda spec: json.dumps({**spec, "format": "other"}),
+    lambda spec: json.dumps({**spec, "tokens": spec["tokens"][:10]}),
+    lambda spec: json.dumps({**spec, "tokens": spec["tokens"] + ["%%%"]}),
+    lambda spec: json.dumps({**spec, "tokens": spec["tokens"] + [spec["tokens"][300]]}),
+    lambda spec: json.dumps({k: v for k, v in spec.items() if k != "pat_str"}),
+])
+def test_corrupt_tokenizer_file_is_a_one_line_error(bpe, tmp_path, corruption):
+    path = tmp_path / "tokenizer.json"
+    data.save_tokenizer(bpe, path)
+    path.write_text(corruption(json.loads(path.read_text())))
+    with pytest.raises(data.DataError, match="tokenizer.json: corrupt tokenizer file") as e:
+        data.load_tokenizer(path)
+    assert "\n" not in str(e.value)
+
+
+def test_encode_example_marks_the_response_and_truncates_prompts_from_the_left():
+    enc = data.byte_tokenizer()
+    ids, start, cut = data.encode_example(enc, "abc", "de", block_size=32)
+    assert ids == [256, 97, 98, 99, 100, 101, 256] and start == 4 and not cut
+    ids, start, cut = data.encode_example(enc, "0123456789", "xy", block_size=8)
+    assert cut and len(ids) == 8 and start == 5 and enc.decode(ids[1:start]) == "6789" and ids[start:] == [120, 121, 256]
+    ids, start, cut = data.encode_example(enc, "p", "y" * 20, block_size=8)
+    assert cut and len(ids) == 8 and start == 2  # a response that alone does not fit is cut
+    idx, mask = data.collate([([1, 2, 3, 4], 2), ([5, 6], 1)], pad_id=0)
+    assert idx.tolist() == [[1, 2, 3, 4], [5, 6, 0, 0]]
+    assert mask.tolist() == [[False, False, True, True], [False, True, False, False]]
+
+
+def test_builtin_task_is_seeded_graded_and_keeps_eval_prompts_out_of_training():
+    a = data.builtin_task(seed=3, n_sft=300, n_prefs=100, n_align=50, n_eval=40, n_ood=20)
+    b = data.builtin_task(seed=3, n_sft=300, n_prefs=100, n_align=50, n_eval=40, n_ood=20)
+    assert a == b
+    held_out = {r["prompt"] for r in a["eval_prompts"]}
+    train = {r["prompt"] for name in ("sft", "prefs", "align_prompts") for r in a[name]}
+    assert not held_out & train
+    gold = data.gold_reward([r["response"] for r in a["sft"]])
+    assert min(gold) < -0.5 and max(gold) > 0.5 and len({round(g, 1) for g in gold}) >= 12  # graded, not binary
+    assert data.gold_reward(["It was not bad at all."])[0] > 0 > data.gold_reward(["It was not great."])[0]
+    agree = sum(c > r for c, r in (data.gold_reward([p["chosen"], p["rejected"]]) for p in a["prefs"]))
+    assert 0.6 < agree / len(a["prefs"]) < 0.97  # mostly right, noisy like human labels

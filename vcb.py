@@ -1,0 +1,223 @@
+"""
+vcb.py: the Value-based Calibration loss, the order-based baselines, and the closed-form theory.
+
+Each loss is one pure function of per-sequence log-probabilities (float32 tensors), named after the
+paper (Mao et al., "Don't Forget Your Reward Values", EMNLP 2024; notation of PAPER.md):
+
+    delta(y)  = logp_pi(y|x) - logp_sft(y|x)                 how far training moved response y
+    VCB       l_ij = ([delta_i - delta_j] - (r_i - r_j) / (beta * sigma(x)))^2   (difference method)
+              L(x) = (1/lam) log mean_{i<j} exp(lam * l_ij)                       (LogSumExp over pairs)
+    DPO       -log sigmoid(beta * h),  h = delta(y_w) - delta(y_l)
+    IPO       (h - 1/(2 beta))^2
+    SLiC      max(0, 1 - beta * h)
+    RRHF      sum_{r_i < r_j} max(0, p_i - p_j) - p_best     (p: length-averaged log-prob under pi)
+
+Run it to see the walk-through's Figure 1 as numbers (about a second on a CPU):
+
+    python vcb.py
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+SIGMA_FLOOR = 1e-6  # a prompt whose candidates' rewards spread less than this has nothing to calibrate
+
+
+def f32(x):
+    """At least float32: bfloat16/float16 inputs are upcast, float64 (tests, theory) stays float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+# -----------------------------------------------------------------------------
+# log-probabilities
+
+def sequence_logps(logits, targets, mask, average=False):
+    """Per-sequence log p(y|x) of the response tokens, in float32.
+
+    logits (B, T, V) from the model on the input ids; targets (B, T) the same input ids; mask (B, T)
+    1 where targets[:, t] is a response token. The logits at t predict the token at t + 1, hence the
+    shift by one. average=True divides by the number of response tokens (RRHF's length-averaged p).
+    Returns (B,).
+    """
+    logits, targets, mask = logits[:, :-1], targets[:, 1:], mask[:, 1:].to(torch.float32)
+    logp = torch.gather(f32(logits).log_softmax(-1), 2, targets.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    total = (logp * mask).sum(-1)
+    return total / mask.sum(-1).clamp(min=1) if average else total
+
+
+# -----------------------------------------------------------------------------
+# VCB (PAPER.md, "VCB: the difference method keeps the reward")
+
+def reward_sigma(rewards):
+    """sigma(x): population standard deviation of each prompt's n candidate rewards. (B, n) -> (B,)."""
+    return f32(rewards).std(dim=-1, unbiased=False)
+
+
+def vcb_pair_terms(policy_logps, ref_logps, rewards, beta=1.0, sigma_floor=SIGMA_FLOOR):
+    """The per-pair squared errors l_ij of the difference method, for every unordered pair i < j.
+
+    policy_logps, ref_logps, rewards: (B, n). Returns (l, learned_gap, target_gap, calibrated):
+    l, learned_gap, target_gap are (B, n(n-1)/2), with
+        learned_gap = delta_i - delta_j                    (log Z(x) has cancelled out of it)
+        target_gap  = (r_i - r_j) / (beta * sigma(x))      (the optimum's gap, up to sigma)
+    and calibrated (B,) is False for prompts whose sigma(x) <= sigma_floor (no loss from them).
+    """
+    delta = f32(policy_logps) - f32(ref_logps)              # (B, n)
+    r = f32(rewards.detach())                                      # the reward model is not trained here
+    sigma = reward_sigma(r)                                        # (B,)
+    calibrated = sigma > sigma_floor
+    sigma = torch.where(calibrated, sigma, torch.ones_like(sigma))  # no 0/0 for skipped prompts
+    i, j = torch.triu_indices(r.size(-1), r.size(-1), offset=1, device=r.device)
+    learned_gap = delta[:, i] - delta[:, j]                        # (B, P)
+    target_gap = (r[:, i] - r[:, j]) / (beta * sigma[:, None])     # (B, P)
+    return (learned_gap - target_gap) ** 2, learned_gap, target_gap, calibrated
+
+
+def vcb_prompt_losses(policy_logps, ref_logps, rewards, beta=1.0, lam=0.0, sigma_floor=SIGMA_FLOOR):
+    """L(x) for each prompt: (B,) losses and the (B,) calibrated mask.
+
+    L(x) = (1/lam) * log(mean_{i<j} exp(lam * l_ij)), which moves the weight onto the pairs whose gap
+    is most wrong as lam grows; lam = 0 is exactly the mean over pairs (its limit). Prompts that are
+    not calibrated get loss 0.
+    """
+    l, _, _, calibrated = vcb_pair_terms(policy_logps, ref_logps, rewards, beta, sigma_floor)
+    if lam == 0:
+        per_prompt = l.mean(-1)
+    else:
+        per_prompt = (torch.logsumexp(lam * l, dim=-1) - math.log(l.size(-1))) / lam
+    return torch.where(calibrated, per_prompt, torch.zeros_like(per_prompt)), calibrated
+
+
+def vcb_loss(policy_logps, ref_logps, rewards, beta=1.0, lam=0.0, sigma_floor=SIGMA_FLOOR):
+    """The VCB loss: mean of L(x) over the prompts that have something to calibrate.
+
+    Inputs (B, n): B prompts with n scored candidates each; policy_logps carries the gradient.
+    Returns a scalar (0, still attached to the graph, when every prompt is skipped).
+    """
+    per_prompt, calibrated = vcb_prompt_losses(policy_logps, ref_logps, rewards, beta, lam, sigma_floor)
+    return per_prompt.sum() / calibrated.sum().clamp(min=1)
+
+
+@torch.no_grad()
+def vcb_diagnostics(policy_logps, ref_logps, rewards, beta=1.0, sigma_floor=SIGMA_FLOOR):
+    """What to watch during VCB training: the fraction of prompts skipped for sigma(x) under the floor,
+    and the Pearson correlation between learned gaps delta_i - delta_j and target gaps (r_i - r_j) /
+    (beta sigma) over the calibrated prompts' pairs (1.0 when the policy is perfectly calibrated)."""
+    _, learned, target, calibrated = vcb_pair_terms(policy_logps, ref_logps, rewards, beta, sigma_floor)
+    a, b = learned[calibrated].flatten(), target[calibrated].flatten()
+    a, b = a - a.mean(), b - b.mean()
+    denom = (a.norm() * b.norm()).item()
+    corr = (a @ b).item() / denom if denom > 0 else float("nan")
+    return {"skipped": 1.0 - calibrated.float().mean().item(), "gap_corr": corr}
+
+
+# -----------------------------------------------------------------------------
+# order-based baselines: per-pair losses with the DPO reference code's signature
+
+def margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps):
+    """h = delta(y_w) - delta(y_l): how much more training moved the winner than the loser. (P,)"""
+    return (f32(policy_chosen_logps) - f32(ref_chosen_logps)) - (f32(policy_rejected_logps) - f32(ref_rejected_logps))
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
+    """DPO (Rafailov et al. 2023, eq. 7): -log sigmoid(beta * h). ln 2 at h = 0. Returns (P,)."""
+    h = margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    return -F.logsigmoid(beta * h)
+
+
+def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
+    """IPO (Azar et al. 2023, eq. 17, their tau is our beta): (h - 1/(2 beta))^2, minimal at
+    h = 1/(2 beta): a finite target gap, where DPO's keeps growing. Returns (P,)."""
+    h = margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    return (h - 1 / (2 * beta)) ** 2
+
+
+def slic_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
+    """SLiC, hinge form with the reference log-ratio (Zhao et al. 2023; PAPER.md):
+    max(0, 1 - beta * h), zero once beta * h >= 1. Returns (P,)."""
+    h = margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    return F.relu(1 - beta * h)
+
+
+def rrhf_loss(policy_avg_logps, rewards, nll_weight=1.0):
+    """RRHF (Yuan et al. 2023, eqs. 2-4), in its own form: no reference model, length-averaged
+    log-probs p_i (B, n). Rank term: sum over pairs with r_i < r_j of max(0, p_i - p_j), zero exactly
+    when every better response is at least as likely. Plus nll_weight times the token-averaged NLL
+    of the best response, -p_best. Returns (B,) per-prompt losses."""
+    p, r = f32(policy_avg_logps), f32(rewards)
+    worse = r[:, :, None] < r[:, None, :]                          # (B, n, n): r_i < r_j
+    rank = (F.relu(p[:, :, None] - p[:, None, :]) * worse).sum((1, 2))
+    best = r.argmax(-1)
+    nll = -p.gather(1, best[:, None]).squeeze(1)
+    return rank + nll_weight * nll
+
+
+def preference_pairs(rewards):
+    """Every ordered (winner, loser) pair of each prompt's candidates, from the rewards' order alone.
+    rewards (B, n) -> index tensors (prompt, winner, loser), each (P,). Tied rewards give no pair."""
+    wins = rewards[:, :, None] > rewards[:, None, :]               # (B, n, n): candidate w beats l
+    b, w, l = wins.nonzero(as_tuple=True)
+    return b, w, l
+
+
+# -----------------------------------------------------------------------------
+# the theory: the KL-regularised optimum on a finite candidate set
+
+def optimal_policy(ref_logps, rewards, beta=1.0, sigma_floor=SIGMA_FLOOR):
+    """log pi*(y|x) over each prompt's n candidates: the optimum of E[r] - beta KL(pi || pi_sft)
+    restricted to the set, with VCB's sigma normalisation (PAPER.md):
+
+        log pi*(y_i) = log pi_sft(y_i) + r_i / (beta sigma(x)) - log Z(x),  Z(x) summed over the n.
+
+    Its gaps are exactly VCB's targets, so VCB's loss is 0 there. ref_logps, rewards: (B, n) -> (B, n).
+    A prompt with sigma(x) under the floor keeps the reference distribution (renormalised on the set).
+    """
+    r = f32(rewards)
+    sigma = reward_sigma(r)
+    scale = torch.where(sigma > sigma_floor, 1 / (beta * sigma.clamp(min=sigma_floor)), torch.zeros_like(sigma))
+    return torch.log_softmax(f32(ref_logps) + r * scale[:, None], dim=-1)
+
+
+# -----------------------------------------------------------------------------
+# the walk-through's Figure 1, in numbers
+
+def train_free_softmax(loss_fn, ref_logps, steps=500, lr=0.25):
+    """Plain gradient descent on a free softmax over the candidates: one logit each, started at the
+    reference. loss_fn(policy_logps (B, n)) -> scalar. Returns the trained log-probs (B, n)."""
+    theta = f32(ref_logps).clone().requires_grad_(True)
+    for _ in range(steps):
+        grad, = torch.autograd.grad(loss_fn(torch.log_softmax(theta, dim=-1)), theta)
+        with torch.no_grad():
+            theta -= lr * grad
+    return torch.log_softmax(theta.detach(), dim=-1)
+
+
+def pairwise_loss(loss_fn, policy_logps, ref_logps, rewards, beta):
+    """Mean of an order-based per-pair loss over every ordered pair of every prompt (0 if none)."""
+    b, w, l = preference_pairs(rewards)
+    losses = loss_fn(policy_logps[b, w], policy_logps[b, l], ref_logps[b, w], ref_logps[b, l], beta)
+    return losses.sum() / max(len(losses), 1)
+
+
+def figure1(beta=1.0, steps=500):
+    """Three responses with rewards 0.1, 0.85, 0.9 under a uniform SFT model, trained on all pairs."""
+    rewards = torch.tensor([[0.1, 0.85, 0.9]])
+    ref = torch.full((1, 3), -math.log(3.0))
+    rows = {
+        "SFT (uniform)": ref,
+        "DPO, all pairs": train_free_softmax(lambda lp: pairwise_loss(dpo_loss, lp, ref, rewards, beta), ref, steps),
+        "VCB, all pairs": train_free_softmax(lambda lp: vcb_loss(lp, ref, rewards, beta), ref, steps),
+        "closed-form optimum": optimal_policy(ref, rewards, beta),
+    }
+    return {name: lp.exp()[0].tolist() for name, lp in rows.items()}
+
+
+if __name__ == "__main__":
+    beta, steps = 1.0, 500
+    print(f"Figure 1: rewards r = 0.1, 0.85, 0.9; uniform SFT; beta = {beta}; {steps} gradient steps")
+    print(f"{'':22s} {'p(y1) r=0.1':>12s} {'p(y2) r=0.85':>13s} {'p(y3) r=0.9':>12s}")
+    for name, p in figure1(beta, steps).items():
+        print(f"{name:22s} {p[0]:12.3f} {p[1]:13.3f} {p[2]:12.3f}")
+    print("DPO sees only the order y3 > y2 > y1 and pushes y2 towards y1; VCB keeps the reward gaps:\n"
+          "y2 and y3 end nearly equal, at the optimum pi_sft * exp(r / (beta * sigma)) / Z.")
