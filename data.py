@@ -100,7 +100,9 @@ def read_jsonl(path, schema=None):
     return records
 
 
-def check_field(rec, field, kind, where):
+def check_field(rec, field, kind, where, nonempty=True):
+    """One field of a record: present, of its type, finite if a number, non-empty if a string (list
+    items may be empty strings: a sampled response can be empty)."""
     item = None
     if isinstance(kind, tuple):
         kind, item = kind
@@ -114,8 +116,8 @@ def check_field(rec, field, kind, where):
         raise DataError(f"{where}: field '{field}' should be {kind.__name__}, got {type(value).__name__}")
     if item is not None:
         for k, v in enumerate(value):
-            check_field({f"{field}[{k}]": v}, f"{field}[{k}]", item, where)
-    if kind is str and not value.strip():
+            check_field({f"{field}[{k}]": v}, f"{field}[{k}]", item, where, nonempty=False)
+    if kind is str and nonempty and not value.strip():
         raise DataError(f"{where}: field '{field}' is empty")
     if kind is float and not math.isfinite(value):
         raise DataError(f"{where}: field '{field}' is {value}, not a finite number")

@@ -2,8 +2,8 @@
 model.py: one GPT (the GPT-2 architecture), a scalar reward head, and a sampler with a KV cache.
 
 Read top to bottom: the config, the attention (which can read and write a KV cache), the block,
-the GPT with its three ways of reading a sequence (`forward` for logits or per-token log-probs,
-`reward` for the reward model's score), loading GPT-2 weights, and `generate`.
+the GPT with its three ways of reading a sequence (`forward`: logits, per-token log-probs, or the
+reward model's score), loading GPT-2 weights, and `generate`.
 
     python -c "import model; m = model.GPT(model.GPTConfig()); print(m)"
 
@@ -152,11 +152,23 @@ class GPT(nn.Module):
             cache.len += T
         return self.transformer.ln_f(x)
 
-    def forward(self, idx, targets=None, pos=None, attn_mask=None, cache=None):
-        """Logits (B, T, vocab) for every position, or, with targets (B, T), the float32 per-token
-        log-probabilities log p(targets[:, t] | idx[:, :t+1]) as (B, T). Targets are already shifted
-        (targets[:, t] is the token after idx[:, t]); vcb.sequence_logps does the shift for you."""
-        logits = self.lm_head(self.hidden(idx, pos, attn_mask, cache))
+    def forward(self, idx, targets=None, pos=None, attn_mask=None, cache=None, reward_mask=None):
+        """The three ways of reading a sequence idx (B, T):
+        - logits (B, T, vocab) for every position (the default);
+        - with targets (B, T): the float32 per-token log-probabilities log p(targets[:, t] | idx[:, :t+1]),
+          targets already shifted (targets[:, t] is the token after idx[:, t]; vcb.sequence_logps
+          does the shift for you);
+        - with reward_mask (B, T), 1 on real tokens of right-padded rows: the reward model's score
+          r(x, y), (B,) float32, read at each row's last real token. Attention is causal, so the
+          score depends neither on the padding after that token nor on the other rows.
+        It is all one forward so that DistributedDataParallel sees every use of the model."""
+        h = self.hidden(idx, pos, attn_mask, cache)                      # (B, T, C)
+        if reward_mask is not None:
+            assert self.reward_head is not None, "this GPT has no reward head (GPTConfig.reward_head=False)"
+            last = reward_mask.long().sum(1) - 1                         # (B,) index of the last real token
+            h_last = h[torch.arange(idx.size(0), device=idx.device), last]  # (B, C)
+            return self.reward_head(h_last).squeeze(-1).float()
+        logits = self.lm_head(h)
         if targets is None:
             return logits
         # float32: a bfloat16 log-softmax loses the small differences that preference losses feed on
@@ -164,14 +176,8 @@ class GPT(nn.Module):
         return logp.view_as(targets)
 
     def reward(self, idx, mask):
-        """Reward model score r(x, y): (B,) float32, read at the last real token of each right-padded
-        row. mask (B, T) is 1 on real tokens. Attention is causal, so the score depends neither on the
-        padding after that token nor on the other rows of the batch."""
-        assert self.reward_head is not None, "this GPT has no reward head (GPTConfig.reward_head=False)"
-        h = self.hidden(idx)                                        # (B, T, C)
-        last = mask.long().sum(1) - 1                               # (B,) index of the last real token
-        h_last = h[torch.arange(idx.size(0), device=idx.device), last]  # (B, C)
-        return self.reward_head(h_last).squeeze(-1).float()
+        """r(x, y) for right-padded rows idx (B, T) with mask (B, T) 1 on real tokens: (B,) float32."""
+        return self(idx, reward_mask=mask)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW with weight decay on matrices only (not on biases, LayerNorm gains or the head bias)."""

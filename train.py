@@ -1,0 +1,1073 @@
+"""
+train.py: the VCB pipeline (PAPER.md, "The pipeline"), stage by stage, in flat PyTorch loops.
+
+    python train.py                         # every stage; about 3 minutes on a 2-core CPU
+    python train.py --stage=align --force   # redo one stage
+    python train.py --sweep                 # every method over several betas and seeds -> frontier
+    python train.py --help                  # every option, with its default and meaning
+    torchrun --nproc_per_node=2 train.py    # data parallel (GPUs with NCCL, or CPU processes with gloo)
+
+Stages, each reading the previous one's files in --out_dir. A stage is skipped when its outputs exist
+and were made with the same settings (stages.json records them); --force redoes it.
+    data    the task's files (data/*.jsonl) and the tokenizer (tokenizer.json)
+    sft     supervised fine-tuning on the demonstrations                      -> sft.pt
+    rm      reward model from the SFT weights, Bradley-Terry loss on pairs      -> rm.pt
+    sample  n candidates per prompt from SFT, RM scores, SFT log-probs          -> candidates.jsonl
+    align   VCB and every baseline, each from SFT, on the same candidates      -> policy_<method>.pt
+    eval    gold and RM reward, KL to SFT, win rates, diversity               -> results.json, frontier.png
+"""
+import dataclasses
+import difflib
+import json
+import math
+import os
+import pickle
+import re
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import data
+import vcb
+from data import DataError
+from model import GPT, GPTConfig
+
+STAGES = ["data", "sft", "rm", "sample", "align", "eval"]
+METHODS = ["vcb", "dpo", "ipo", "slic", "rrhf"]
+PAIR_LOSSES = {"dpo": vcb.dpo_loss, "ipo": vcb.ipo_loss, "slic": vcb.slic_loss}
+
+
+@dataclass
+class Config:
+    # ---- run
+    out_dir: str = "out"             # every file of the run goes here
+    stage: str = "all"               # data, sft, rm, sample, align, eval, or all (in that order)
+    force: bool = False              # redo the chosen stages even when their outputs are up to date
+    sweep: bool = False              # then align + eval every method over sweep_betas x sweep_seeds
+    sweep_betas: str = "0.1,0.3,1,3"  # betas of --sweep
+    sweep_seeds: str = "0,1,2"       # seeds of --sweep: alignment batch order and evaluation samples
+    seed: int = 0                    # seed of the data, initialisation, batch order and sampling
+    device: str = "auto"             # auto (cuda when there is one, else cpu), cpu, cuda, cuda:1, ...
+    dtype: str = "auto"              # auto (bfloat16 autocast on CUDA, float32 on CPU), float32, bfloat16, float16
+    compile: bool = False            # torch.compile the model for training (CUDA; slow first steps)
+    # ---- data
+    data: str = "builtin"            # builtin (reviews with a gold reward), hh, tldr, or jsonl (your own files)
+    data_dir: str = ""               # folder of the hh, tldr or jsonl files (README: "Your own data")
+    tokenizer: str = "bpe"           # bpe: trained here on the SFT text; gpt2: tiktoken's, from a local cache
+    vocab_size: int = 1024           # bpe: vocabulary size, <|endoftext|> included
+    n_sft: int = 4000                # builtin: SFT demonstrations
+    n_prefs: int = 3000              # builtin: preference pairs for the reward model
+    n_align: int = 320               # builtin: prompts that get n_candidates scored candidates each
+    n_eval: int = 128                # builtin: held-out prompts, and as many out-of-distribution ones
+    pref_tau: float = 0.25           # builtin: Bradley-Terry temperature of the labels on the gold reward
+    # ---- model
+    init_from: str = "scratch"       # scratch, or the path of a GPT-2 model.safetensors (needs --tokenizer=gpt2)
+    n_layer: int = 3                 # transformer blocks
+    n_head: int = 4                  # attention heads
+    n_embd: int = 96                 # residual width
+    block_size: int = 128            # longest prompt + response, in tokens
+    dropout: float = 0.0             # dropout in SFT and RM training (alignment always runs without)
+    # ---- optimisation, every stage
+    weight_decay: float = 0.1        # AdamW decay on weight matrices
+    grad_clip: float = 1.0           # clip the gradient norm (0: off)
+    warmup_steps: int = 10           # linear learning-rate warm-up, then cosine decay to lr/10
+    grad_accum: int = 1              # micro-batches per step; the batch sizes below are per step, all processes together
+    # ---- sft
+    sft_steps: int = 300             # optimizer steps
+    sft_batch: int = 64              # demonstrations per step
+    sft_lr: float = 3e-3             # peak learning rate
+    # ---- rm
+    rm_steps: int = 150              # optimizer steps
+    rm_batch: int = 32               # preference pairs per step
+    rm_lr: float = 1e-3              # peak learning rate
+    rm_holdout: float = 0.1          # share of the pairs kept out of training to measure accuracy
+    # ---- sample
+    n_candidates: int = 8            # candidates per prompt (n in PAPER.md)
+    max_new_tokens: int = 48         # longest response
+    temperature: float = 1.0         # sampling temperature of the candidates
+    top_k: int = 0                   # top-k of the candidates (0: off)
+    top_p: float = 1.0               # top-p of the candidates (1: off)
+    sample_batch: int = 64           # prompts per generate() call; each call has its own seed
+    # ---- align
+    methods: str = "vcb,dpo,ipo,slic,rrhf"  # comma-separated, from vcb, dpo, ipo, slic, rrhf
+    beta: float = 1.0                # KL strength beta of every method (VCB: the reward gap / (beta sigma))
+    lam: float = 1.0                 # VCB: LogSumExp temperature over a prompt's pairs (0: plain mean)
+    sigma_floor: float = 1e-6        # VCB: prompts whose reward spread is under this are skipped
+    align_steps: int = 60            # optimizer steps per method
+    align_batch: int = 8             # prompts per step, each with all its candidates
+    align_lr: float = 1e-3           # peak learning rate
+    # ---- eval
+    eval_samples: int = 2            # samples per prompt and policy, at temperature 1 with no top-k/top-p
+    eval_batch: int = 256            # sequences per forward pass when scoring
+    # ---- logging and checkpoints
+    log_interval: int = 20           # steps between printed log lines
+    ckpt_interval: int = 50          # steps between resumable checkpoints
+
+
+# settings each stage's outputs depend on, besides those of the stages before it
+STAGE_KEYS = {
+    "data": ["data", "data_dir", "tokenizer", "vocab_size", "n_sft", "n_prefs", "n_align", "n_eval",
+             "pref_tau", "seed"],
+    "sft": ["init_from", "n_layer", "n_head", "n_embd", "block_size", "dropout", "weight_decay",
+            "grad_clip", "warmup_steps", "sft_steps", "sft_batch", "sft_lr"],
+    "rm": ["rm_steps", "rm_batch", "rm_lr", "rm_holdout"],
+    "sample": ["n_candidates", "max_new_tokens", "temperature", "top_k", "top_p", "sample_batch"],
+    "align": ["beta", "lam", "sigma_floor", "align_steps", "align_batch", "align_lr"],
+    "eval": ["methods", "eval_samples"],
+}
+
+
+class ConfigError(ValueError):
+    """A bad command-line option, with a one-line message."""
+
+
+class TrainingError(RuntimeError):
+    """Training had to stop (a non-finite loss), with a one-line message."""
+
+
+# -----------------------------------------------------------------------------
+# configuration
+
+def parse_args(argv):
+    """--key=value options onto Config, each converted to its field's type; bare --flag sets a bool."""
+    cfg, fields = Config(), {f.name: f for f in dataclasses.fields(Config)}
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(usage())
+            sys.exit(0)
+        m = re.fullmatch(r"--([A-Za-z_0-9]+)(?:=(.*))?", arg, re.S)
+        if not m:
+            raise ConfigError(f"cannot read {arg!r}: options look like --key=value (python train.py --help)")
+        key, raw = m.groups()
+        if key not in fields:
+            near = difflib.get_close_matches(key, fields, n=1)
+            raise ConfigError(f"unknown option --{key}" + (f"; did you mean --{near[0]}?" if near else
+                                                           " (python train.py --help lists them)"))
+        kind = type(getattr(Config, key))
+        if raw is None and kind is not bool:
+            raise ConfigError(f"--{key} needs a value: --{key}=<{kind.__name__}>")
+        setattr(cfg, key, convert(key, "true" if raw is None else raw, kind))
+    validate(cfg)
+    return cfg
+
+
+def convert(key, raw, kind):
+    try:
+        if kind is bool:
+            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return raw.lower() in ("true", "1", "yes")
+        return kind(raw)  # int("1.5") fails, float("0") is 0.0
+    except ValueError:
+        raise ConfigError(f"--{key}={raw}: expected {kind.__name__}") from None
+
+
+def validate(cfg):
+    choices = dict(stage=STAGES + ["all"], data=["builtin", "hh", "tldr", "jsonl"], tokenizer=["bpe", "gpt2"],
+                   dtype=["auto", "float32", "bfloat16", "float16"])
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed:
+            raise ConfigError(f"--{key}={getattr(cfg, key)}: expected one of {', '.join(allowed)}")
+    for m in method_list(cfg):
+        if m not in METHODS:
+            raise ConfigError(f"--methods: unknown method {m!r}; known: {', '.join(METHODS)}")
+    for f in dataclasses.fields(Config):
+        v = getattr(cfg, f.name)
+        if f.type in (int, float) and f.name not in ("seed", "lam", "top_k", "grad_clip", "warmup_steps",
+                                                     "sigma_floor", "dropout") and v <= 0:
+            raise ConfigError(f"--{f.name}={v}: must be positive")
+    if cfg.lam < 0 or cfg.top_k < 0 or cfg.dropout < 0 or cfg.dropout >= 1:
+        raise ConfigError("--lam and --top_k must be >= 0, --dropout in [0, 1)")
+    if cfg.n_embd % cfg.n_head:
+        raise ConfigError(f"--n_embd={cfg.n_embd} must be a multiple of --n_head={cfg.n_head}")
+    if cfg.max_new_tokens >= cfg.block_size:
+        raise ConfigError(f"--max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in --block_size={cfg.block_size}")
+    if cfg.data != "builtin" and not cfg.data_dir:
+        raise ConfigError(f"--data={cfg.data} needs --data_dir=<folder with its files>")
+    if cfg.init_from != "scratch" and cfg.tokenizer != "gpt2":
+        raise ConfigError("--init_from=<GPT-2 weights> needs --tokenizer=gpt2, the vocabulary those weights were trained with")
+    for key in ("sweep_betas", "sweep_seeds"):
+        try:
+            [float(v) for v in getattr(cfg, key).split(",")]
+        except ValueError:
+            raise ConfigError(f"--{key}={getattr(cfg, key)}: expected comma-separated numbers") from None
+
+
+def method_list(cfg):
+    return [m.strip() for m in cfg.methods.split(",") if m.strip()]
+
+
+def usage():
+    """Every option with its default and the comment beside it in Config."""
+    import inspect
+    lines = [__doc__.strip(), "", "Options (--key=value):"]
+    for line in inspect.getsource(Config).splitlines()[2:]:
+        m = re.match(r"\s+(\w+): \w+ = (.+?)\s+# (.*)", line)
+        if m:
+            lines.append(f"  --{m[1]}={m[2].strip(chr(34))}".ljust(40) + m[3])
+        elif line.strip().startswith("# ----"):
+            lines.append(" " + line.strip()[6:])
+    return "\n".join(lines)
+
+
+def stage_settings(cfg, stage, **extra):
+    """The settings a stage's outputs depend on: its own keys and every earlier stage's."""
+    keys = [k for s in STAGES[:STAGES.index(stage) + 1] for k in STAGE_KEYS[s]]
+    return {**{k: getattr(cfg, k) for k in keys}, **extra}
+
+
+# -----------------------------------------------------------------------------
+# devices, processes, precision
+
+@dataclass
+class Env:
+    device: str          # where the models live
+    device_type: str     # cuda or cpu (for autocast and the fused optimizer)
+    dtype: torch.dtype   # autocast dtype; float32 means no autocast
+    rank: int            # this process in a torchrun group (0 alone)
+    world: int           # processes in the group (1 alone)
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+
+def setup(cfg):
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device={device} but PyTorch sees no CUDA device")
+    rank, world = 0, 1
+    if "RANK" in os.environ:  # launched by torchrun
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(device)
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    if cfg.dtype == "auto":
+        dtype = torch.bfloat16 if device_type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    else:
+        dtype = getattr(torch, cfg.dtype)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: ~free speed for float32 work on Ampere+
+        torch.backends.cudnn.allow_tf32 = True
+    return Env(device, device_type, dtype, rank, world)
+
+
+def log(env, msg):
+    if env.master:
+        tqdm.write(msg)
+
+
+def gather(env, items):
+    """Every process's list, concatenated in rank order (the identity when alone)."""
+    if env.world == 1:
+        return items
+    parts = [None] * env.world
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+
+def barrier(env):
+    if env.world > 1:
+        dist.barrier()
+
+
+# -----------------------------------------------------------------------------
+# files: checkpoints, stage records
+
+def path(cfg, *parts):
+    return os.path.join(cfg.out_dir, *parts)
+
+
+def save_checkpoint(file, payload):
+    with data.atomic_path(file) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(file):
+    """torch.load with weights_only=True: tensors and plain values only; a pickle could run code."""
+    if not os.path.exists(file):
+        raise DataError(f"{file}: no such checkpoint (run the stage that writes it first)")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        detail = str(e).splitlines()[0][:160]
+        raise DataError(f"{file}: refused: it holds pickled Python objects, which could run code ({detail})") from None
+    except Exception as e:
+        raise DataError(f"{file}: not a readable checkpoint ({type(e).__name__}: {str(e)[:160]})") from None
+
+
+def model_args(cfg, vocab_size):
+    return dict(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                n_embd=cfg.n_embd, dropout=cfg.dropout, bias=True, reward_head=False)
+
+
+def load_model(file, env, enc, reward_head=None):
+    """A GPT from one of our checkpoints, checked against the tokenizer. reward_head=True on an SFT
+    checkpoint starts a reward model: every weight from SFT, a new head."""
+    ck = load_checkpoint(file)
+    args = ck.get("model_args")
+    if not isinstance(args, dict) or "model" not in ck:
+        raise DataError(f"{file}: not a checkpoint of this project (no model_args / model)")
+    if args.get("vocab_size") != enc.n_vocab:
+        raise DataError(f"{file}: vocab_size is {args.get('vocab_size')} in the checkpoint but the tokenizer has "
+                        f"{enc.n_vocab} tokens: it was made with another tokenizer")
+    new_head = reward_head and not args.get("reward_head")
+    args = {**args, "dropout": 0.0, "reward_head": bool(reward_head or args.get("reward_head"))}
+    try:
+        model = GPT(GPTConfig(**args))
+        missing, unexpected = model.load_state_dict(ck["model"], strict=False)
+    except (TypeError, RuntimeError) as e:
+        raise DataError(f"{file}: weights do not fit the model it describes ({str(e).splitlines()[0][:200]})") from None
+    if unexpected or (missing and not (new_head and set(missing) == {"reward_head.weight", "reward_head.bias"})):
+        raise DataError(f"{file}: weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model.to(env.device)
+
+
+def read_records(cfg):
+    try:
+        with open(path(cfg, "stages.json")) as f:
+            return json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def is_done(cfg, task, settings, outputs):
+    """A task's outputs exist and were made with these settings (unless --force)."""
+    return (not cfg.force and all(os.path.exists(o) for o in outputs)
+            and read_records(cfg).get(task) == settings)
+
+
+def mark_done(cfg, env, task, settings):
+    if env.master:
+        records = read_records(cfg)
+        records[task] = settings
+        data.write_json(path(cfg, "stages.json"), records)
+
+
+# -----------------------------------------------------------------------------
+# the one training loop: SFT, reward model and alignment
+
+def batch_indices(n, batch_size, step, seed):
+    """The examples of a step: a fresh permutation of range(n) every epoch, a function of (seed, step)
+    alone, so a resumed run sees exactly the batches the uninterrupted run would have seen."""
+    out, start = [], step * batch_size
+    for k in range(start, start + batch_size):
+        epoch, pos = divmod(k, n)
+        if not out or pos == 0 or k == start:
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+        out.append(perm[pos])
+    return out
+
+
+def lr_at(step, steps, lr, warmup):
+    """Linear warm-up, then cosine decay to lr/10 at the last step."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def train(cfg, env, name, model, n_examples, steps, batch_size, lr, loss_fn, count_fn, settings, seed):
+    """Optimise model for `steps` steps; returns the trained (unwrapped) model.
+
+    Each step takes batch_size example indices (all processes together): this process takes every
+    world-th one and splits them into grad_accum micro-batches. loss_fn(model, indices) -> (summed
+    loss of those examples, metrics); count_fn(indices) -> how many items (tokens, pairs, prompts)
+    the summed loss counts. Dividing by the whole step's count makes the gradient the same mean over
+    items whatever the number of processes and micro-batches.
+    Resumable: every ckpt_interval steps the model, optimizer, step and random state go to
+    <name>.ckpt.pt, and a run with the same settings continues from there."""
+    if batch_size < env.world * cfg.grad_accum:
+        raise ConfigError(f"{name}: a batch of {batch_size} cannot feed {env.world} processes x {cfg.grad_accum} micro-batches")
+    optimizer = model.configure_optimizers(cfg.weight_decay, lr, (0.9, 0.95), env.device_type)
+    scaler = torch.amp.GradScaler(env.device_type, enabled=env.dtype == torch.float16)
+    ckpt_file, start = path(cfg, f"{name}.ckpt.pt"), 0
+    if os.path.exists(ckpt_file):
+        ck = load_checkpoint(ckpt_file)
+        if ck.get("settings") == settings:
+            model.load_state_dict(ck["model"])
+            optimizer.load_state_dict(ck["optimizer"])
+            torch.set_rng_state(ck["rng"])
+            start = ck["step"]
+            log(env, f"{name}: resuming from {ckpt_file} at step {start}")
+        else:
+            log(env, f"{name}: {ckpt_file} was made with other settings; starting over")
+    raw = model
+    if cfg.compile:
+        model = torch.compile(model)
+    if env.world > 1:
+        model = DDP(model, device_ids=[env.device] if env.device_type == "cuda" else None)
+    model.train()
+    last_good = start if start else None
+    bar = tqdm(range(start, steps), desc=name, initial=start, total=steps, disable=not env.master,
+               dynamic_ncols=True, leave=False)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, steps, lr, cfg.warmup_steps)
+        idx = batch_indices(n_examples, batch_size, step, seed)
+        total = max(count_fn(idx), 1)
+        mine = idx[env.rank::env.world]
+        micro = [mine[k::cfg.grad_accum] for k in range(cfg.grad_accum)]
+        step_loss, metrics = torch.zeros((), device=env.device), {}
+        for k, mb in enumerate(micro):
+            sync = model.no_sync() if env.world > 1 and k < len(micro) - 1 else nullcontext()
+            with sync:
+                with env.autocast():
+                    loss_sum, m = loss_fn(model, mb)
+                loss = loss_sum * env.world / total  # DDP averages gradients over processes
+                scaler.scale(loss).backward()
+            step_loss += loss.detach() / env.world
+            for key, v in m.items():
+                metrics[key] = metrics.get(key, 0.0) + v / len(micro)
+        if env.world > 1:
+            dist.all_reduce(step_loss)
+        if not torch.isfinite(step_loss):
+            optimizer.zero_grad(set_to_none=True)
+            kept = f"the last good checkpoint, {ckpt_file} (step {last_good}), is kept" if last_good else "no checkpoint was written yet"
+            raise TrainingError(f"{name}: the loss is {step_loss.item()} at step {step}; stopped, and {kept}")
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        metrics = {"loss": step_loss.item(), **metrics}
+        bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items()})
+        if (step + 1) % cfg.log_interval == 0 or step + 1 == steps:
+            log(env, f"{name} step {step + 1}/{steps}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        if (step + 1) % cfg.ckpt_interval == 0 and step + 1 < steps:
+            if env.master:
+                save_checkpoint(ckpt_file, {"model": raw.state_dict(), "optimizer": optimizer.state_dict(),
+                                            "rng": torch.get_rng_state(), "step": step + 1, "settings": settings})
+            last_good = step + 1
+    bar.close()
+    return raw
+
+
+def finish(cfg, env, name, model, file, settings, **extra):
+    """Write a trained model atomically, then drop its resumable checkpoint."""
+    if env.master:
+        save_checkpoint(file, {"model": model.state_dict(), "model_args": dataclasses.asdict(model.config),
+                               "config": dataclasses.asdict(cfg), **extra})
+        if os.path.exists(path(cfg, f"{name}.ckpt.pt")):
+            os.remove(path(cfg, f"{name}.ckpt.pt"))
+    barrier(env)
+
+
+# -----------------------------------------------------------------------------
+# stage: data
+
+DATA_FILES = ["sft", "prefs", "align_prompts", "eval_prompts", "ood_prompts"]
+SCHEMAS = {"sft": {"prompt": str, "response": str}, "prefs": {"prompt": str, "chosen": str, "rejected": str},
+           "align_prompts": {"prompt": str}, "eval_prompts": {"prompt": str}, "ood_prompts": {"prompt": str}}
+
+
+def stage_data(cfg, env):
+    settings = stage_settings(cfg, "data")
+    outputs = [path(cfg, "data", f"{n}.jsonl") for n in DATA_FILES] + [path(cfg, "tokenizer.json")]
+    if is_done(cfg, "data", settings, outputs):
+        return log(env, "data: up to date")
+    if env.master:
+        if cfg.data == "builtin":
+            task = data.builtin_task(cfg.seed, cfg.n_sft, cfg.n_prefs, cfg.n_align, cfg.n_eval, cfg.n_eval, cfg.pref_tau)
+        else:
+            task = data.load_task(cfg.data, cfg.data_dir, cfg.seed)
+        for name in DATA_FILES:
+            if task.get(name):
+                data.write_jsonl(path(cfg, "data", f"{name}.jsonl"), task[name])
+            elif os.path.exists(path(cfg, "data", f"{name}.jsonl")):
+                os.remove(path(cfg, "data", f"{name}.jsonl"))
+        t0 = time.time()
+        if cfg.tokenizer == "bpe":
+            text = "\n".join(r["prompt"] + r["response"] for r in task["sft"])[:5_000_000]
+            enc = data.train_bpe(text, cfg.vocab_size)
+        else:
+            enc = data.gpt2_tokenizer()
+        data.save_tokenizer(enc, path(cfg, "tokenizer.json"))
+        log(env, f"data: {', '.join(f'{len(task[n])} {n}' for n in DATA_FILES if task.get(n))}; "
+                 f"tokenizer {enc.name} with {enc.n_vocab} tokens ({time.time() - t0:.1f}s)")
+    barrier(env)
+    mark_done(cfg, env, "data", settings)
+
+
+def load_data(cfg, name):
+    file = path(cfg, "data", f"{name}.jsonl")
+    if name == "ood_prompts" and not os.path.exists(file):
+        return []  # out-of-distribution prompts are optional
+    if not os.path.exists(file):
+        raise DataError(f"{file}: missing; run --stage=data first")
+    return data.read_jsonl(file, SCHEMAS[name])
+
+
+def load_tokenizer(cfg):
+    return data.load_tokenizer(path(cfg, "tokenizer.json"))
+
+
+def encode_all(cfg, env, enc, pairs, what):
+    """(prompt, response) pairs -> [(ids, response start)], logging how many were cut to fit."""
+    out, cut = [], 0
+    for prompt, response in pairs:
+        ids, start, truncated = data.encode_example(enc, prompt, response, cfg.block_size)
+        out.append((ids, start))
+        cut += truncated
+    if cut:
+        log(env, f"{what}: {cut} of {len(out)} sequences were longer than block_size={cfg.block_size}; "
+                 f"prompts were cut from the left (responses from the right where they alone did not fit)")
+    return out
+
+
+# -----------------------------------------------------------------------------
+# stage: sft
+
+def stage_sft(cfg, env):
+    settings = stage_settings(cfg, "sft")
+    if is_done(cfg, "sft", settings, [path(cfg, "sft.pt")]):
+        return log(env, "sft: up to date")
+    enc, records = load_tokenizer(cfg), load_data(cfg, "sft")
+    examples = encode_all(cfg, env, enc, [(r["prompt"], r["response"]) for r in records], "sft")
+    torch.manual_seed(cfg.seed)
+    if cfg.init_from == "scratch":
+        model = GPT(GPTConfig(**model_args(cfg, enc.n_vocab)))
+    else:
+        model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout, block_size=cfg.block_size)
+        if model.config.vocab_size != enc.n_vocab:
+            raise DataError(f"{cfg.init_from}: vocab_size {model.config.vocab_size} but the tokenizer has {enc.n_vocab}")
+    model.to(env.device)
+    log(env, f"sft: {model.num_params() / 1e6:.2f}M parameters, {len(examples)} demonstrations")
+
+    def loss_fn(m, idx):  # summed NLL of the response tokens (the prompt is given, not learned)
+        x, mask = data.collate([examples[i] for i in idx], enc.eot_token)
+        x, mask = x.to(env.device), mask.to(env.device)
+        logp = m(x[:, :-1], targets=x[:, 1:])                     # (B, T-1) float32
+        return -(logp * mask[:, 1:]).sum(), {}
+
+    def count_fn(idx):  # response tokens in the step
+        return sum(len(examples[i][0]) - examples[i][1] for i in idx)
+
+    model = train(cfg, env, "sft", model, len(examples), cfg.sft_steps, cfg.sft_batch, cfg.sft_lr,
+                  loss_fn, count_fn, settings, cfg.seed)
+    finish(cfg, env, "sft", model, path(cfg, "sft.pt"), settings)
+    if env.master:
+        model.eval()
+        prompts = [data.encode_prompt(enc, r["prompt"], cfg.block_size - cfg.max_new_tokens) for r in records[:2]]
+        with env.autocast():
+            outs = model.generate(prompts, cfg.max_new_tokens, stop_token=enc.eot_token,
+                                  generator=torch.Generator(env.device).manual_seed(cfg.seed))
+        for r, out in zip(records, outs):
+            log(env, f"sft sample: {r['prompt']!r} -> {decode(enc, out)!r}")
+    mark_done(cfg, env, "sft", settings)
+
+
+def decode(enc, tokens):
+    """Response text of sampled tokens, without the final <|endoftext|>."""
+    return enc.decode([t for t in tokens if t != enc.eot_token])
+
+
+# -----------------------------------------------------------------------------
+# stage: rm
+
+def stage_rm(cfg, env):
+    settings = stage_settings(cfg, "rm")
+    if is_done(cfg, "rm", settings, [path(cfg, "rm.pt")]):
+        return log(env, "rm: up to date")
+    enc, records = load_tokenizer(cfg), load_data(cfg, "prefs")
+    n_held = max(1, int(len(records) * cfg.rm_holdout)) if len(records) > 1 else 0
+    train_recs, held = records[:len(records) - n_held], records[len(records) - n_held:]
+    chosen = encode_all(cfg, env, enc, [(r["prompt"], r["chosen"]) for r in train_recs], "rm chosen")
+    rejected = encode_all(cfg, env, enc, [(r["prompt"], r["rejected"]) for r in train_recs], "rm rejected")
+    torch.manual_seed(cfg.seed)
+    model = load_model(path(cfg, "sft.pt"), env, enc, reward_head=True)
+    model.config.dropout = cfg.dropout
+
+    def loss_fn(m, idx):  # Bradley-Terry: -log sigmoid(r(x, y_w) - r(x, y_l)), both in one forward
+        seqs = [chosen[i] for i in idx] + [rejected[i] for i in idx]
+        x, _ = data.collate(seqs, enc.eot_token)
+        r = m(x.to(env.device), reward_mask=real_mask([ids for ids, _ in seqs], x.size(1)).to(env.device))
+        r_w, r_l = r[:len(idx)], r[len(idx):]
+        return -torch.nn.functional.logsigmoid(r_w - r_l).sum(), {"acc": (r_w > r_l).float().mean().item()}
+
+    model = train(cfg, env, "rm", model, len(chosen), cfg.rm_steps, cfg.rm_batch, cfg.rm_lr,
+                  loss_fn, len, settings, cfg.seed)
+    model.eval()
+    metrics = {}
+    if held:
+        r_w = score_rewards(cfg, env, model, enc, [(r["prompt"], r["chosen"]) for r in held])
+        r_l = score_rewards(cfg, env, model, enc, [(r["prompt"], r["rejected"]) for r in held])
+        metrics["heldout_accuracy"] = sum(a > b for a, b in zip(r_w, r_l)) / len(held)
+        if cfg.data == "builtin":
+            gold = data.gold_reward([r["chosen"] for r in held] + [r["rejected"] for r in held])
+            metrics["gold_correlation"] = pearson(r_w + r_l, gold)
+        log(env, "rm: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f" on {len(held)} held-out pairs")
+    finish(cfg, env, "rm", model, path(cfg, "rm.pt"), settings, metrics=metrics)
+    mark_done(cfg, env, "rm", settings)
+
+
+def real_mask(ids_list, T):
+    """(B, T) True on the real tokens of right-padded rows of the given lengths."""
+    lengths = torch.tensor([len(ids) for ids in ids_list])
+    return torch.arange(T)[None, :] < lengths[:, None]
+
+
+def pearson(a, b):
+    a, b = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    a, b = a - a.mean(), b - b.mean()
+    return ((a @ b) / (a.norm() * b.norm()).clamp(min=1e-12)).item()
+
+
+@torch.no_grad()
+def score_rewards(cfg, env, rm, enc, pairs):
+    """RM scores r(x, y) of (prompt, response) pairs, in batches of eval_batch."""
+    examples = [data.encode_example(enc, p, r, cfg.block_size)[:2] for p, r in pairs]
+    out = []
+    for k in range(0, len(examples), cfg.eval_batch):
+        chunk = examples[k:k + cfg.eval_batch]
+        x, _ = data.collate(chunk, enc.eot_token)
+        with env.autocast():
+            out += rm(x.to(env.device), reward_mask=real_mask([ids for ids, _ in chunk], x.size(1)).to(env.device)).tolist()
+    return out
+
+
+@torch.no_grad()
+def score_logps(cfg, env, model, enc, examples):
+    """Summed response log-probs of [(ids, start)] under model, float32, in batches of eval_batch."""
+    out = []
+    for k in range(0, len(examples), cfg.eval_batch):
+        x, mask = data.collate(examples[k:k + cfg.eval_batch], enc.eot_token)
+        x, mask = x.to(env.device), mask.to(env.device)
+        with env.autocast():
+            out += vcb.sequence_logps(model(x), x, mask).tolist()
+    return out
+
+
+# -----------------------------------------------------------------------------
+# stage: sample
+
+CANDIDATE_SCHEMA = {"prompt": str, "responses": (list, str), "rewards": (list, float), "ref_logps": (list, float)}
+
+
+def stage_sample(cfg, env):
+    """n candidates per prompt from the SFT model, each scored by the RM, with its SFT log-prob
+    (PAPER.md step 2): alignment then needs one model in memory."""
+    settings = stage_settings(cfg, "sample")
+    out_file = path(cfg, "candidates.jsonl")
+    if is_done(cfg, "sample", settings, [out_file]):
+        return log(env, "sample: up to date")
+    enc = load_tokenizer(cfg)
+    prompts = [r["prompt"] for r in load_data(cfg, "align_prompts")]
+    sft = load_model(path(cfg, "sft.pt"), env, enc).eval()
+    max_prompt = cfg.block_size - cfg.max_new_tokens
+    long = sum(len(enc.encode_ordinary(p)) + 1 > max_prompt for p in prompts)
+    if long:
+        log(env, f"sample: {long} prompts are longer than block_size - max_new_tokens = {max_prompt} tokens and are cut from the left")
+    # Prompts go in chunks of sample_batch, each with its own seed, shared round-robin by the
+    # processes: the candidates are the same whatever the number of processes.
+    chunks = list(range(0, len(prompts), cfg.sample_batch))[env.rank::env.world]
+    mine = []  # (prompt index, responses)
+    for c in tqdm(chunks, desc="sample", disable=not env.master, leave=False):
+        batch = prompts[c:c + cfg.sample_batch]
+        g = torch.Generator(env.device).manual_seed(cfg.seed * 1_000_003 + c)
+        with env.autocast():
+            outs = sft.generate([data.encode_prompt(enc, p, max_prompt) for p in batch], cfg.max_new_tokens,
+                                cfg.temperature, cfg.top_k or None, cfg.top_p, enc.eot_token, cfg.n_candidates, g)
+        n = cfg.n_candidates
+        mine += [(c + i, [decode(enc, o) for o in outs[i * n:(i + 1) * n]]) for i in range(len(batch))]
+    pairs = [(prompts[i], resp) for i, responses in mine for resp in responses]
+    ref_logps = score_logps(cfg, env, sft, enc, [data.encode_example(enc, p, r, cfg.block_size)[:2] for p, r in pairs])
+    del sft
+    rm = load_model(path(cfg, "rm.pt"), env, enc).eval()
+    rewards = score_rewards(cfg, env, rm, enc, pairs)
+    if not all(math.isfinite(v) for v in rewards + ref_logps):
+        raise TrainingError("sample: the reward model or SFT model gave non-finite scores; check rm.pt and sft.pt")
+    n = cfg.n_candidates
+    records = [{"prompt": prompts[i], "responses": responses, "rewards": rewards[k * n:(k + 1) * n],
+                "ref_logps": ref_logps[k * n:(k + 1) * n]} for k, (i, responses) in enumerate(mine)]
+    records = sorted(gather(env, records), key=lambda r: prompts.index(r["prompt"]))
+    if env.master:
+        data.write_jsonl(out_file, records)
+        spread = [vcb.reward_sigma(torch.tensor([r["rewards"]])).item() for r in records]
+        log(env, f"sample: {len(records)} prompts x {n} candidates; mean RM reward "
+                 f"{sum(sum(r['rewards']) for r in records) / (n * len(records)):.3f}, mean sigma(x) {sum(spread) / len(spread):.3f}")
+    barrier(env)
+    mark_done(cfg, env, "sample", settings)
+
+
+@dataclass
+class Candidates:
+    """The scored candidates, ready for alignment: examples[i][k] is (ids, start) of candidate k of
+    prompt i; ref_logps and rewards are (B, n) float32."""
+    examples: list
+    ref_logps: torch.Tensor
+    rewards: torch.Tensor
+
+
+def load_candidates(cfg, env, enc, file=None):
+    file = file or path(cfg, "candidates.jsonl")
+    if not os.path.exists(file):
+        raise DataError(f"{file}: missing; run --stage=sample first")
+    records = data.read_jsonl(file, CANDIDATE_SCHEMA)
+    n = len(records[0]["responses"])
+    for line, r in enumerate(records, 1):
+        if len(r["responses"]) < 2:
+            raise DataError(f"{file}:{line}: field 'responses' has {len(r['responses'])} candidate; VCB and the baselines need at least 2")
+        for key in ("rewards", "ref_logps"):
+            if len(r[key]) != len(r["responses"]):
+                raise DataError(f"{file}:{line}: field '{key}' has {len(r[key])} values for {len(r['responses'])} responses")
+        if len(r["responses"]) != n:
+            raise DataError(f"{file}:{line}: field 'responses' has {len(r['responses'])} candidates but line 1 has {n}; "
+                            f"every prompt needs the same number")
+    examples = [encode_all(cfg, env, enc, [(r["prompt"], y) for y in r["responses"]], "align") for r in records]
+    return Candidates(examples, torch.tensor([r["ref_logps"] for r in records]),
+                      torch.tensor([r["rewards"] for r in records]))
+
+
+# -----------------------------------------------------------------------------
+# stage: align
+
+def stage_align(cfg, env):
+    enc = load_tokenizer(cfg)
+    cands = None
+    for method in method_list(cfg):
+        settings = stage_settings(cfg, "align", method=method, align_seed=cfg.seed)
+        file = path(cfg, f"policy_{method}.pt")
+        if is_done(cfg, f"align-{method}", settings, [file]):
+            log(env, f"align {method}: up to date")
+            continue
+        cands = cands or load_candidates(cfg, env, enc)
+        align(cfg, env, enc, cands, method, cfg.seed, file, f"align-{method}", settings)
+
+
+def align(cfg, env, enc, cands, method, seed, file, name, settings):
+    """Train one policy from the SFT weights with one method on the scored candidates."""
+    B, n = cands.rewards.shape
+    sigma = vcb.reward_sigma(cands.rewards)
+    calibrated = sigma > cfg.sigma_floor
+    n_pairs = (cands.rewards[:, :, None] > cands.rewards[:, None, :]).sum((1, 2))  # ordered pairs per prompt
+    if method == "vcb" and not calibrated.all():
+        log(env, f"{name}: {int((~calibrated).sum())} of {B} prompts have candidates of equal reward (sigma <= "
+                 f"{cfg.sigma_floor:g}) and are skipped")
+    if method in PAIR_LOSSES and (n_pairs == 0).any():
+        log(env, f"{name}: {int((n_pairs == 0).sum())} of {B} prompts have no strictly ordered pair and give no loss")
+    torch.manual_seed(seed)
+    model = load_model(path(cfg, "sft.pt"), env, enc)
+    ref, rewards = cands.ref_logps.to(env.device), cands.rewards.to(env.device)
+
+    def loss_fn(m, idx):
+        x, mask = data.collate([ex for i in idx for ex in cands.examples[i]], enc.eot_token)
+        x, mask = x.to(env.device), mask.to(env.device)
+        logps = vcb.sequence_logps(m(x), x, mask, average=method == "rrhf").view(len(idx), n)  # (b, n)
+        r, ref_b = rewards[idx], ref[idx]
+        if method == "vcb":
+            per_prompt, _ = vcb.vcb_prompt_losses(logps, ref_b, r, cfg.beta, cfg.lam, cfg.sigma_floor)
+            loss = per_prompt.sum()
+        elif method == "rrhf":
+            loss = vcb.rrhf_loss(logps, r).sum()
+        else:
+            b, w, l = vcb.preference_pairs(r)
+            loss = PAIR_LOSSES[method](logps[b, w], logps[b, l], ref_b[b, w], ref_b[b, l], cfg.beta).sum()
+        return loss, align_metrics(method, logps.detach(), ref_b, r, cfg)
+
+    def count_fn(idx):  # what the method's loss averages over
+        if method == "vcb":
+            return int(calibrated[idx].sum())
+        return int(n_pairs[idx].sum()) if method in PAIR_LOSSES else len(idx)
+
+    model = train(cfg, env, name, model, B, cfg.align_steps, cfg.align_batch, cfg.align_lr,
+                  loss_fn, count_fn, settings, seed)
+    finish(cfg, env, name, model, file, settings)
+    mark_done(cfg, env, name, settings)
+
+
+def align_metrics(method, logps, ref, rewards, cfg):
+    """What a user watches, for every method on the same footing: over the step's ordered pairs, the
+    implicit reward margin beta * h and the pair accuracy (h > 0); for VCB also the gap correlation
+    and the share of skipped prompts. RRHF has no reference: its h is the gap in length-averaged logp."""
+    b, w, l = vcb.preference_pairs(rewards)
+    ref = torch.zeros_like(ref) if method == "rrhf" else ref
+    h = (logps[b, w] - ref[b, w]) - (logps[b, l] - ref[b, l])
+    out = {"margin": (cfg.beta * h).mean().item() if len(h) else 0.0,
+           "acc": (h > 0).float().mean().item() if len(h) else 0.0}
+    if method == "vcb":
+        diag = vcb.vcb_diagnostics(logps, ref, rewards, cfg.beta, cfg.sigma_floor)
+        out.update(gap_corr=diag["gap_corr"], skipped=diag["skipped"])
+    return out
+
+
+# -----------------------------------------------------------------------------
+# stage: eval
+
+def stage_eval(cfg, env):
+    settings = stage_settings(cfg, "eval")
+    outputs = [path(cfg, "results.json"), path(cfg, "frontier.png")]
+    if is_done(cfg, "eval", settings, outputs):
+        return log(env, "eval: up to date (results.json)")
+    enc = load_tokenizer(cfg)
+    policies = {"sft": path(cfg, "sft.pt"), **{m: path(cfg, f"policy_{m}.pt") for m in method_list(cfg)}}
+    results = evaluate(cfg, env, enc, policies, cfg.seed)
+    if env.master:
+        rm_metrics = load_checkpoint(path(cfg, "rm.pt")).get("metrics", {})
+        data.write_json(path(cfg, "results.json"), {"judge": judge_name(cfg), "beta": cfg.beta, "reward_model": rm_metrics,
+                                                     "methods": results, "config": dataclasses.asdict(cfg)})
+        table = results_table(cfg, {m: {"": r} for m, r in results.items()})
+        with data.atomic_path(path(cfg, "results.md")) as tmp, open(tmp, "w") as f:
+            f.write(table + "\n")
+        print("\n" + table + "\n")
+        points = [dict(method=m, beta=None if m in ("sft", "rrhf") else cfg.beta, kl=r["eval"]["kl"],
+                       gold=r["eval"]["gold_reward" if cfg.data == "builtin" else "rm_reward"]) for m, r in results.items()]
+        plot_frontier(cfg, points, path(cfg, "frontier.png"), f"beta = {cfg.beta:g}, seed {cfg.seed}")
+        log(env, f"eval: wrote {path(cfg, 'results.json')}, {path(cfg, 'results.md')} and {path(cfg, 'frontier.png')}")
+    barrier(env)
+    mark_done(cfg, env, "eval", settings)
+
+
+def judge_name(cfg):
+    """Win rates are judged by the gold reward on the built-in task, by the reward model elsewhere."""
+    return "gold" if cfg.data == "builtin" else "rm"
+
+
+def evaluate(cfg, env, enc, policies, seed, cache=None):
+    """For each policy {name: checkpoint}, on the held-out and out-of-distribution prompts: samples
+    at temperature 1 with no top-k/top-p (samples from pi itself, which the KL estimate needs),
+    scored by the gold reward, the RM and both log-probs. cache {(file, seed): scored} reuses work."""
+    cache = {} if cache is None else cache
+    sets = {"eval": [r["prompt"] for r in load_data(cfg, "eval_prompts")],
+            "ood": [r["prompt"] for r in load_data(cfg, "ood_prompts")]}
+    sft = load_model(path(cfg, "sft.pt"), env, enc).eval()
+    rm = load_model(path(cfg, "rm.pt"), env, enc).eval()
+    scored = {}
+    for name, file in policies.items():
+        if (file, seed) not in cache:
+            pi = sft if file == path(cfg, "sft.pt") else load_model(file, env, enc).eval()
+            cache[(file, seed)] = {s: sample_and_score(cfg, env, enc, pi, sft, rm, prompts, seed, s)
+                                   for s, prompts in sets.items() if prompts}
+        scored[name] = cache[(file, seed)]
+    key = "gold" if judge_name(cfg) == "gold" else "rm"
+    results = {}
+    for name, by_set in scored.items():
+        results[name] = {}
+        for s, rows in by_set.items():
+            res = {"gold_reward": mean([r["gold"] for r in rows]) if key == "gold" else None,
+                   "rm_reward": mean([r["rm"] for r in rows]),
+                   "kl": mean([r["logp_pi"] - r["logp_sft"] for r in rows]),
+                   "win_rate_vs_sft": win_rate(rows, scored["sft"][s], key),
+                   "win_rate_vs_dpo": win_rate(rows, scored["dpo"][s], key) if "dpo" in scored else None,
+                   "distinct_2": distinct_n([r["text"] for r in rows], 2),
+                   "length": mean([len(r["text"].split()) for r in rows]), "samples": len(rows)}
+            results[name][s] = res
+        log(env, f"eval {name}: " + "; ".join(f"{s} gold {v['gold_reward'] if v['gold_reward'] is not None else float('nan'):.3f} "
+                                              f"rm {v['rm_reward']:.3f} kl {v['kl']:.2f}" for s, v in results[name].items()))
+        if env.master and by_set.get("eval"):
+            log(env, f"  e.g. {by_set['eval'][0]['prompt']!r} -> {by_set['eval'][0]['text']!r}")
+    return results
+
+
+@torch.no_grad()
+def sample_and_score(cfg, env, enc, pi, sft, rm, prompts, seed, set_name):
+    max_prompt = cfg.block_size - cfg.max_new_tokens
+    offset = {"eval": 0, "ood": 500_009}[set_name]
+    chunks = list(range(0, len(prompts), cfg.sample_batch))[env.rank::env.world]
+    rows = []
+    for c in chunks:
+        batch = prompts[c:c + cfg.sample_batch]
+        ids = [data.encode_prompt(enc, p, max_prompt) for p in batch]
+        g = torch.Generator(env.device).manual_seed(seed * 1_000_003 + offset + c)
+        with env.autocast():
+            outs = pi.generate(ids, cfg.max_new_tokens, temperature=1.0, stop_token=enc.eot_token,
+                               num_samples=cfg.eval_samples, generator=g)
+        k = cfg.eval_samples
+        rows += [{"prompt_idx": c + i // k, "sample": i % k, "prompt": batch[i // k], "text": decode(enc, o),
+                  "example": (ids[i // k] + o, len(ids[i // k]))} for i, o in enumerate(outs)]
+    examples = [r.pop("example") for r in rows]  # the exact sampled tokens, for the log-probs
+    for key, model in (("logp_pi", pi), ("logp_sft", sft)):
+        for r, v in zip(rows, score_logps(cfg, env, model, enc, examples) if rows else []):
+            r[key] = v
+    for r, v in zip(rows, score_rewards(cfg, env, rm, enc, [(r["prompt"], r["text"]) for r in rows]) if rows else []):
+        r["rm"] = v
+    if cfg.data == "builtin":
+        for r, v in zip(rows, data.gold_reward([r["text"] for r in rows])):
+            r["gold"] = v
+    return sorted(gather(env, rows), key=lambda r: (r["prompt_idx"], r["sample"]))
+
+
+def mean(values):
+    return sum(values) / len(values) if values else float("nan")
+
+
+def win_rate(rows, baseline_rows, key):
+    """Share of (prompt, sample) slots where this policy's sample beats the baseline's; ties count half."""
+    wins = [1.0 if a[key] > b[key] else 0.5 if a[key] == b[key] else 0.0 for a, b in zip(rows, baseline_rows)]
+    return mean(wins)
+
+
+def distinct_n(texts, n):
+    """Distinct word n-grams over all n-grams of the samples: 1 is all different, near 0 is repetition."""
+    grams = [tuple(w[i:i + n]) for w in (t.split() for t in texts) for i in range(len(w) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def results_table(cfg, results):
+    """results {method: {beta label: {"eval": metrics, "ood": metrics}}} -> a markdown table."""
+    judge = judge_name(cfg)
+    has_ood = any("ood" in r for by_beta in results.values() for r in by_beta.values())
+    head = ["method", "beta", f"{judge} reward", "RM reward", "KL(pi||sft)", "win vs SFT", "win vs DPO", "distinct-2"]
+    head += [f"OOD {judge} reward", "OOD win vs SFT", "OOD win vs DPO"] if has_ood else []
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    reward_key = "gold_reward" if judge == "gold" else "rm_reward"
+    for method, by_beta in results.items():
+        for beta, r in by_beta.items():
+            e, o = r["eval"], r.get("ood", {})
+            cells = [method, beta or ("-" if method in ("sft", "rrhf") else f"{cfg.beta:g}"), fmt(e.get(reward_key)), fmt(e["rm_reward"]),
+                     fmt(e["kl"]), fmt(e["win_rate_vs_sft"]), fmt(e["win_rate_vs_dpo"]), fmt(e["distinct_2"])]
+            cells += [fmt(o.get(reward_key)), fmt(o.get("win_rate_vs_sft")), fmt(o.get("win_rate_vs_dpo"))] if has_ood else []
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def fmt(v):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, (tuple, list)):  # (mean, std) over seeds
+        return f"{v[0]:.3f} ± {v[1]:.3f}"
+    return f"{v:.3f}"
+
+
+COLORS = {"sft": "black", "vcb": "tab:orange", "dpo": "tab:green", "ipo": "tab:blue", "slic": "tab:purple", "rrhf": "tab:red"}
+
+
+def plot_frontier(cfg, points, file, subtitle):
+    """Gold reward (RM reward without a gold one) against KL(pi || pi_sft), one colour per method, like
+    the paper's reward/KL figure. points: dicts with method, beta, kl, gold and optional *_std."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for method in dict.fromkeys(p["method"] for p in points):
+        pts = sorted((p for p in points if p["method"] == method), key=lambda p: p["kl"])
+        xs, ys = [p["kl"] for p in pts], [p["gold"] for p in pts]
+        ax.errorbar(xs, ys, xerr=[p.get("kl_std", 0) for p in pts], yerr=[p.get("gold_std", 0) for p in pts],
+                    marker="o", capsize=3, color=COLORS.get(method), label=method.upper(), linestyle="-" if len(pts) > 1 else "none")
+        for p in pts:
+            if p.get("beta") is not None and len(pts) > 1:
+                ax.annotate(f"{p['beta']:g}", (p["kl"], p["gold"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("KL(pi || pi_sft), nats per response")
+    ax.set_ylabel(f"{'gold' if judge_name(cfg) == 'gold' else 'reward-model'} reward (held-out prompts)")
+    ax.set_title(f"Reward against KL ({subtitle})", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with data.atomic_path(file) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# --sweep: every method over betas and seeds
+
+def run_sweep(cfg, env):
+    """Align and evaluate every method for each beta in sweep_betas and seed in sweep_seeds, sharing
+    the SFT model, the RM and the candidates (the seed changes the alignment batch order and the
+    evaluation samples). RRHF has no beta and is trained once per seed."""
+    enc = load_tokenizer(cfg)
+    betas = [float(b) for b in cfg.sweep_betas.split(",")]
+    seeds = [int(float(s)) for s in cfg.sweep_seeds.split(",")]
+    methods = method_list(cfg)
+    cands, cache, rows = None, {}, []
+    for seed in seeds:
+        runs = [(m, b) for b in betas for m in methods if m != "rrhf"] + ([("rrhf", None)] if "rrhf" in methods else [])
+        files = {}
+        for method, beta in runs:
+            sub = dataclasses.replace(cfg, beta=beta if beta is not None else cfg.beta)
+            tag = f"{method}-beta{beta:g}-seed{seed}" if beta is not None else f"{method}-seed{seed}"
+            file, settings = path(cfg, "sweep", f"policy_{tag}.pt"), stage_settings(sub, "align", method=method, align_seed=seed)
+            if not is_done(cfg, f"sweep-{tag}", settings, [file]):
+                cands = cands or load_candidates(cfg, env, enc)
+                align(sub, env, enc, cands, method, seed, file, f"sweep-{tag}", settings)
+            files[(method, beta)] = file
+        for beta in betas:
+            policies = {"sft": path(cfg, "sft.pt"), **{m: f for (m, b), f in files.items() if b == beta or b is None}}
+            res = evaluate(dataclasses.replace(cfg, beta=beta), env, enc, policies, seed, cache)
+            for method, r in res.items():
+                if (method in ("sft", "rrhf")) and beta != betas[0]:
+                    continue  # beta-free: counted once per seed
+                rows.append({"method": method, "beta": None if method in ("sft", "rrhf") else beta, "seed": seed, **r})
+    if env.master:
+        summary = summarise(rows)
+        data.write_json(path(cfg, "sweep", "results.json"), {"judge": judge_name(cfg), "betas": betas, "seeds": seeds,
+                                                              "runs": rows, "summary": summary})
+        table = results_table(cfg, {m: {("-" if b is None else f"{b:g}"): r for b, r in by_beta.items()}
+                                    for m, by_beta in summary.items()})
+        with data.atomic_path(path(cfg, "sweep", "results.md")) as tmp, open(tmp, "w") as f:
+            f.write(table + "\n")
+        print(f"\nSweep over beta in {betas}, seeds {seeds} (mean ± std over seeds):\n\n{table}\n")
+        reward = "gold_reward" if judge_name(cfg) == "gold" else "rm_reward"
+        points = [dict(method=m, beta=b, kl=r["eval"]["kl"][0], kl_std=r["eval"]["kl"][1], gold=r["eval"][reward][0],
+                       gold_std=r["eval"][reward][1]) for m, by_beta in summary.items() for b, r in by_beta.items()]
+        plot_frontier(cfg, points, path(cfg, "sweep", "frontier.png"), f"sweep, {len(seeds)} seeds, mean ± std")
+        log(env, f"sweep: wrote {path(cfg, 'sweep', 'results.json')}, results.md and frontier.png")
+
+
+def summarise(rows):
+    """Runs -> {method: {beta: {set: {metric: (mean, std over seeds)}}}}."""
+    out = {}
+    for row in rows:
+        out.setdefault(row["method"], {}).setdefault(row["beta"], []).append(row)
+    summary = {}
+    for method, by_beta in out.items():
+        summary[method] = {}
+        for beta, runs in by_beta.items():
+            summary[method][beta] = {}
+            for s in ("eval", "ood"):
+                if s not in runs[0]:
+                    continue
+                summary[method][beta][s] = {}
+                for key, v in runs[0][s].items():
+                    vals = [r[s][key] for r in runs if r[s][key] is not None]
+                    if not vals:
+                        summary[method][beta][s][key] = None
+                        continue
+                    m = sum(vals) / len(vals)
+                    summary[method][beta][s][key] = (m, (sum((x - m) ** 2 for x in vals) / len(vals)) ** 0.5)
+    return summary
+
+
+# -----------------------------------------------------------------------------
+
+STAGE_FNS = {"data": stage_data, "sft": stage_sft, "rm": stage_rm, "sample": stage_sample,
+             "align": stage_align, "eval": stage_eval}
+
+
+def main(argv):
+    cfg = parse_args(argv)
+    env = setup(cfg)
+    t0 = time.time()
+    if env.master:
+        print("config: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
+        data.write_json(path(cfg, "config.json"), dataclasses.asdict(cfg))
+        print(f"device: {env.device} ({str(env.dtype).removeprefix('torch.')}), processes: {env.world}")
+    for stage in STAGES if cfg.stage == "all" else [cfg.stage]:
+        STAGE_FNS[stage](cfg, env)
+    if cfg.sweep:
+        run_sweep(cfg, env)
+    log(env, f"done in {time.time() - t0:.0f}s")
+    if env.world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (ConfigError, DataError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
