@@ -22,6 +22,7 @@ import math
 import os
 import random
 import re
+import tempfile
 from collections import Counter, defaultdict
 
 import tiktoken
@@ -193,7 +194,8 @@ def make_encoding(name, pat_str, vocab):
 
 
 def save_tokenizer(enc, path):
-    """Our own rank file: JSON with the pattern and the tokens' bytes in rank order (base64)."""
+    """Our own rank file: JSON with the pattern and the tokens' bytes in rank order (base64). Later
+    stages load this file, so even --tokenizer=gpt2 needs tiktoken's cache only in the data stage."""
     ranks = sorted(enc._mergeable_ranks.items(), key=lambda kv: kv[1])
     write_json(path, {"format": "vcb-tokenizer-1", "name": enc.name, "pat_str": enc._pat_str,
                       "tokens": [base64.b64encode(b).decode("ascii") for b, _ in ranks]})
@@ -207,8 +209,8 @@ def load_tokenizer(path):
         if spec.get("format") != "vcb-tokenizer-1":
             raise ValueError(f"unknown format {spec.get('format')!r}")
         vocab = [base64.b64decode(t, validate=True) for t in spec["tokens"]]
-        if vocab[:256] != [bytes([i]) for i in range(256)] or len(set(vocab)) != len(vocab):
-            raise ValueError("the first 256 tokens must be the single bytes and no token may repeat")
+        if len(set(vocab)) != len(vocab) or not {bytes([i]) for i in range(256)} <= set(vocab):
+            raise ValueError("every single byte must be a token and no token may repeat")
         return make_encoding(spec["name"], spec["pat_str"], vocab)
     except DataError:
         raise
@@ -217,17 +219,23 @@ def load_tokenizer(path):
 
 
 def gpt2_tokenizer():
-    """tiktoken's GPT-2 encoding. tiktoken fetches its files on first use, so offline it works only
-    from a cache; we check for one first rather than let a download hang."""
-    cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
-    if not cache or not os.path.isdir(cache) or not os.listdir(cache):
-        raise DataError("--tokenizer=gpt2 needs tiktoken's GPT-2 files in a local cache: on a machine "
-                        "with network run `TIKTOKEN_CACHE_DIR=/path/cache python -c \"import tiktoken; "
-                        "tiktoken.get_encoding('gpt2')\"`, then set TIKTOKEN_CACHE_DIR=/path/cache here")
+    """tiktoken's GPT-2 encoding, from tiktoken's local cache only. tiktoken downloads its files on
+    first use; here the download function is swapped for one that fails at once, so offline this
+    never hangs and says what to provide."""
+    import tiktoken.load
+
+    def no_download(url):
+        cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or \
+            os.path.join(tempfile.gettempdir(), "data-gym-cache")
+        raise DataError(f"--tokenizer=gpt2: {url.rsplit('/', 1)[-1]} is not in tiktoken's cache {cache}; on a machine "
+                        f"with network run TIKTOKEN_CACHE_DIR=gpt2-cache python -c \"import tiktoken; "
+                        f"tiktoken.get_encoding('gpt2')\", copy gpt2-cache here and set TIKTOKEN_CACHE_DIR to it")
+
+    download, tiktoken.load.read_file = tiktoken.load.read_file, no_download
     try:
         return tiktoken.get_encoding("gpt2")
-    except Exception as e:
-        raise DataError(f"GPT-2 tokenizer not usable from TIKTOKEN_CACHE_DIR={cache} ({type(e).__name__}: {e})") from None
+    finally:
+        tiktoken.load.read_file = download
 
 
 # -----------------------------------------------------------------------------
@@ -263,6 +271,153 @@ def collate(examples, pad_id):
 def encode_prompt(enc, prompt, max_len):
     """<|endoftext|> + prompt, cut from the left to max_len tokens, for generation."""
     return ([enc.eot_token] + enc.encode_ordinary(prompt))[-max_len:]
+
+
+# -----------------------------------------------------------------------------
+# the pipeline's files, and the paper's data sets converted into them
+
+# one JSON object per line: the usual preference-data convention
+SCHEMAS = {"sft": {"prompt": str, "response": str},
+           "prefs": {"prompt": str, "chosen": str, "rejected": str},
+           "align_prompts": {"prompt": str}, "eval_prompts": {"prompt": str}, "ood_prompts": {"prompt": str}}
+TASK_FILES = list(SCHEMAS)
+
+
+def load_task(kind, folder, limits, seed=0):
+    """The pipeline's records from local files. kind: jsonl (our files, checked strictly: any bad line
+    is an error), hh (Anthropic HH-RLHF) or tldr (Reddit TL;DR with human comparisons); malformed
+    records of hh and tldr are skipped and reported. limits {name: n} keeps at most n records of
+    each file (0: all); prompts are shuffled with the seed first. Returns (task, notes to log)."""
+    if not os.path.isdir(folder):
+        raise DataError(f"{folder}: no such folder (--data_dir)")
+    if kind == "jsonl":
+        task = {n: read_jsonl(os.path.join(folder, f"{n}.jsonl"), SCHEMAS[n]) for n in TASK_FILES if n != "ood_prompts"}
+        notes = []
+    else:
+        task, bad = load_hh(folder) if kind == "hh" else load_tldr(folder)
+        notes = [f"{kind}: skipped {len(bad)} malformed records, e.g. " + "; ".join(bad[:3])] if bad else []
+    ood = os.path.join(folder, "ood_prompts.jsonl")
+    task["ood_prompts"] = read_jsonl(ood, SCHEMAS["ood_prompts"]) if os.path.exists(ood) else []
+    rng = random.Random(seed)
+    for name, n in limits.items():
+        if name.endswith("prompts"):
+            rng.shuffle(task[name])
+        if n:
+            task[name] = task[name][:n]
+    return task, notes
+
+
+def first_file(folder, names):
+    for name in names:
+        if os.path.exists(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    raise DataError(f"{folder}: none of {', '.join(names)} found")
+
+
+def json_lines(file, bad):
+    """(line number, object) of each readable line of a JSON-lines file (gzipped or not); unreadable
+    lines go to `bad` as 'file:line: why'."""
+    with open_text(file) as f:
+        for n, line in enumerate(f, 1):
+            try:
+                rec = json.loads(line)
+                if not isinstance(rec, dict):
+                    raise ValueError("not a JSON object")
+                yield n, rec
+            except ValueError as e:
+                bad.append(f"{file}:{n}: {'malformed JSON' if isinstance(e, json.JSONDecodeError) else e}")
+
+
+HH_ASSISTANT = "\n\nAssistant:"
+
+
+def split_hh(transcript):
+    """A '\\n\\nHuman: ... \\n\\nAssistant: ...' transcript -> (prompt up to and including the last
+    '\\n\\nAssistant:', the final response), or None if it has no assistant turn."""
+    k = transcript.rfind(HH_ASSISTANT)
+    return None if k < 0 else (transcript[:k + len(HH_ASSISTANT)], transcript[k + len(HH_ASSISTANT):])
+
+
+def hh_pair(rec, where):
+    """(prompt, chosen response, rejected response) of one HH record, or a reason it is malformed."""
+    if not isinstance(rec.get("chosen"), str) or not isinstance(rec.get("rejected"), str):
+        return f"{where}: fields 'chosen' and 'rejected' must be strings"
+    chosen = split_hh(rec["chosen"])
+    if chosen is None:
+        return f"{where}: field 'chosen' has no '\\n\\nAssistant:' turn"
+    prompt, good = chosen
+    if not rec["rejected"].startswith(prompt):
+        return f"{where}: field 'rejected' does not continue the prompt of 'chosen'"
+    bad = rec["rejected"][len(prompt):]
+    if not good.strip() or not bad.strip():
+        return f"{where}: empty response in 'chosen' or 'rejected'"
+    return prompt, good, bad
+
+
+def load_hh(folder):
+    """Anthropic HH-RLHF: train.jsonl(.gz) and test.jsonl(.gz) of {"chosen", "rejected"} transcripts.
+    SFT on the chosen responses, preferences from the train pairs, prompts from train and test."""
+    bad, task = [], {n: [] for n in TASK_FILES}
+    for split, names in (("train", ["train.jsonl.gz", "train.jsonl"]), ("test", ["test.jsonl.gz", "test.jsonl"])):
+        file = first_file(folder, names)
+        for n, rec in json_lines(file, bad):
+            pair = hh_pair(rec, f"{file}:{n}")
+            if isinstance(pair, str):
+                bad.append(pair)
+            elif split == "train":
+                task["sft"].append({"prompt": pair[0], "response": pair[1]})
+                task["prefs"].append({"prompt": pair[0], "chosen": pair[1], "rejected": pair[2]})
+            else:
+                task["eval_prompts"].append({"prompt": pair[0]})
+    return finish_task(task, folder), bad
+
+
+def tldr_prompt(info):
+    """The TL;DR prompt format of Stiennon et al. (2020), as DPO used it."""
+    return f"SUBREDDIT: r/{info['subreddit']}\nTITLE: {info['title']}\nPOST: {info['post']}\nTL;DR:"
+
+
+def load_tldr(folder):
+    """Reddit TL;DR as released with "Learning to summarize from human feedback": train.jsonl and
+    test.jsonl (or valid.jsonl) of {"subreddit", "title", "post", "summary"}, and comparisons/*.json of
+    {"info": {"subreddit", "title", "post"}, "summaries": [{"text"}, {"text"}], "choice": 0 or 1}."""
+    bad, task = [], {n: [] for n in TASK_FILES}
+    fields = ("subreddit", "title", "post")
+    for split, names in (("train", ["train.jsonl"]), ("test", ["test.jsonl", "valid.jsonl"])):
+        file = first_file(folder, names)
+        for n, rec in json_lines(file, bad):
+            if not all(isinstance(rec.get(k), str) for k in fields + ("summary",)) or not rec["summary"].strip():
+                bad.append(f"{file}:{n}: needs string fields subreddit, title, post and a non-empty summary")
+            elif split == "train":
+                task["sft"].append({"prompt": tldr_prompt(rec), "response": " " + rec["summary"].strip()})
+            else:
+                task["eval_prompts"].append({"prompt": tldr_prompt(rec)})
+    comparisons = os.path.join(folder, "comparisons")
+    files = sorted(os.path.join(comparisons, f) for f in os.listdir(comparisons)) if os.path.isdir(comparisons) else []
+    if not files:
+        raise DataError(f"{comparisons}: no comparison files (comparisons/*.json from summarize-from-feedback)")
+    for file in files:
+        for n, rec in json_lines(file, bad):
+            info, summaries, choice = rec.get("info"), rec.get("summaries"), rec.get("choice")
+            ok = (isinstance(info, dict) and all(isinstance(info.get(k), str) for k in fields)
+                  and isinstance(summaries, list) and len(summaries) == 2 and choice in (0, 1)
+                  and all(isinstance(s, dict) and isinstance(s.get("text"), str) and s["text"].strip() for s in summaries))
+            if not ok:
+                bad.append(f"{file}:{n}: needs info.subreddit/title/post, two summaries with text and choice 0 or 1")
+            elif str(rec.get("split", "train")).startswith("train"):
+                texts = [" " + s["text"].strip() for s in summaries]
+                task["prefs"].append({"prompt": tldr_prompt(info), "chosen": texts[choice], "rejected": texts[1 - choice]})
+    return finish_task(task, folder), bad
+
+
+def finish_task(task, folder):
+    """Alignment prompts: the distinct training prompts. Every file must have records."""
+    task["align_prompts"] = [{"prompt": p} for p in dict.fromkeys(r["prompt"] for r in task["sft"])]
+    task["eval_prompts"] = [{"prompt": p} for p in dict.fromkeys(r["prompt"] for r in task["eval_prompts"])]
+    for name in ("sft", "prefs", "eval_prompts"):
+        if not task[name]:
+            raise DataError(f"{folder}: no usable records for {name}")
+    return task
 
 
 # -----------------------------------------------------------------------------

@@ -61,10 +61,10 @@ class Config:
     data_dir: str = ""               # folder of the hh, tldr or jsonl files (README: "Your own data")
     tokenizer: str = "bpe"           # bpe: trained here on the SFT text; gpt2: tiktoken's, from a local cache
     vocab_size: int = 1024           # bpe: vocabulary size, <|endoftext|> included
-    n_sft: int = 4000                # builtin: SFT demonstrations
-    n_prefs: int = 3000              # builtin: preference pairs for the reward model
-    n_align: int = 320               # builtin: prompts that get n_candidates scored candidates each
-    n_eval: int = 128                # builtin: held-out prompts, and as many out-of-distribution ones
+    n_sft: int = 4000                # SFT demonstrations (hh, tldr, jsonl: at most this many, 0 for all)
+    n_prefs: int = 3000              # preference pairs for the reward model (likewise)
+    n_align: int = 320               # prompts that get n_candidates scored candidates each (likewise)
+    n_eval: int = 128                # held-out prompts, and as many out-of-distribution ones (likewise)
     pref_tau: float = 0.25           # builtin: Bradley-Terry temperature of the labels on the gold reward
     # ---- model
     init_from: str = "scratch"       # scratch, or the path of a GPT-2 model.safetensors (needs --tokenizer=gpt2)
@@ -97,7 +97,7 @@ class Config:
     # ---- align
     methods: str = "vcb,dpo,ipo,slic,rrhf"  # comma-separated, from vcb, dpo, ipo, slic, rrhf
     beta: float = 1.0                # KL strength beta of every method (VCB: the reward gap / (beta sigma))
-    lam: float = 1.0                 # VCB: LogSumExp temperature over a prompt's pairs (0: plain mean)
+    lam: float = 0.1                 # VCB: LogSumExp temperature over a prompt's pairs (0: plain mean)
     sigma_floor: float = 1e-6        # VCB: prompts whose reward spread is under this are skipped
     align_steps: int = 60            # optimizer steps per method
     align_batch: int = 8             # prompts per step, each with all its candidates
@@ -179,8 +179,10 @@ def validate(cfg):
             raise ConfigError(f"--methods: unknown method {m!r}; known: {', '.join(METHODS)}")
     for f in dataclasses.fields(Config):
         v = getattr(cfg, f.name)
-        if f.type in (int, float) and f.name not in ("seed", "lam", "top_k", "grad_clip", "warmup_steps",
-                                                     "sigma_floor", "dropout") and v <= 0:
+        may_be_zero = ("seed", "lam", "top_k", "grad_clip", "warmup_steps", "sigma_floor", "dropout")
+        if cfg.data != "builtin":
+            may_be_zero += ("n_sft", "n_prefs", "n_align", "n_eval")  # 0: every record
+        if f.type in (int, float) and f.name not in may_be_zero and v <= 0:
             raise ConfigError(f"--{f.name}={v}: must be positive")
     if cfg.lam < 0 or cfg.top_k < 0 or cfg.dropout < 0 or cfg.dropout >= 1:
         raise ConfigError("--lam and --top_k must be >= 0, --dropout in [0, 1)")
@@ -470,22 +472,21 @@ def finish(cfg, env, name, model, file, settings, **extra):
 # -----------------------------------------------------------------------------
 # stage: data
 
-DATA_FILES = ["sft", "prefs", "align_prompts", "eval_prompts", "ood_prompts"]
-SCHEMAS = {"sft": {"prompt": str, "response": str}, "prefs": {"prompt": str, "chosen": str, "rejected": str},
-           "align_prompts": {"prompt": str}, "eval_prompts": {"prompt": str}, "ood_prompts": {"prompt": str}}
-
-
 def stage_data(cfg, env):
     settings = stage_settings(cfg, "data")
-    outputs = [path(cfg, "data", f"{n}.jsonl") for n in DATA_FILES] + [path(cfg, "tokenizer.json")]
+    outputs = [path(cfg, "data", f"{n}.jsonl") for n in data.TASK_FILES if n != "ood_prompts"] + [path(cfg, "tokenizer.json")]
     if is_done(cfg, "data", settings, outputs):
         return log(env, "data: up to date")
     if env.master:
         if cfg.data == "builtin":
             task = data.builtin_task(cfg.seed, cfg.n_sft, cfg.n_prefs, cfg.n_align, cfg.n_eval, cfg.n_eval, cfg.pref_tau)
         else:
-            task = data.load_task(cfg.data, cfg.data_dir, cfg.seed)
-        for name in DATA_FILES:
+            limits = dict(sft=cfg.n_sft, prefs=cfg.n_prefs, align_prompts=cfg.n_align, eval_prompts=cfg.n_eval,
+                          ood_prompts=cfg.n_eval)
+            task, notes = data.load_task(cfg.data, cfg.data_dir, limits, cfg.seed)
+            for note in notes:
+                log(env, note)
+        for name in data.TASK_FILES:
             if task.get(name):
                 data.write_jsonl(path(cfg, "data", f"{name}.jsonl"), task[name])
             elif os.path.exists(path(cfg, "data", f"{name}.jsonl")):
@@ -497,7 +498,7 @@ def stage_data(cfg, env):
         else:
             enc = data.gpt2_tokenizer()
         data.save_tokenizer(enc, path(cfg, "tokenizer.json"))
-        log(env, f"data: {', '.join(f'{len(task[n])} {n}' for n in DATA_FILES if task.get(n))}; "
+        log(env, f"data: {', '.join(f'{len(task[n])} {n}' for n in data.TASK_FILES if task.get(n))}; "
                  f"tokenizer {enc.name} with {enc.n_vocab} tokens ({time.time() - t0:.1f}s)")
     barrier(env)
     mark_done(cfg, env, "data", settings)
@@ -509,7 +510,7 @@ def load_data(cfg, name):
         return []  # out-of-distribution prompts are optional
     if not os.path.exists(file):
         raise DataError(f"{file}: missing; run --stage=data first")
-    return data.read_jsonl(file, SCHEMAS[name])
+    return data.read_jsonl(file, data.SCHEMAS[name])
 
 
 def load_tokenizer(cfg):
@@ -673,28 +674,33 @@ def stage_sample(cfg, env):
     if long:
         log(env, f"sample: {long} prompts are longer than block_size - max_new_tokens = {max_prompt} tokens and are cut from the left")
     # Prompts go in chunks of sample_batch, each with its own seed, shared round-robin by the
-    # processes: the candidates are the same whatever the number of processes.
+    # processes, and every chunk is scored on its own: the candidates file is the same whatever the
+    # number of processes. Generation and SFT log-probs first, then the RM (one model at a time).
     chunks = list(range(0, len(prompts), cfg.sample_batch))[env.rank::env.world]
-    mine = []  # (prompt index, responses)
+    n, mine = cfg.n_candidates, []  # per chunk: (first prompt index, its prompts, responses, SFT log-probs)
     for c in tqdm(chunks, desc="sample", disable=not env.master, leave=False):
         batch = prompts[c:c + cfg.sample_batch]
         g = torch.Generator(env.device).manual_seed(cfg.seed * 1_000_003 + c)
         with env.autocast():
             outs = sft.generate([data.encode_prompt(enc, p, max_prompt) for p in batch], cfg.max_new_tokens,
-                                cfg.temperature, cfg.top_k or None, cfg.top_p, enc.eot_token, cfg.n_candidates, g)
-        n = cfg.n_candidates
-        mine += [(c + i, [decode(enc, o) for o in outs[i * n:(i + 1) * n]]) for i in range(len(batch))]
-    pairs = [(prompts[i], resp) for i, responses in mine for resp in responses]
-    ref_logps = score_logps(cfg, env, sft, enc, [data.encode_example(enc, p, r, cfg.block_size)[:2] for p, r in pairs])
+                                cfg.temperature, cfg.top_k or None, cfg.top_p, enc.eot_token, n, g)
+        pairs = [(batch[k // n], decode(enc, o)) for k, o in enumerate(outs)]  # prompt-major, n per prompt
+        mine.append((c, pairs, score_logps(cfg, env, sft, enc, [data.encode_example(enc, p, y, cfg.block_size)[:2]
+                                                                 for p, y in pairs])))
     del sft
     rm = load_model(path(cfg, "rm.pt"), env, enc).eval()
-    rewards = score_rewards(cfg, env, rm, enc, pairs)
-    if not all(math.isfinite(v) for v in rewards + ref_logps):
-        raise TrainingError("sample: the reward model or SFT model gave non-finite scores; check rm.pt and sft.pt")
-    n = cfg.n_candidates
-    records = [{"prompt": prompts[i], "responses": responses, "rewards": rewards[k * n:(k + 1) * n],
-                "ref_logps": ref_logps[k * n:(k + 1) * n]} for k, (i, responses) in enumerate(mine)]
-    records = sorted(gather(env, records), key=lambda r: prompts.index(r["prompt"]))
+    records = []
+    for c, pairs, logps in mine:
+        rewards = score_rewards(cfg, env, rm, enc, pairs)
+        if not all(math.isfinite(v) for v in rewards + logps):
+            raise TrainingError(f"sample: non-finite scores for the prompts from {c}; check rm.pt and sft.pt")
+        for i in range(len(pairs) // n):
+            k = slice(i * n, (i + 1) * n)
+            records.append({"i": c + i, "prompt": pairs[i * n][0], "responses": [y for _, y in pairs[k]],
+                            "rewards": rewards[k], "ref_logps": logps[k]})
+    records = sorted(gather(env, records), key=lambda r: r["i"])
+    for r in records:
+        del r["i"]
     if env.master:
         data.write_jsonl(out_file, records)
         spread = [vcb.reward_sigma(torch.tensor([r["rewards"]])).item() for r in records]
@@ -728,7 +734,8 @@ def load_candidates(cfg, env, enc, file=None):
         if len(r["responses"]) != n:
             raise DataError(f"{file}:{line}: field 'responses' has {len(r['responses'])} candidates but line 1 has {n}; "
                             f"every prompt needs the same number")
-    examples = [encode_all(cfg, env, enc, [(r["prompt"], y) for y in r["responses"]], "align") for r in records]
+    flat = encode_all(cfg, env, enc, [(r["prompt"], y) for r in records for y in r["responses"]], "candidates")
+    examples = [flat[i * n:(i + 1) * n] for i in range(len(records))]
     return Candidates(examples, torch.tensor([r["ref_logps"] for r in records]),
                       torch.tensor([r["rewards"] for r in records]))
 
@@ -875,29 +882,30 @@ def evaluate(cfg, env, enc, policies, seed, cache=None):
 
 @torch.no_grad()
 def sample_and_score(cfg, env, enc, pi, sft, rm, prompts, seed, set_name):
-    max_prompt = cfg.block_size - cfg.max_new_tokens
+    """eval_samples samples per prompt from pi, each with logp_pi, logp_sft (on the exact sampled
+    tokens), its RM score and gold reward. Chunked like the sample stage, so results do not depend
+    on the number of processes."""
+    max_prompt, k = cfg.block_size - cfg.max_new_tokens, cfg.eval_samples
     offset = {"eval": 0, "ood": 500_009}[set_name]
-    chunks = list(range(0, len(prompts), cfg.sample_batch))[env.rank::env.world]
     rows = []
-    for c in chunks:
+    for c in list(range(0, len(prompts), cfg.sample_batch))[env.rank::env.world]:
         batch = prompts[c:c + cfg.sample_batch]
         ids = [data.encode_prompt(enc, p, max_prompt) for p in batch]
         g = torch.Generator(env.device).manual_seed(seed * 1_000_003 + offset + c)
         with env.autocast():
             outs = pi.generate(ids, cfg.max_new_tokens, temperature=1.0, stop_token=enc.eot_token,
-                               num_samples=cfg.eval_samples, generator=g)
-        k = cfg.eval_samples
-        rows += [{"prompt_idx": c + i // k, "sample": i % k, "prompt": batch[i // k], "text": decode(enc, o),
-                  "example": (ids[i // k] + o, len(ids[i // k]))} for i, o in enumerate(outs)]
-    examples = [r.pop("example") for r in rows]  # the exact sampled tokens, for the log-probs
-    for key, model in (("logp_pi", pi), ("logp_sft", sft)):
-        for r, v in zip(rows, score_logps(cfg, env, model, enc, examples) if rows else []):
-            r[key] = v
-    for r, v in zip(rows, score_rewards(cfg, env, rm, enc, [(r["prompt"], r["text"]) for r in rows]) if rows else []):
-        r["rm"] = v
-    if cfg.data == "builtin":
-        for r, v in zip(rows, data.gold_reward([r["text"] for r in rows])):
-            r["gold"] = v
+                               num_samples=k, generator=g)
+        chunk = [{"prompt_idx": c + j // k, "sample": j % k, "prompt": batch[j // k], "text": decode(enc, o)}
+                 for j, o in enumerate(outs)]
+        sampled = [(ids[j // k] + o, len(ids[j // k])) for j, o in enumerate(outs)]  # the exact tokens
+        scores = dict(logp_pi=score_logps(cfg, env, pi, enc, sampled),
+                      logp_sft=score_logps(cfg, env, sft, enc, sampled),
+                      rm=score_rewards(cfg, env, rm, enc, [(r["prompt"], r["text"]) for r in chunk]))
+        if cfg.data == "builtin":
+            scores["gold"] = data.gold_reward([r["text"] for r in chunk])
+        for j, r in enumerate(chunk):
+            r.update({key: v[j] for key, v in scores.items()})
+        rows += chunk
     return sorted(gather(env, rows), key=lambda r: (r["prompt_idx"], r["sample"]))
 
 

@@ -4,8 +4,11 @@ Hypothesis runs derandomised (the same examples every run, so CI is reproducible
 per-example deadline (shared CI machines are noisy; speed is measured by bench.py, not by tests).
 """
 import os
+import shutil
+import subprocess
 import sys
 
+import pytest
 import torch
 from hypothesis import settings
 
@@ -14,3 +17,39 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 settings.register_profile("default", deadline=None, max_examples=60, derandomize=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+# ---- running train.py at a tiny size -----------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# the whole pipeline in seconds: a one-layer model, a few steps of each stage
+TINY = ["--n_sft=200", "--n_prefs=64", "--n_align=12", "--n_eval=6", "--vocab_size=300", "--n_layer=1",
+        "--n_head=2", "--n_embd=32", "--block_size=96", "--max_new_tokens=16", "--sft_steps=6", "--sft_batch=16",
+        "--rm_steps=4", "--rm_batch=8", "--n_candidates=3", "--sample_batch=4", "--align_steps=3",
+        "--align_batch=4", "--eval_samples=1", "--eval_batch=32", "--log_interval=2", "--ckpt_interval=2",
+        "--warmup_steps=2"]
+
+
+def run_train(out_dir, *args, tiny=True, env=None, timeout=300):
+    """python train.py in a subprocess (as a user runs it), one thread, returning the CompletedProcess."""
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--out_dir={out_dir}", *(TINY if tiny else []), *args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=full_env, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One tiny run of the whole pipeline, shared: tests copy what they need from it."""
+    out = tmp_path_factory.mktemp("tiny") / "out"
+    proc = run_train(out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+@pytest.fixture
+def tiny_copy(tiny_run, tmp_path):
+    """A private copy of the tiny run's output folder."""
+    out = tmp_path / "out"
+    shutil.copytree(tiny_run[0], out)
+    return out

@@ -1,0 +1,120 @@
+"""train.py: options, batch order, learning-rate schedule, and the whole pipeline at a tiny size."""
+import json
+import math
+
+import pytest
+import torch
+
+import data
+import train
+from conftest import run_train
+
+
+# ---- options
+
+def test_options_are_converted_to_their_field_types():
+    cfg = train.parse_args(["--dropout=0", "--n_layer=2", "--force", "--sweep=false", "--methods=vcb,dpo", "--beta=0.5"])
+    assert cfg.dropout == 0.0 and isinstance(cfg.dropout, float) and cfg.n_layer == 2
+    assert cfg.force is True and cfg.sweep is False and train.method_list(cfg) == ["vcb", "dpo"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--n_layr=2"], "unknown option --n_layr; did you mean --n_layer?"),
+    (["--zzz=1"], "unknown option --zzz"),
+    (["--n_layer=2.5"], "--n_layer=2.5: expected int"),
+    (["--beta=high"], "--beta=high: expected float"),
+    (["--force=maybe"], "--force=maybe: expected bool"),
+    (["--methods=vcb,ppo"], "unknown method 'ppo'"),
+    (["--stage=train"], "--stage=train: expected one of"),
+    (["n_layer=2"], "options look like --key=value"),
+    (["--n_layer"], "--n_layer needs a value"),
+    (["--n_embd=100", "--n_head=3"], "must be a multiple"),
+    (["--data=hh"], "needs --data_dir"),
+    (["--init_from=gpt2/model.safetensors"], "needs --tokenizer=gpt2"),
+])
+def test_bad_options_are_one_line_errors(argv, message):
+    with pytest.raises(train.ConfigError) as e:
+        train.parse_args(argv)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_help_lists_every_option_with_its_comment():
+    text = train.usage()
+    for f in train.dataclasses.fields(train.Config):
+        assert f"--{f.name}=" in text
+    assert "LogSumExp temperature" in text
+
+
+# ---- batches and schedule
+
+def test_batch_indices_are_epoch_permutations_and_a_function_of_seed_and_step():
+    n, b = 10, 4
+    seen = [i for step in range(5) for i in train.batch_indices(n, b, step, seed=3)]
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
+    assert train.batch_indices(n, b, 2, seed=3) == seen[8:12]  # no state: resumable anywhere
+    assert train.batch_indices(n, b, 0, seed=4) != train.batch_indices(n, b, 0, seed=3)
+
+
+def test_learning_rate_warms_up_then_decays_to_a_tenth():
+    lrs = [train.lr_at(s, 100, 1.0, 10) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert train.lr_at(100, 100, 1.0, 10) == pytest.approx(0.1)
+
+
+# ---- the pipeline, end to end
+
+@pytest.mark.slow
+def test_pipeline_writes_every_file_and_skips_done_work(tiny_run):
+    out, proc = tiny_run
+    for name in data.TASK_FILES:
+        assert data.read_jsonl(out / "data" / f"{name}.jsonl", data.SCHEMAS[name])
+    assert data.load_tokenizer(out / "tokenizer.json").n_vocab == 300
+    cands = data.read_jsonl(out / "candidates.jsonl", train.CANDIDATE_SCHEMA)
+    assert len(cands) == 12 and all(len(r["responses"]) == len(r["rewards"]) == 3 for r in cands)
+    for name in ["sft", "rm"] + [f"policy_{m}" for m in train.METHODS]:
+        ck = train.load_checkpoint(out / f"{name}.pt")
+        assert ck["model_args"]["n_layer"] == 1 and ck["config"]["n_embd"] == 32
+        assert all(torch.isfinite(v).all() for v in ck["model"].values())
+    assert not list(out.glob("*.ckpt.pt")) and not list(out.rglob("*.tmp*"))
+    assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads((out / "results.json").read_text())
+    assert results["judge"] == "gold" and 0 <= results["reward_model"]["heldout_accuracy"] <= 1
+    for method in ["sft"] + train.METHODS:
+        for split in ("eval", "ood"):
+            r = results["methods"][method][split]
+            for key in ("gold_reward", "rm_reward", "kl", "win_rate_vs_sft", "win_rate_vs_dpo", "distinct_2"):
+                assert math.isfinite(r[key]), (method, split, key)
+            assert 0 <= r["win_rate_vs_sft"] <= 1 and -1 <= r["gold_reward"] <= 1
+    assert results["methods"]["sft"]["eval"]["kl"] == 0.0 and results["methods"]["sft"]["eval"]["win_rate_vs_sft"] == 0.5
+    assert "| vcb |" in (out / "results.md").read_text() and "| vcb |" in proc.stdout
+    assert "align-vcb step 3/3: loss" in proc.stdout and "gap_corr" in proc.stdout  # what a user watches
+
+
+@pytest.mark.slow
+def test_second_run_is_up_to_date_and_a_changed_setting_redoes_what_depends_on_it(tiny_copy):
+    again = run_train(tiny_copy)
+    assert again.returncode == 0, again.stderr[-2000:]
+    for stage in ("data", "sft", "rm", "sample", "align vcb", "align dpo", "eval"):
+        assert f"{stage}: up to date" in again.stdout
+    before = (tiny_copy / "candidates.jsonl").read_bytes()
+    changed = run_train(tiny_copy, "--beta=0.5", "--methods=vcb,dpo", "--stage=align")
+    assert changed.returncode == 0, changed.stderr[-2000:]
+    assert "align-vcb step 3/3" in changed.stdout and "sample:" not in changed.stdout
+    assert (tiny_copy / "candidates.jsonl").read_bytes() == before
+    forced = run_train(tiny_copy, "--stage=sft", "--force")
+    assert forced.returncode == 0 and "sft step 6/6" in forced.stdout
+
+
+@pytest.mark.slow
+def test_sweep_draws_a_frontier_with_seed_spread(tiny_copy):
+    proc = run_train(tiny_copy, "--sweep", "--sweep_betas=0.5,2", "--sweep_seeds=0,1", "--methods=vcb,dpo,rrhf")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sweep = json.loads((tiny_copy / "sweep" / "results.json").read_text())
+    runs = {(r["method"], r["beta"], r["seed"]) for r in sweep["runs"]}
+    assert runs == {(m, b, s) for m in ("vcb", "dpo") for b in (0.5, 2.0) for s in (0, 1)} | \
+        {(m, None, s) for m in ("sft", "rrhf") for s in (0, 1)}
+    mean, std = sweep["summary"]["vcb"]["0.5"]["eval"]["kl"]
+    assert math.isfinite(mean) and std >= 0
+    assert (tiny_copy / "sweep" / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+    assert "± " in (tiny_copy / "sweep" / "results.md").read_text()
