@@ -316,9 +316,9 @@ def model_args(cfg, vocab_size):
                 n_embd=cfg.n_embd, dropout=cfg.dropout, bias=True, reward_head=False)
 
 
-def load_model(file, env, enc, reward_head=None):
-    """A GPT from one of our checkpoints, checked against the tokenizer. reward_head=True on an SFT
-    checkpoint starts a reward model: every weight from SFT, a new head."""
+def load_model(file, env, enc, cfg, reward_head=None):
+    """A GPT from one of our checkpoints, checked against the tokenizer and this run's model
+    settings. reward_head=True on an SFT checkpoint starts a reward model: SFT's weights, a new head."""
     ck = load_checkpoint(file)
     args = ck.get("model_args")
     if not isinstance(args, dict) or "model" not in ck:
@@ -326,6 +326,10 @@ def load_model(file, env, enc, reward_head=None):
     if args.get("vocab_size") != enc.n_vocab:
         raise DataError(f"{file}: vocab_size is {args.get('vocab_size')} in the checkpoint but the tokenizer has "
                         f"{enc.n_vocab} tokens: it was made with another tokenizer")
+    for key in ("n_layer", "n_head", "n_embd", "block_size") if cfg.init_from == "scratch" else ("block_size",):
+        if args.get(key) != getattr(cfg, key):
+            raise DataError(f"{file}: {key} is {args.get(key)} in the checkpoint but --{key}={getattr(cfg, key)} in this "
+                            f"run: redo the stage that wrote it with these settings, or use another --out_dir")
     new_head = reward_head and not args.get("reward_head")
     args = {**args, "dropout": 0.0, "reward_head": bool(reward_head or args.get("reward_head"))}
     try:
@@ -346,10 +350,25 @@ def read_records(cfg):
         return {}
 
 
-def is_done(cfg, task, settings, outputs):
-    """A task's outputs exist and were made with these settings (unless --force)."""
-    return (not cfg.force and all(os.path.exists(o) for o in outputs)
-            and read_records(cfg).get(task) == settings)
+def up_to_date(cfg, env, task, settings, outputs):
+    """True (and says so) when a task's outputs exist and were made with these settings, unless
+    --force. Otherwise the task will run: its inputs must then have been made with this run's
+    settings too, or a stage run alone would silently build on stale files."""
+    if not cfg.force and all(os.path.exists(o) for o in outputs) and read_records(cfg).get(task) == settings:
+        log(env, f"{task}: up to date")
+        return True
+    stage = task.split("-")[0] if task.split("-")[0] in STAGES else "align"
+    inputs = [(s, stage_settings(cfg, s)) for s in STAGES[:STAGES.index(stage)] if s != "align"]
+    if stage == "eval":
+        inputs += [(f"align-{m}", stage_settings(cfg, "align", method=m, align_seed=cfg.seed)) for m in method_list(cfg)]
+    records = read_records(cfg)
+    for name, want in inputs:
+        have = records.get(name)
+        if have is not None and have != want:
+            diff = ", ".join(f"{k}={have.get(k)} (now {want[k]})" for k in want if have.get(k) != want[k])
+            raise ConfigError(f"{name} outputs in {cfg.out_dir} were made with {diff}: run --stage={name.split('-')[0]} "
+                              f"first (or every stage), or use another --out_dir")
+    return False
 
 
 def mark_done(cfg, env, task, settings):
@@ -475,8 +494,8 @@ def finish(cfg, env, name, model, file, settings, **extra):
 def stage_data(cfg, env):
     settings = stage_settings(cfg, "data")
     outputs = [path(cfg, "data", f"{n}.jsonl") for n in data.TASK_FILES if n != "ood_prompts"] + [path(cfg, "tokenizer.json")]
-    if is_done(cfg, "data", settings, outputs):
-        return log(env, "data: up to date")
+    if up_to_date(cfg, env, "data", settings, outputs):
+        return
     if env.master:
         if cfg.data == "builtin":
             task = data.builtin_task(cfg.seed, cfg.n_sft, cfg.n_prefs, cfg.n_align, cfg.n_eval, cfg.n_eval, cfg.pref_tau)
@@ -514,6 +533,8 @@ def load_data(cfg, name):
 
 
 def load_tokenizer(cfg):
+    if not os.path.exists(path(cfg, "tokenizer.json")):
+        raise DataError(f"{path(cfg, 'tokenizer.json')}: missing; run --stage=data first")
     return data.load_tokenizer(path(cfg, "tokenizer.json"))
 
 
@@ -535,8 +556,8 @@ def encode_all(cfg, env, enc, pairs, what):
 
 def stage_sft(cfg, env):
     settings = stage_settings(cfg, "sft")
-    if is_done(cfg, "sft", settings, [path(cfg, "sft.pt")]):
-        return log(env, "sft: up to date")
+    if up_to_date(cfg, env, "sft", settings, [path(cfg, "sft.pt")]):
+        return
     enc, records = load_tokenizer(cfg), load_data(cfg, "sft")
     examples = encode_all(cfg, env, enc, [(r["prompt"], r["response"]) for r in records], "sft")
     torch.manual_seed(cfg.seed)
@@ -582,15 +603,15 @@ def decode(enc, tokens):
 
 def stage_rm(cfg, env):
     settings = stage_settings(cfg, "rm")
-    if is_done(cfg, "rm", settings, [path(cfg, "rm.pt")]):
-        return log(env, "rm: up to date")
+    if up_to_date(cfg, env, "rm", settings, [path(cfg, "rm.pt")]):
+        return
     enc, records = load_tokenizer(cfg), load_data(cfg, "prefs")
     n_held = max(1, int(len(records) * cfg.rm_holdout)) if len(records) > 1 else 0
     train_recs, held = records[:len(records) - n_held], records[len(records) - n_held:]
     chosen = encode_all(cfg, env, enc, [(r["prompt"], r["chosen"]) for r in train_recs], "rm chosen")
     rejected = encode_all(cfg, env, enc, [(r["prompt"], r["rejected"]) for r in train_recs], "rm rejected")
     torch.manual_seed(cfg.seed)
-    model = load_model(path(cfg, "sft.pt"), env, enc, reward_head=True)
+    model = load_model(path(cfg, "sft.pt"), env, enc, cfg, reward_head=True)
     model.config.dropout = cfg.dropout
 
     def loss_fn(m, idx):  # Bradley-Terry: -log sigmoid(r(x, y_w) - r(x, y_l)), both in one forward
@@ -664,11 +685,11 @@ def stage_sample(cfg, env):
     (PAPER.md step 2): alignment then needs one model in memory."""
     settings = stage_settings(cfg, "sample")
     out_file = path(cfg, "candidates.jsonl")
-    if is_done(cfg, "sample", settings, [out_file]):
-        return log(env, "sample: up to date")
+    if up_to_date(cfg, env, "sample", settings, [out_file]):
+        return
     enc = load_tokenizer(cfg)
     prompts = [r["prompt"] for r in load_data(cfg, "align_prompts")]
-    sft = load_model(path(cfg, "sft.pt"), env, enc).eval()
+    sft = load_model(path(cfg, "sft.pt"), env, enc, cfg).eval()
     max_prompt = cfg.block_size - cfg.max_new_tokens
     long = sum(len(enc.encode_ordinary(p)) + 1 > max_prompt for p in prompts)
     if long:
@@ -688,7 +709,7 @@ def stage_sample(cfg, env):
         mine.append((c, pairs, score_logps(cfg, env, sft, enc, [data.encode_example(enc, p, y, cfg.block_size)[:2]
                                                                  for p, y in pairs])))
     del sft
-    rm = load_model(path(cfg, "rm.pt"), env, enc).eval()
+    rm = load_model(path(cfg, "rm.pt"), env, enc, cfg).eval()
     records = []
     for c, pairs, logps in mine:
         rewards = score_rewards(cfg, env, rm, enc, pairs)
@@ -749,8 +770,7 @@ def stage_align(cfg, env):
     for method in method_list(cfg):
         settings = stage_settings(cfg, "align", method=method, align_seed=cfg.seed)
         file = path(cfg, f"policy_{method}.pt")
-        if is_done(cfg, f"align-{method}", settings, [file]):
-            log(env, f"align {method}: up to date")
+        if up_to_date(cfg, env, f"align-{method}", settings, [file]):
             continue
         cands = cands or load_candidates(cfg, env, enc)
         align(cfg, env, enc, cands, method, cfg.seed, file, f"align-{method}", settings)
@@ -768,7 +788,7 @@ def align(cfg, env, enc, cands, method, seed, file, name, settings):
     if method in PAIR_LOSSES and (n_pairs == 0).any():
         log(env, f"{name}: {int((n_pairs == 0).sum())} of {B} prompts have no strictly ordered pair and give no loss")
     torch.manual_seed(seed)
-    model = load_model(path(cfg, "sft.pt"), env, enc)
+    model = load_model(path(cfg, "sft.pt"), env, enc, cfg)
     ref, rewards = cands.ref_logps.to(env.device), cands.rewards.to(env.device)
 
     def loss_fn(m, idx):
@@ -818,8 +838,8 @@ def align_metrics(method, logps, ref, rewards, cfg):
 def stage_eval(cfg, env):
     settings = stage_settings(cfg, "eval")
     outputs = [path(cfg, "results.json"), path(cfg, "frontier.png")]
-    if is_done(cfg, "eval", settings, outputs):
-        return log(env, "eval: up to date (results.json)")
+    if up_to_date(cfg, env, "eval", settings, outputs):
+        return
     enc = load_tokenizer(cfg)
     policies = {"sft": path(cfg, "sft.pt"), **{m: path(cfg, f"policy_{m}.pt") for m in method_list(cfg)}}
     results = evaluate(cfg, env, enc, policies, cfg.seed)
@@ -851,12 +871,12 @@ def evaluate(cfg, env, enc, policies, seed, cache=None):
     cache = {} if cache is None else cache
     sets = {"eval": [r["prompt"] for r in load_data(cfg, "eval_prompts")],
             "ood": [r["prompt"] for r in load_data(cfg, "ood_prompts")]}
-    sft = load_model(path(cfg, "sft.pt"), env, enc).eval()
-    rm = load_model(path(cfg, "rm.pt"), env, enc).eval()
+    sft = load_model(path(cfg, "sft.pt"), env, enc, cfg).eval()
+    rm = load_model(path(cfg, "rm.pt"), env, enc, cfg).eval()
     scored = {}
     for name, file in policies.items():
         if (file, seed) not in cache:
-            pi = sft if file == path(cfg, "sft.pt") else load_model(file, env, enc).eval()
+            pi = sft if file == path(cfg, "sft.pt") else load_model(file, env, enc, cfg).eval()
             cache[(file, seed)] = {s: sample_and_score(cfg, env, enc, pi, sft, rm, prompts, seed, s)
                                    for s, prompts in sets.items() if prompts}
         scored[name] = cache[(file, seed)]
@@ -999,7 +1019,7 @@ def run_sweep(cfg, env):
             sub = dataclasses.replace(cfg, beta=beta if beta is not None else cfg.beta)
             tag = f"{method}-beta{beta:g}-seed{seed}" if beta is not None else f"{method}-seed{seed}"
             file, settings = path(cfg, "sweep", f"policy_{tag}.pt"), stage_settings(sub, "align", method=method, align_seed=seed)
-            if not is_done(cfg, f"sweep-{tag}", settings, [file]):
+            if not up_to_date(cfg, env, f"sweep-{tag}", settings, [file]):
                 cands = cands or load_candidates(cfg, env, enc)
                 align(sub, env, enc, cands, method, seed, file, f"sweep-{tag}", settings)
             files[(method, beta)] = file

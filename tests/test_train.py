@@ -95,7 +95,7 @@ def test_pipeline_writes_every_file_and_skips_done_work(tiny_run):
 def test_second_run_is_up_to_date_and_a_changed_setting_redoes_what_depends_on_it(tiny_copy):
     again = run_train(tiny_copy)
     assert again.returncode == 0, again.stderr[-2000:]
-    for stage in ("data", "sft", "rm", "sample", "align vcb", "align dpo", "eval"):
+    for stage in ("data", "sft", "rm", "sample", "align-vcb", "align-dpo", "eval"):
         assert f"{stage}: up to date" in again.stdout
     before = (tiny_copy / "candidates.jsonl").read_bytes()
     changed = run_train(tiny_copy, "--beta=0.5", "--methods=vcb,dpo", "--stage=align")
