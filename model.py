@@ -194,31 +194,40 @@ class GPT(nn.Module):
         N, cfg = self.num_params(), self.config
         return 6 * N + 12 * cfg.n_layer * cfg.n_embd * T
 
+    def crop_block_size(self, block_size):
+        """Keep the first block_size positions (GPT-2 has 1024; short tasks need far fewer)."""
+        assert block_size <= self.config.block_size
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
+
     @classmethod
-    def from_pretrained(cls, path, **overrides):
+    def from_pretrained(cls, path, block_size=None, **overrides):
         """A GPT initialised from a GPT-2 checkpoint in the common `model.safetensors` layout (the
-        layout of the public GPT-2 releases), read from a local file: nothing is downloaded.
-        Every key and shape is checked. overrides: GPTConfig fields such as dropout or reward_head."""
+        layout of the public GPT-2 releases), read from a local file: nothing is downloaded. Every
+        key and shape is checked. block_size crops the positions; overrides: other GPTConfig fields
+        (dropout, reward_head)."""
         from safetensors.torch import load_file
         try:
             sd_hf = load_file(str(path))
         except Exception as e:  # a missing, truncated or foreign file
-            raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+            raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
         sd_hf = {k.removeprefix("transformer."): v for k, v in sd_hf.items()
-                 if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # causal-mask buffers
+                 if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # causal-mask buffers, not weights
         sd_hf.pop("lm_head.weight", None)  # tied to wte
-        n_layer = 1 + max(int(k.split(".")[1]) for k in sd_hf if k.startswith("h."))
+        for key in ("wte.weight", "wpe.weight", "h.0.attn.c_attn.weight"):
+            if key not in sd_hf:
+                raise ValueError(f"{path}: no '{key}': not a GPT-2 checkpoint")
         n_embd = sd_hf["wte.weight"].shape[1]
         args = dict(block_size=sd_hf["wpe.weight"].shape[0], vocab_size=sd_hf["wte.weight"].shape[0],
-                    n_layer=n_layer, n_head=max(1, n_embd // 64), n_embd=n_embd, bias=True)
-        args.update(overrides)
-        model = cls(GPTConfig(**args))
+                    n_layer=1 + max(int(k.split(".")[1]) for k in sd_hf if k.startswith("h.")),
+                    n_head=max(1, n_embd // 64), n_embd=n_embd, bias=True)  # GPT-2's heads are 64 wide
+        model = cls(GPTConfig(**{**args, **overrides}))
         sd = model.state_dict()
         ours = {k for k in sd if not k.startswith(("lm_head.", "reward_head."))}
         theirs = {"transformer." + k for k in sd_hf}
         if ours != theirs:
-            raise ValueError(f"{path}: keys differ from GPT-2's: missing {sorted(ours - theirs)[:5]}, "
-                             f"unexpected {sorted(theirs - ours)[:5]}")
+            raise ValueError(f"{path}: keys differ from GPT-2's: missing {sorted(ours - theirs)[:3]}, "
+                             f"unexpected {sorted(theirs - ours)[:3]}")
         conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         with torch.no_grad():
             for k, v in sd_hf.items():
@@ -227,6 +236,8 @@ class GPT(nn.Module):
                 if v.shape != target.shape:
                     raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, expected {tuple(target.shape)}")
                 target.copy_(v)
+        if block_size is not None and block_size < model.config.block_size:
+            model.crop_block_size(block_size)
         return model
 
     @torch.no_grad()

@@ -192,8 +192,6 @@ def validate(cfg):
         raise ConfigError(f"--max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in --block_size={cfg.block_size}")
     if cfg.data != "builtin" and not cfg.data_dir:
         raise ConfigError(f"--data={cfg.data} needs --data_dir=<folder with its files>")
-    if cfg.init_from != "scratch" and cfg.tokenizer != "gpt2":
-        raise ConfigError("--init_from=<GPT-2 weights> needs --tokenizer=gpt2, the vocabulary those weights were trained with")
     for key in ("sweep_betas", "sweep_seeds"):
         try:
             [float(v) for v in getattr(cfg, key).split(",")]
@@ -564,9 +562,15 @@ def stage_sft(cfg, env):
     if cfg.init_from == "scratch":
         model = GPT(GPTConfig(**model_args(cfg, enc.n_vocab)))
     else:
-        model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout, block_size=cfg.block_size)
+        try:
+            model = GPT.from_pretrained(cfg.init_from, block_size=cfg.block_size, dropout=cfg.dropout)
+        except ValueError as e:
+            raise DataError(str(e)) from None
         if model.config.vocab_size != enc.n_vocab:
-            raise DataError(f"{cfg.init_from}: vocab_size {model.config.vocab_size} but the tokenizer has {enc.n_vocab}")
+            raise DataError(f"{cfg.init_from}: vocab_size is {model.config.vocab_size} but the tokenizer has {enc.n_vocab} "
+                            f"tokens (GPT-2 weights need --tokenizer=gpt2)")
+        if model.config.block_size < cfg.block_size:
+            raise DataError(f"{cfg.init_from}: has {model.config.block_size} positions, fewer than --block_size={cfg.block_size}")
     model.to(env.device)
     log(env, f"sft: {model.num_params() / 1e6:.2f}M parameters, {len(examples)} demonstrations")
 

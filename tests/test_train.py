@@ -30,7 +30,6 @@ def test_options_are_converted_to_their_field_types():
     (["--n_layer"], "--n_layer needs a value"),
     (["--n_embd=100", "--n_head=3"], "must be a multiple"),
     (["--data=hh"], "needs --data_dir"),
-    (["--init_from=gpt2/model.safetensors"], "needs --tokenizer=gpt2"),
 ])
 def test_bad_options_are_one_line_errors(argv, message):
     with pytest.raises(train.ConfigError) as e:

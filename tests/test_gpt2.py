@@ -1,0 +1,98 @@
+"""GPT-2 weights from a local model.safetensors, and the offline GPT-2 tokenizer. Tested on small
+random checkpoints that the tests write in GPT-2's layout; nothing is downloaded."""
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import data
+import train
+from conftest import run_train
+from model import GPT, GPTConfig
+
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def gpt2_layout(model, prefix="", with_buffers=True):
+    """Our weights as GPT-2's model.safetensors holds them: no 'transformer.' prefix (or one), Conv1D
+    matrices stored (in, out), causal-mask buffers beside the weights, the tied lm_head left out."""
+    out = {}
+    for k, v in model.state_dict().items():
+        if k.startswith("lm_head."):
+            continue
+        k = k.removeprefix("transformer.")
+        out[prefix + k] = (v.t() if k.endswith(CONV1D) else v).contiguous().clone()
+    if with_buffers:
+        T = model.config.block_size
+        for i in range(model.config.n_layer):
+            out[f"{prefix}h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, T, T))
+    return out
+
+
+@pytest.fixture
+def source():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=64, vocab_size=97, n_layer=2, n_head=2, n_embd=128)).eval()
+
+
+@pytest.mark.parametrize("prefix", ["", "transformer."])
+def test_loading_gpt2_layout_reproduces_the_model(source, tmp_path, prefix):
+    save_file(gpt2_layout(source, prefix), tmp_path / "model.safetensors")
+    loaded = GPT.from_pretrained(tmp_path / "model.safetensors").eval()
+    assert (loaded.config.n_layer, loaded.config.n_head, loaded.config.n_embd) == (2, 2, 128)
+    idx = torch.randint(97, (2, 20))
+    torch.testing.assert_close(loaded(idx), source(idx))
+    cropped = GPT.from_pretrained(tmp_path / "model.safetensors", block_size=24, reward_head=True).eval()
+    assert cropped.transformer.wpe.weight.shape == (24, 128) and cropped.reward_head is not None
+    torch.testing.assert_close(cropped(idx), source(idx))
+
+
+def test_every_key_and_shape_is_checked(source, tmp_path):
+    sd = gpt2_layout(source)
+    del sd["h.1.mlp.c_fc.bias"]
+    save_file(sd, tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match=r"keys differ from GPT-2's: missing \['transformer.h.1.mlp.c_fc.bias'\]"):
+        GPT.from_pretrained(tmp_path / "missing.safetensors")
+    sd = gpt2_layout(source)
+    sd["h.0.attn.c_proj.weight"] = torch.zeros(128, 64)
+    save_file(sd, tmp_path / "shape.safetensors")
+    with pytest.raises(ValueError, match=r"h.0.attn.c_proj.weight has shape \(64, 128\), expected \(128, 128\)"):
+        GPT.from_pretrained(tmp_path / "shape.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        GPT.from_pretrained(tmp_path / "junk.safetensors")
+
+
+def test_logits_match_transformers_gpt2(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=97, n_positions=64, n_embd=128, n_layer=2,
+                                                              n_head=2, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)).eval()
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    ours = GPT.from_pretrained(tmp_path / "model.safetensors").eval()
+    idx = torch.randint(97, (2, 30))
+    torch.testing.assert_close(ours(idx), hf(idx).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_pipeline_starts_from_local_pretrained_weights(tiny_copy):
+    """--init_from: SFT starts from a GPT-2-layout file (here random, with the run's vocabulary)."""
+    torch.manual_seed(0)
+    pretrained = GPT(GPTConfig(block_size=128, vocab_size=300, n_layer=2, n_head=1, n_embd=64))
+    save_file(gpt2_layout(pretrained), tiny_copy / "model.safetensors")
+    proc = run_train(tiny_copy, f"--init_from={tiny_copy / 'model.safetensors'}", "--stage=sft")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ck = train.load_checkpoint(tiny_copy / "sft.pt")
+    assert ck["model_args"]["n_layer"] == 2 and ck["model_args"]["block_size"] == 96  # cropped from 128
+    wrong = GPT(GPTConfig(block_size=128, vocab_size=301, n_layer=1, n_head=1, n_embd=64))
+    save_file(gpt2_layout(wrong), tiny_copy / "wrong.safetensors")
+    proc = run_train(tiny_copy, f"--init_from={tiny_copy / 'wrong.safetensors'}", "--stage=sft")
+    assert proc.returncode == 2 and "vocab_size is 301 but the tokenizer has 300 tokens" in proc.stderr
+
+
+def test_gpt2_tokenizer_offline_fails_fast_and_says_what_to_provide(tmp_path, monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))
+    with pytest.raises(data.DataError) as e:
+        data.gpt2_tokenizer()
+    message = str(e.value)
+    assert "is not in tiktoken's cache" in message and "TIKTOKEN_CACHE_DIR" in message and "\n" not in message
+    assert not (tmp_path / "empty-cache").exists()  # nothing was fetched or written
