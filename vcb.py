@@ -41,7 +41,8 @@ def sequence_logps(logits, targets, mask, average=False):
     Returns (B,).
     """
     logits, targets, mask = logits[:, :-1], targets[:, 1:], mask[:, 1:].to(torch.float32)
-    logp = torch.gather(f32(logits).log_softmax(-1), 2, targets.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    # log_softmax + gather, fused: cross_entropy never keeps a second (B, T, V) tensor of log-probs
+    logp = -F.cross_entropy(f32(logits).flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)  # (B, T-1)
     total = (logp * mask).sum(-1)
     return total / mask.sum(-1).clamp(min=1) if average else total
 

@@ -1,0 +1,220 @@
+"""
+bench.py: how fast the hot paths run on this machine, each comparison made within one run.
+
+    python bench.py                   # a small GPT; float32 on CPU, bfloat16 autocast on CUDA
+    python bench.py --preset=gpt2     # GPT-2-small-sized (124M parameters, 1024 positions)
+    python bench.py --compile=true    # the same with torch.compile (CUDA)
+
+It measures
+  1. the device's matmul peak (the best of repeated large matmuls), in TFLOP/s;
+  2. training tokens/s, and model FLOPs utilisation (MFU) against that measured peak;
+  3. sampling tokens/s at 128 new tokens, with and without the KV cache (same greedy tokens);
+  4. one alignment (VCB) step per response token against one SFT step per token, same sequences
+     (the reference log-probs are precomputed, so alignment needs one model: the target is <= 1.2x);
+and then prints the estimated peak GPU memory and time per stage of the GPT-2-small HH preset.
+"""
+import math
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+import vcb
+from model import GPT, GPTConfig
+from train import ConfigError, convert
+
+PRESETS = {  # model shape and the batch of each measurement
+    "small": dict(n_layer=4, n_head=4, n_embd=256, vocab_size=1024, block_size=256, batch=16, seq_len=128,
+                  sample_batch=8, prompt_len=32, steps=6),
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024, batch=8, seq_len=1024,
+                 sample_batch=16, prompt_len=64, steps=20),
+}
+OPTIONS = dict(preset="small", device="auto", dtype="auto", compile=False, new_tokens=128, n_candidates=8)
+
+
+def parse(argv):
+    opts = dict(OPTIONS)
+    for arg in argv:
+        key, _, raw = arg.removeprefix("--").partition("=")
+        if key not in opts or not arg.startswith("--"):
+            raise ConfigError(f"unknown option {arg}; bench.py takes " + ", ".join(f"--{k}" for k in opts))
+        opts[key] = convert(key, raw, type(OPTIONS[key]))
+    if opts["preset"] not in PRESETS:
+        raise ConfigError(f"--preset={opts['preset']}: expected one of {', '.join(PRESETS)}")
+    return opts
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats):
+    """Median seconds of fn() over repeats, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_peak(device, dtype):
+    n = 8192 if device.startswith("cuda") else 1024
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    best = min(timed(lambda: [a @ b for _ in range(10)], device, 1) for _ in range(5))
+    return 2 * n ** 3 * 10 / best, n
+
+
+def main(argv):
+    opts = parse(argv)
+    p = PRESETS[opts["preset"]]
+    device = opts["device"] if opts["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    if opts["dtype"] == "auto":
+        dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, opts["dtype"])
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device_type, dtype=dtype)
+    torch.manual_seed(0)
+    cfg = GPTConfig(block_size=p["block_size"], vocab_size=p["vocab_size"], n_layer=p["n_layer"],
+                    n_head=p["n_head"], n_embd=p["n_embd"])
+    model = GPT(cfg).to(device)
+    name = torch.cuda.get_device_name(device) if device_type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"device: {name}; dtype {str(dtype).removeprefix('torch.')}; compile {opts['compile']}; "
+          f"preset {opts['preset']}: {cfg.n_layer} layers x {cfg.n_embd} wide, vocab {cfg.vocab_size}, "
+          f"{model.num_params() / 1e6:.1f}M parameters")
+
+    peak, n = matmul_peak(device, dtype)
+    print(f"matmul peak (measured, {n}x{n} {str(dtype).removeprefix('torch.')}): {peak / 1e12:.2f} TFLOP/s")
+
+    # 2. training throughput and MFU
+    optimizer = model.configure_optimizers(0.1, 3e-4, (0.9, 0.95), device_type)
+    runner = torch.compile(model) if opts["compile"] else model
+    B, T = p["batch"], p["seq_len"]
+    x = torch.randint(cfg.vocab_size, (B, T + 1), device=device)
+
+    def train_step():
+        with autocast:
+            loss = -runner(x[:, :-1], targets=x[:, 1:]).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    dt = timed(train_step, device, p["steps"])
+    tokens_per_s = B * T / dt
+    mfu = model.estimate_flops_per_token(T) * tokens_per_s / peak
+    print(f"train: {tokens_per_s:,.0f} tokens/s (batch {B} x {T}), MFU {100 * mfu:.1f}% of the measured peak")
+
+    # 3. sampling with and without the KV cache
+    model.eval()
+    prompts = torch.randint(cfg.vocab_size, (p["sample_batch"], p["prompt_len"])).tolist()
+    new = opts["new_tokens"]
+    outs, speed = {}, {}
+    for use_cache in (True, False):
+        def sample():
+            with autocast:
+                outs[use_cache] = model.generate(prompts, new, temperature=0, use_cache=use_cache)
+        speed[use_cache] = len(prompts) * new / timed(sample, device, 1 if not use_cache else 3)
+    same = "same tokens" if outs[True] == outs[False] else "DIFFERENT tokens (check the cache)"
+    print(f"sample {new} new tokens, batch {len(prompts)}: KV cache {speed[True]:,.0f} tokens/s, recomputing "
+          f"the prefix {speed[False]:,.0f} tokens/s: {speed[True] / speed[False]:.1f}x ({same}; target >= 5x)")
+
+    # 4. an alignment step against an SFT step on the same sequences, per response token
+    model.train()
+    prompts_per_step = max(1, B // opts["n_candidates"])
+    rows = prompts_per_step * opts["n_candidates"]
+    seqs = torch.randint(cfg.vocab_size, (rows, T), device=device)
+    mask = torch.zeros(rows, T, dtype=torch.bool, device=device)
+    mask[:, T // 4:] = True  # the first quarter is the prompt
+    ref = torch.randn(prompts_per_step, opts["n_candidates"], device=device) - 50
+    rewards = torch.randn(prompts_per_step, opts["n_candidates"], device=device)
+
+    def sft_step():
+        with autocast:
+            logp = runner(seqs[:, :-1], targets=seqs[:, 1:])
+        loss = -(logp * mask[:, 1:]).sum() / mask[:, 1:].sum()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def vcb_step():
+        with autocast:
+            logits = runner(seqs)
+        logps = vcb.sequence_logps(logits, seqs, mask).view(prompts_per_step, -1)
+        loss = vcb.vcb_loss(logps, ref, rewards, beta=1.0, lam=0.1)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    t_sft, t_vcb = [], []
+    for _ in range(max(3, p["steps"] // 2)):  # interleaved, so both see the same machine load
+        t_sft.append(timed(sft_step, device, 1))
+        t_vcb.append(timed(vcb_step, device, 1))
+    ratio = statistics.median(t_vcb) / statistics.median(t_sft)
+    print(f"align (VCB) step vs SFT step, {rows} sequences x {T} tokens: {ratio:.2f}x the time per response token "
+          f"(target <= 1.2x)")
+    print_estimates(peak if device_type == "cuda" else None)
+
+
+# ---- estimates for a real run: GPT-2-small on HH (README, "Presets")
+
+HH_PRESET = dict(n_params=124e6, n_layer=12, n_embd=768, vocab=50257, seq=512, new_tokens=128,
+                 sft=dict(steps=2000, batch=64, accum=4), rm=dict(steps=1000, batch=64, accum=4),
+                 align=dict(steps=800, prompts=8, accum=4), n_candidates=8, n_align=8000, n_eval=500, methods=5)
+
+
+def print_estimates(peak=None, mfu=0.4, bandwidth=3.35e12):
+    """Peak GPU memory per stage from parameter, optimizer and activation sizes, and time per stage
+    from FLOPs at an assumed MFU, or for sampling from memory bandwidth (each new token reads the
+    weights and the KV cache). Estimates, not measurements: peak defaults to an H100's dense
+    bfloat16 989 TFLOP/s and bandwidth to its 3.35 TB/s; Python overhead per token is left out."""
+    h, peak = HH_PRESET, peak or 989e12
+    N, L, C, V, S = h["n_params"], h["n_layer"], h["n_embd"], h["vocab"], h["seq"]
+    train_state = 16 * N  # float32 weights and gradients, AdamW's two moments
+
+    def activations(rows):  # bfloat16, flash attention (no T^2 term): ~34 s b h bytes per layer
+        # (Korthikanti et al. 2022), plus the logits: bfloat16, a float32 copy and its gradient
+        return L * 34 * S * rows * C + rows * S * V * (2 + 4 + 4)
+
+    kv = lambda rows: 2 * L * rows * S * C * 2  # noqa: E731  bfloat16 keys and values
+    rows = {"sft": h["sft"]["batch"] // h["sft"]["accum"], "rm": 2 * h["rm"]["batch"] // h["rm"]["accum"],
+            "align": h["align"]["prompts"] * h["n_candidates"] // h["align"]["accum"]}
+    memory = {"sft": train_state + activations(rows["sft"]), "rm": train_state + activations(rows["rm"]),
+              "sample": 4 * N + kv(32 * h["n_candidates"]) + 32 * h["n_candidates"] * V * 4,
+              "align": train_state + activations(rows["align"]),
+              "eval": 3 * 4 * N + kv(64) + 64 * V * 4}
+    flops_train = lambda seqs: 6 * N * seqs * S / (mfu * peak)  # noqa: E731
+    def decode(seqs, batch):  # each new token reads the bfloat16 weights and half a full KV cache on average
+        step = max((2 * N + kv(batch) / 2) / bandwidth, 2 * N * batch / (mfu * peak))
+        return seqs / batch * h["new_tokens"] * step
+
+    n_samples = h["n_align"] * h["n_candidates"]
+    seconds = {"sft": flops_train(h["sft"]["steps"] * h["sft"]["batch"]),
+               "rm": flops_train(h["rm"]["steps"] * h["rm"]["batch"] * 2),
+               "sample": decode(n_samples, 32 * h["n_candidates"]) + 2 * flops_train(n_samples) / 3,
+               "align": h["methods"] * flops_train(h["align"]["steps"] * h["align"]["prompts"] * h["n_candidates"]),
+               "eval": (1 + h["methods"]) * 2 * (decode(h["n_eval"], 64) + flops_train(h["n_eval"]) / 2)}
+    print(f"\nestimated for the GPT-2-small HH preset (README), at {100 * mfu:.0f}% MFU of {peak / 1e12:.0f} TFLOP/s:")
+    print("| stage | micro-batch | peak GPU memory | time |\n|---|---|---|---|")
+    for stage in ("sft", "rm", "sample", "align", "eval"):
+        batch = f"{rows[stage]} x {S} tokens" if stage in rows else ("256 rows, KV cache" if stage == "sample" else "64 rows, 3 models")
+        t = seconds[stage]
+        print(f"| {stage} | {batch} | {memory[stage] / 2 ** 30:.1f} GiB | {t / 60:.0f} min |" if t >= 120 else
+              f"| {stage} | {batch} | {memory[stage] / 2 ** 30:.1f} GiB | {t:.0f} s |")
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
