@@ -279,8 +279,10 @@ def encode_prompt(enc, prompt, max_len):
 # one JSON object per line: the usual preference-data convention
 SCHEMAS = {"sft": {"prompt": str, "response": str},
            "prefs": {"prompt": str, "chosen": str, "rejected": str},
-           "align_prompts": {"prompt": str}, "eval_prompts": {"prompt": str}, "ood_prompts": {"prompt": str}}
-TASK_FILES = list(SCHEMAS)
+           "align_prompts": {"prompt": str}, "eval_prompts": {"prompt": str}, "ood_prompts": {"prompt": str},
+           # written by the sample stage, or brought by the user: n scored candidates per prompt
+           "candidates": {"prompt": str, "responses": (list, str), "rewards": (list, float), "ref_logps": (list, float)}}
+TASK_FILES = ["sft", "prefs", "align_prompts", "eval_prompts", "ood_prompts"]  # what the data stage writes
 
 
 def load_task(kind, folder, limits, seed=0):

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 @dataclass
 class GPTConfig:
     block_size: int = 128     # longest sequence (prompt + response) the model reads
-    vocab_size: int = 1025    # tokenizer's n_vocab: 1024 byte-level BPE tokens + <|endoftext|>
+    vocab_size: int = 1024    # the tokenizer's n_vocab, <|endoftext|> included
     n_layer: int = 4          # transformer blocks
     n_head: int = 4           # attention heads per block
     n_embd: int = 128         # width of the residual stream

@@ -34,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
+import report
 import vcb
 from data import DataError
 from model import GPT, GPTConfig
@@ -179,13 +180,16 @@ def validate(cfg):
             raise ConfigError(f"--methods: unknown method {m!r}; known: {', '.join(METHODS)}")
     for f in dataclasses.fields(Config):
         v = getattr(cfg, f.name)
-        may_be_zero = ("seed", "lam", "top_k", "grad_clip", "warmup_steps", "sigma_floor", "dropout")
+        may_be_zero = ("seed", "lam", "top_k", "grad_clip", "warmup_steps", "sigma_floor", "dropout", "rm_holdout")
         if cfg.data != "builtin":
             may_be_zero += ("n_sft", "n_prefs", "n_align", "n_eval")  # 0: every record
         if f.type in (int, float) and f.name not in may_be_zero and v <= 0:
             raise ConfigError(f"--{f.name}={v}: must be positive")
-    if cfg.lam < 0 or cfg.top_k < 0 or cfg.dropout < 0 or cfg.dropout >= 1:
-        raise ConfigError("--lam and --top_k must be >= 0, --dropout in [0, 1)")
+    for key in ("lam", "top_k", "grad_clip", "warmup_steps", "sigma_floor", "seed"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"--{key}={getattr(cfg, key)}: must be >= 0")
+    if not 0 <= cfg.dropout < 1 or not 0 < cfg.top_p <= 1 or not 0 <= cfg.rm_holdout < 1:
+        raise ConfigError("--dropout and --rm_holdout must be in [0, 1), --top_p in (0, 1]")
     if cfg.n_embd % cfg.n_head:
         raise ConfigError(f"--n_embd={cfg.n_embd} must be a multiple of --n_head={cfg.n_head}")
     if cfg.max_new_tokens >= cfg.block_size:
@@ -314,9 +318,10 @@ def model_args(cfg, vocab_size):
                 n_embd=cfg.n_embd, dropout=cfg.dropout, bias=True, reward_head=False)
 
 
-def load_model(file, env, enc, cfg, reward_head=None):
+def load_model(file, env, enc, cfg, reward_head=None, dropout=0.0):
     """A GPT from one of our checkpoints, checked against the tokenizer and this run's model
-    settings. reward_head=True on an SFT checkpoint starts a reward model: SFT's weights, a new head."""
+    settings. reward_head=True on an SFT checkpoint starts a reward model: SFT's weights, a new head.
+    dropout: 0 for scoring and alignment (dropout would make log pi(y|x) noisy)."""
     ck = load_checkpoint(file)
     args = ck.get("model_args")
     if not isinstance(args, dict) or "model" not in ck:
@@ -329,7 +334,7 @@ def load_model(file, env, enc, cfg, reward_head=None):
             raise DataError(f"{file}: {key} is {args.get(key)} in the checkpoint but --{key}={getattr(cfg, key)} in this "
                             f"run: redo the stage that wrote it with these settings, or use another --out_dir")
     new_head = reward_head and not args.get("reward_head")
-    args = {**args, "dropout": 0.0, "reward_head": bool(reward_head or args.get("reward_head"))}
+    args = {**args, "dropout": dropout, "reward_head": bool(reward_head or args.get("reward_head"))}
     try:
         model = GPT(GPTConfig(**args))
         missing, unexpected = model.load_state_dict(ck["model"], strict=False)
@@ -385,7 +390,7 @@ def batch_indices(n, batch_size, step, seed):
     out, start = [], step * batch_size
     for k in range(start, start + batch_size):
         epoch, pos = divmod(k, n)
-        if not out or pos == 0 or k == start:
+        if k == start or pos == 0:
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
         out.append(perm[pos])
     return out
@@ -420,6 +425,8 @@ def train(cfg, env, name, model, n_examples, steps, batch_size, lr, loss_fn, cou
             model.load_state_dict(ck["model"])
             optimizer.load_state_dict(ck["optimizer"])
             torch.set_rng_state(ck["rng"])
+            if env.device_type == "cuda" and "cuda_rng" in ck:
+                torch.cuda.set_rng_state(ck["cuda_rng"], env.device)
             start = ck["step"]
             log(env, f"{name}: resuming from {ckpt_file} at step {start}")
         else:
@@ -469,8 +476,11 @@ def train(cfg, env, name, model, n_examples, steps, batch_size, lr, loss_fn, cou
             log(env, f"{name} step {step + 1}/{steps}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         if (step + 1) % cfg.ckpt_interval == 0 and step + 1 < steps:
             if env.master:
-                save_checkpoint(ckpt_file, {"model": raw.state_dict(), "optimizer": optimizer.state_dict(),
-                                            "rng": torch.get_rng_state(), "step": step + 1, "settings": settings})
+                state = {"model": raw.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+                         "step": step + 1, "settings": settings}
+                if env.device_type == "cuda":
+                    state["cuda_rng"] = torch.cuda.get_rng_state(env.device)
+                save_checkpoint(ckpt_file, state)
             last_good = step + 1
     bar.close()
     return raw
@@ -610,13 +620,12 @@ def stage_rm(cfg, env):
     if up_to_date(cfg, env, "rm", settings, [path(cfg, "rm.pt")]):
         return
     enc, records = load_tokenizer(cfg), load_data(cfg, "prefs")
-    n_held = max(1, int(len(records) * cfg.rm_holdout)) if len(records) > 1 else 0
+    n_held = max(1, int(len(records) * cfg.rm_holdout)) if cfg.rm_holdout > 0 and len(records) > 1 else 0
     train_recs, held = records[:len(records) - n_held], records[len(records) - n_held:]
     chosen = encode_all(cfg, env, enc, [(r["prompt"], r["chosen"]) for r in train_recs], "rm chosen")
     rejected = encode_all(cfg, env, enc, [(r["prompt"], r["rejected"]) for r in train_recs], "rm rejected")
     torch.manual_seed(cfg.seed)
-    model = load_model(path(cfg, "sft.pt"), env, enc, cfg, reward_head=True)
-    model.config.dropout = cfg.dropout
+    model = load_model(path(cfg, "sft.pt"), env, enc, cfg, reward_head=True, dropout=cfg.dropout)
 
     def loss_fn(m, idx):  # Bradley-Terry: -log sigmoid(r(x, y_w) - r(x, y_l)), both in one forward
         seqs = [chosen[i] for i in idx] + [rejected[i] for i in idx]
@@ -635,7 +644,7 @@ def stage_rm(cfg, env):
         metrics["heldout_accuracy"] = sum(a > b for a, b in zip(r_w, r_l)) / len(held)
         if cfg.data == "builtin":
             gold = data.gold_reward([r["chosen"] for r in held] + [r["rejected"] for r in held])
-            metrics["gold_correlation"] = pearson(r_w + r_l, gold)
+            metrics["gold_correlation"] = report.pearson(r_w + r_l, gold)
         log(env, "rm: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f" on {len(held)} held-out pairs")
     finish(cfg, env, "rm", model, path(cfg, "rm.pt"), settings, metrics=metrics)
     mark_done(cfg, env, "rm", settings)
@@ -645,12 +654,6 @@ def real_mask(ids_list, T):
     """(B, T) True on the real tokens of right-padded rows of the given lengths."""
     lengths = torch.tensor([len(ids) for ids in ids_list])
     return torch.arange(T)[None, :] < lengths[:, None]
-
-
-def pearson(a, b):
-    a, b = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
-    a, b = a - a.mean(), b - b.mean()
-    return ((a @ b) / (a.norm() * b.norm()).clamp(min=1e-12)).item()
 
 
 @torch.no_grad()
@@ -681,9 +684,6 @@ def score_logps(cfg, env, model, enc, examples):
 # -----------------------------------------------------------------------------
 # stage: sample
 
-CANDIDATE_SCHEMA = {"prompt": str, "responses": (list, str), "rewards": (list, float), "ref_logps": (list, float)}
-
-
 def stage_sample(cfg, env):
     """n candidates per prompt from the SFT model, each scored by the RM, with its SFT log-prob
     (PAPER.md step 2): alignment then needs one model in memory."""
@@ -702,7 +702,7 @@ def stage_sample(cfg, env):
     # processes, and every chunk is scored on its own: the candidates file is the same whatever the
     # number of processes. Generation and SFT log-probs first, then the RM (one model at a time).
     chunks = list(range(0, len(prompts), cfg.sample_batch))[env.rank::env.world]
-    n, mine = cfg.n_candidates, []  # per chunk: (first prompt index, its prompts, responses, SFT log-probs)
+    n, mine = cfg.n_candidates, []  # per chunk: (its first prompt's index, (prompt, response) pairs, SFT log-probs)
     for c in tqdm(chunks, desc="sample", disable=not env.master, leave=False):
         batch = prompts[c:c + cfg.sample_batch]
         g = torch.Generator(env.device).manual_seed(cfg.seed * 1_000_003 + c)
@@ -748,7 +748,7 @@ def load_candidates(cfg, env, enc, file=None):
     file = file or path(cfg, "candidates.jsonl")
     if not os.path.exists(file):
         raise DataError(f"{file}: missing; run --stage=sample first")
-    records = data.read_jsonl(file, CANDIDATE_SCHEMA)
+    records = data.read_jsonl(file, data.SCHEMAS["candidates"])
     n = len(records[0]["responses"])
     for line, r in enumerate(records, 1):
         if len(r["responses"]) < 2:
@@ -848,16 +848,16 @@ def stage_eval(cfg, env):
     policies = {"sft": path(cfg, "sft.pt"), **{m: path(cfg, f"policy_{m}.pt") for m in method_list(cfg)}}
     results = evaluate(cfg, env, enc, policies, cfg.seed)
     if env.master:
+        judge = judge_name(cfg)
         rm_metrics = load_checkpoint(path(cfg, "rm.pt")).get("metrics", {})
-        data.write_json(path(cfg, "results.json"), {"judge": judge_name(cfg), "beta": cfg.beta, "reward_model": rm_metrics,
+        data.write_json(path(cfg, "results.json"), {"judge": judge, "beta": cfg.beta, "reward_model": rm_metrics,
                                                      "methods": results, "config": dataclasses.asdict(cfg)})
-        table = results_table(cfg, {m: {"": r} for m, r in results.items()})
-        with data.atomic_path(path(cfg, "results.md")) as tmp, open(tmp, "w") as f:
-            f.write(table + "\n")
+        table = report.results_table({m: {beta_label(m, cfg.beta): r} for m, r in results.items()}, judge)
+        report.write_text(path(cfg, "results.md"), table + "\n")
         print("\n" + table + "\n")
-        points = [dict(method=m, beta=None if m in ("sft", "rrhf") else cfg.beta, kl=r["eval"]["kl"],
-                       gold=r["eval"]["gold_reward" if cfg.data == "builtin" else "rm_reward"]) for m, r in results.items()]
-        plot_frontier(cfg, points, path(cfg, "frontier.png"), f"beta = {cfg.beta:g}, seed {cfg.seed}")
+        reward = "gold_reward" if judge == "gold" else "rm_reward"
+        points = [dict(method=m, kl=r["eval"]["kl"], reward=r["eval"][reward]) for m, r in results.items()]
+        report.plot_frontier(points, path(cfg, "frontier.png"), f"Reward against KL (beta = {cfg.beta:g}, seed {cfg.seed})", judge)
         log(env, f"eval: wrote {path(cfg, 'results.json')}, {path(cfg, 'results.md')} and {path(cfg, 'frontier.png')}")
     barrier(env)
     mark_done(cfg, env, "eval", settings)
@@ -866,6 +866,10 @@ def stage_eval(cfg, env):
 def judge_name(cfg):
     """Win rates are judged by the gold reward on the built-in task, by the reward model elsewhere."""
     return "gold" if cfg.data == "builtin" else "rm"
+
+
+def beta_label(method, beta):
+    return "-" if method in ("sft", "rrhf") or beta is None else f"{beta:g}"  # SFT and RRHF have no beta
 
 
 def evaluate(cfg, env, enc, policies, seed, cache=None):
@@ -884,22 +888,13 @@ def evaluate(cfg, env, enc, policies, seed, cache=None):
             cache[(file, seed)] = {s: sample_and_score(cfg, env, enc, pi, sft, rm, prompts, seed, s)
                                    for s, prompts in sets.items() if prompts}
         scored[name] = cache[(file, seed)]
-    key = "gold" if judge_name(cfg) == "gold" else "rm"
-    results = {}
+    judge, results = judge_name(cfg), {}
     for name, by_set in scored.items():
-        results[name] = {}
-        for s, rows in by_set.items():
-            res = {"gold_reward": mean([r["gold"] for r in rows]) if key == "gold" else None,
-                   "rm_reward": mean([r["rm"] for r in rows]),
-                   "kl": mean([r["logp_pi"] - r["logp_sft"] for r in rows]),
-                   "win_rate_vs_sft": win_rate(rows, scored["sft"][s], key),
-                   "win_rate_vs_dpo": win_rate(rows, scored["dpo"][s], key) if "dpo" in scored else None,
-                   "distinct_2": distinct_n([r["text"] for r in rows], 2),
-                   "length": mean([len(r["text"].split()) for r in rows]), "samples": len(rows)}
-            results[name][s] = res
-        log(env, f"eval {name}: " + "; ".join(f"{s} gold {v['gold_reward'] if v['gold_reward'] is not None else float('nan'):.3f} "
+        results[name] = {s: report.metrics(rows, scored["sft"][s], scored["dpo"][s] if "dpo" in scored else None, judge)
+                         for s, rows in by_set.items()}
+        log(env, f"eval {name}: " + "; ".join(f"{s} {judge} {v['gold_reward' if judge == 'gold' else 'rm_reward']:.3f} "
                                               f"rm {v['rm_reward']:.3f} kl {v['kl']:.2f}" for s, v in results[name].items()))
-        if env.master and by_set.get("eval"):
+        if by_set.get("eval"):
             log(env, f"  e.g. {by_set['eval'][0]['prompt']!r} -> {by_set['eval'][0]['text']!r}")
     return results
 
@@ -933,77 +928,6 @@ def sample_and_score(cfg, env, enc, pi, sft, rm, prompts, seed, set_name):
     return sorted(gather(env, rows), key=lambda r: (r["prompt_idx"], r["sample"]))
 
 
-def mean(values):
-    return sum(values) / len(values) if values else float("nan")
-
-
-def win_rate(rows, baseline_rows, key):
-    """Share of (prompt, sample) slots where this policy's sample beats the baseline's; ties count half."""
-    wins = [1.0 if a[key] > b[key] else 0.5 if a[key] == b[key] else 0.0 for a, b in zip(rows, baseline_rows)]
-    return mean(wins)
-
-
-def distinct_n(texts, n):
-    """Distinct word n-grams over all n-grams of the samples: 1 is all different, near 0 is repetition."""
-    grams = [tuple(w[i:i + n]) for w in (t.split() for t in texts) for i in range(len(w) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 0.0
-
-
-def results_table(cfg, results):
-    """results {method: {beta label: {"eval": metrics, "ood": metrics}}} -> a markdown table."""
-    judge = judge_name(cfg)
-    has_ood = any("ood" in r for by_beta in results.values() for r in by_beta.values())
-    head = ["method", "beta", f"{judge} reward", "RM reward", "KL(pi||sft)", "win vs SFT", "win vs DPO", "distinct-2"]
-    head += [f"OOD {judge} reward", "OOD win vs SFT", "OOD win vs DPO"] if has_ood else []
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    reward_key = "gold_reward" if judge == "gold" else "rm_reward"
-    for method, by_beta in results.items():
-        for beta, r in by_beta.items():
-            e, o = r["eval"], r.get("ood", {})
-            cells = [method, beta or ("-" if method in ("sft", "rrhf") else f"{cfg.beta:g}"), fmt(e.get(reward_key)), fmt(e["rm_reward"]),
-                     fmt(e["kl"]), fmt(e["win_rate_vs_sft"]), fmt(e["win_rate_vs_dpo"]), fmt(e["distinct_2"])]
-            cells += [fmt(o.get(reward_key)), fmt(o.get("win_rate_vs_sft")), fmt(o.get("win_rate_vs_dpo"))] if has_ood else []
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def fmt(v):
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    if isinstance(v, (tuple, list)):  # (mean, std) over seeds
-        return f"{v[0]:.3f} ± {v[1]:.3f}"
-    return f"{v:.3f}"
-
-
-COLORS = {"sft": "black", "vcb": "tab:orange", "dpo": "tab:green", "ipo": "tab:blue", "slic": "tab:purple", "rrhf": "tab:red"}
-
-
-def plot_frontier(cfg, points, file, subtitle):
-    """Gold reward (RM reward without a gold one) against KL(pi || pi_sft), one colour per method, like
-    the paper's reward/KL figure. points: dicts with method, beta, kl, gold and optional *_std."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for method in dict.fromkeys(p["method"] for p in points):
-        pts = sorted((p for p in points if p["method"] == method), key=lambda p: p["kl"])
-        xs, ys = [p["kl"] for p in pts], [p["gold"] for p in pts]
-        ax.errorbar(xs, ys, xerr=[p.get("kl_std", 0) for p in pts], yerr=[p.get("gold_std", 0) for p in pts],
-                    marker="o", capsize=3, color=COLORS.get(method), label=method.upper(), linestyle="-" if len(pts) > 1 else "none")
-        for p in pts:
-            if p.get("beta") is not None and len(pts) > 1:
-                ax.annotate(f"{p['beta']:g}", (p["kl"], p["gold"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xlabel("KL(pi || pi_sft), nats per response")
-    ax.set_ylabel(f"{'gold' if judge_name(cfg) == 'gold' else 'reward-model'} reward (held-out prompts)")
-    ax.set_title(f"Reward against KL ({subtitle})", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with data.atomic_path(file) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-
-
 # -----------------------------------------------------------------------------
 # --sweep: every method over betas and seeds
 
@@ -1029,49 +953,27 @@ def run_sweep(cfg, env):
             files[(method, beta)] = file
         for beta in betas:
             policies = {"sft": path(cfg, "sft.pt"), **{m: f for (m, b), f in files.items() if b == beta or b is None}}
-            res = evaluate(dataclasses.replace(cfg, beta=beta), env, enc, policies, seed, cache)
+            res = evaluate(cfg, env, enc, policies, seed, cache)
             for method, r in res.items():
-                if (method in ("sft", "rrhf")) and beta != betas[0]:
-                    continue  # beta-free: counted once per seed
+                if method in ("sft", "rrhf"):
+                    if beta != betas[0]:
+                        continue  # beta-free: counted once per seed, and not compared with DPO at one beta
+                    r = {s: {**m, "win_rate_vs_dpo": None} for s, m in r.items()}
                 rows.append({"method": method, "beta": None if method in ("sft", "rrhf") else beta, "seed": seed, **r})
     if env.master:
-        summary = summarise(rows)
-        data.write_json(path(cfg, "sweep", "results.json"), {"judge": judge_name(cfg), "betas": betas, "seeds": seeds,
+        judge, summary = judge_name(cfg), report.summarise(rows)
+        data.write_json(path(cfg, "sweep", "results.json"), {"judge": judge, "betas": betas, "seeds": seeds,
                                                               "runs": rows, "summary": summary})
-        table = results_table(cfg, {m: {("-" if b is None else f"{b:g}"): r for b, r in by_beta.items()}
-                                    for m, by_beta in summary.items()})
-        with data.atomic_path(path(cfg, "sweep", "results.md")) as tmp, open(tmp, "w") as f:
-            f.write(table + "\n")
-        print(f"\nSweep over beta in {betas}, seeds {seeds} (mean ± std over seeds):\n\n{table}\n")
-        reward = "gold_reward" if judge_name(cfg) == "gold" else "rm_reward"
-        points = [dict(method=m, beta=b, kl=r["eval"]["kl"][0], kl_std=r["eval"]["kl"][1], gold=r["eval"][reward][0],
-                       gold_std=r["eval"][reward][1]) for m, by_beta in summary.items() for b, r in by_beta.items()]
-        plot_frontier(cfg, points, path(cfg, "sweep", "frontier.png"), f"sweep, {len(seeds)} seeds, mean ± std")
+        table = report.results_table({m: {beta_label(m, b): r for b, r in by_beta.items()}
+                                      for m, by_beta in summary.items()}, judge)
+        report.write_text(path(cfg, "sweep", "results.md"), table + "\n")
+        print(f"\nSweep over beta in {betas}, seeds {seeds} (mean ± std over seeds; win vs DPO at the same beta):\n\n{table}\n")
+        reward = "gold_reward" if judge == "gold" else "rm_reward"
+        points = [dict(method=m, beta=b, kl=r["eval"]["kl"][0], kl_std=r["eval"]["kl"][1], reward=r["eval"][reward][0],
+                       reward_std=r["eval"][reward][1]) for m, by_beta in summary.items() for b, r in by_beta.items()]
+        report.plot_frontier(points, path(cfg, "sweep", "frontier.png"),
+                             f"Reward against KL over beta, mean ± std over {len(seeds)} seeds", judge)
         log(env, f"sweep: wrote {path(cfg, 'sweep', 'results.json')}, results.md and frontier.png")
-
-
-def summarise(rows):
-    """Runs -> {method: {beta: {set: {metric: (mean, std over seeds)}}}}."""
-    out = {}
-    for row in rows:
-        out.setdefault(row["method"], {}).setdefault(row["beta"], []).append(row)
-    summary = {}
-    for method, by_beta in out.items():
-        summary[method] = {}
-        for beta, runs in by_beta.items():
-            summary[method][beta] = {}
-            for s in ("eval", "ood"):
-                if s not in runs[0]:
-                    continue
-                summary[method][beta][s] = {}
-                for key, v in runs[0][s].items():
-                    vals = [r[s][key] for r in runs if r[s][key] is not None]
-                    if not vals:
-                        summary[method][beta][s][key] = None
-                        continue
-                    m = sum(vals) / len(vals)
-                    summary[method][beta][s][key] = (m, (sum((x - m) ** 2 for x in vals) / len(vals)) ** 0.5)
-    return summary
 
 
 # -----------------------------------------------------------------------------

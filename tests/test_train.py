@@ -69,7 +69,7 @@ def test_pipeline_writes_every_file_and_skips_done_work(tiny_run):
     for name in data.TASK_FILES:
         assert data.read_jsonl(out / "data" / f"{name}.jsonl", data.SCHEMAS[name])
     assert data.load_tokenizer(out / "tokenizer.json").n_vocab == 300
-    cands = data.read_jsonl(out / "candidates.jsonl", train.CANDIDATE_SCHEMA)
+    cands = data.read_jsonl(out / "candidates.jsonl", data.SCHEMAS["candidates"])
     assert len(cands) == 12 and all(len(r["responses"]) == len(r["rewards"]) == 3 for r in cands)
     for name in ["sft", "rm"] + [f"policy_{m}" for m in train.METHODS]:
         ck = train.load_checkpoint(out / f"{name}.pt")

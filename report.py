@@ -1,0 +1,126 @@
+"""
+report.py: from scored samples to the numbers, tables and the reward/KL plot of train.py's eval
+stage and --sweep. No models here: plain Python on lists of dicts, and matplotlib for the plot.
+
+A scored sample (train.sample_and_score) is a dict with the prompt, the response text, logp_pi and
+logp_sft on its exact tokens, the RM score `rm` and, on the built-in task, the `gold` reward.
+"""
+import math
+
+import data
+
+COLORS = {"sft": "black", "vcb": "tab:orange", "dpo": "tab:green", "ipo": "tab:blue", "slic": "tab:purple",
+          "rrhf": "tab:red"}
+
+
+def mean(values):
+    return sum(values) / len(values) if values else float("nan")
+
+
+def pearson(a, b):
+    ma, mb = mean(a), mean(b)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(a, b))
+    norm = math.sqrt(sum((x - ma) ** 2 for x in a) * sum((y - mb) ** 2 for y in b))
+    return cov / norm if norm > 0 else float("nan")
+
+
+def win_rate(rows, baseline_rows, key):
+    """Share of (prompt, sample) slots where this policy's sample beats the baseline's; ties count half."""
+    return mean([1.0 if a[key] > b[key] else 0.5 if a[key] == b[key] else 0.0 for a, b in zip(rows, baseline_rows)])
+
+
+def distinct_n(texts, n):
+    """Distinct word n-grams over all n-grams of the samples: 1 is all different, near 0 is repetition."""
+    grams = [tuple(w[i:i + n]) for w in (t.split() for t in texts) for i in range(len(w) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def metrics(rows, sft_rows, dpo_rows, judge):
+    """One policy on one prompt set. KL(pi || pi_sft) is the mean of logp_pi - logp_sft over samples
+    drawn from pi itself. judge: 'gold' or 'rm', the reward that decides the win rates."""
+    return {"gold_reward": mean([r["gold"] for r in rows]) if judge == "gold" else None,
+            "rm_reward": mean([r["rm"] for r in rows]),
+            "kl": mean([r["logp_pi"] - r["logp_sft"] for r in rows]),
+            "win_rate_vs_sft": win_rate(rows, sft_rows, judge),
+            "win_rate_vs_dpo": win_rate(rows, dpo_rows, judge) if dpo_rows is not None else None,
+            "distinct_2": distinct_n([r["text"] for r in rows], 2),
+            "length": mean([len(r["text"].split()) for r in rows]),
+            "samples": len(rows)}
+
+
+def summarise(runs):
+    """Sweep runs [{method, beta, seed, eval: metrics, ood: metrics}] ->
+    {method: {beta: {set: {metric: (mean, std over seeds) or None}}}}."""
+    groups = {}
+    for run in runs:
+        groups.setdefault(run["method"], {}).setdefault(run["beta"], []).append(run)
+    summary = {}
+    for method, by_beta in groups.items():
+        for beta, group in by_beta.items():
+            out = summary.setdefault(method, {}).setdefault(beta, {})
+            for s in ("eval", "ood"):
+                if s in group[0]:
+                    out[s] = {}
+                    for key in group[0][s]:
+                        vals = [g[s][key] for g in group if g[s][key] is not None]
+                        m = mean(vals)
+                        out[s][key] = (m, math.sqrt(mean([(v - m) ** 2 for v in vals]))) if vals else None
+    return summary
+
+
+def fmt(v):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, (tuple, list)):  # (mean, std) over seeds
+        return f"{v[0]:.3f} ± {v[1]:.3f}"
+    return f"{v:.3f}"
+
+
+def results_table(results, judge):
+    """results {method: {beta label: {"eval": metrics, "ood": metrics}}} -> a markdown table."""
+    has_ood = any("ood" in r for by_beta in results.values() for r in by_beta.values())
+    head = ["method", "beta", f"{judge} reward", "RM reward", "KL(pi||sft)", "win vs SFT", "win vs DPO", "distinct-2"]
+    head += [f"OOD {judge} reward", "OOD win vs SFT", "OOD win vs DPO"] if has_ood else []
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    reward = "gold_reward" if judge == "gold" else "rm_reward"
+    for method, by_beta in results.items():
+        for beta, r in by_beta.items():
+            e, o = r["eval"], r.get("ood", {})
+            cells = [method, beta, fmt(e[reward]), fmt(e["rm_reward"]), fmt(e["kl"]), fmt(e["win_rate_vs_sft"]),
+                     fmt(e["win_rate_vs_dpo"]), fmt(e["distinct_2"])]
+            if has_ood:
+                cells += [fmt(o.get(reward)), fmt(o.get("win_rate_vs_sft")), fmt(o.get("win_rate_vs_dpo"))]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_text(file, text):
+    with data.atomic_path(file) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def plot_frontier(points, file, title, judge):
+    """Reward (gold, or the RM's without a gold one) against KL(pi || pi_sft), one colour per method,
+    like the paper's reward/KL figure. points: dicts of method, beta, kl, reward and optional
+    kl_std, reward_std (error bars over seeds); a method with several betas is drawn as a curve."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for method in dict.fromkeys(p["method"] for p in points):
+        pts = sorted((p for p in points if p["method"] == method), key=lambda p: p["kl"])
+        ax.errorbar([p["kl"] for p in pts], [p["reward"] for p in pts], xerr=[p.get("kl_std", 0) for p in pts],
+                    yerr=[p.get("reward_std", 0) for p in pts], marker="o", capsize=3, color=COLORS.get(method),
+                    label=method.upper(), linestyle="-" if len(pts) > 1 else "none")
+        for p in pts:
+            if p.get("beta") is not None and len(pts) > 1:
+                ax.annotate(f"{p['beta']:g}", (p["kl"], p["reward"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("KL(pi || pi_sft), nats per response")
+    ax.set_ylabel(f"{'gold' if judge == 'gold' else 'reward-model'} reward (held-out prompts)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with data.atomic_path(file) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
