@@ -64,7 +64,7 @@ def vcb_pair_terms(policy_logps, ref_logps, rewards, beta=1.0, sigma_floor=SIGMA
         target_gap  = (r_i - r_j) / (beta * sigma(x))      (the optimum's gap, up to sigma)
     and calibrated (B,) is False for prompts whose sigma(x) <= sigma_floor (no loss from them).
     """
-    delta = f32(policy_logps) - f32(ref_logps)              # (B, n)
+    delta = f32(policy_logps) - f32(ref_logps)                     # (B, n)
     r = f32(rewards.detach())                                      # the reward model is not trained here
     sigma = reward_sigma(r)                                        # (B,)
     calibrated = sigma > sigma_floor
