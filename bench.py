@@ -17,13 +17,13 @@ import math
 import statistics
 import sys
 import time
-from contextlib import nullcontext
+from types import SimpleNamespace
 
 import torch
 
 import vcb
 from model import GPT, GPTConfig
-from train import ConfigError, convert
+from train import ConfigError, convert, setup
 
 PRESETS = {  # model shape and the batch of each measurement
     "small": dict(n_layer=4, n_head=4, n_embd=256, vocab_size=1024, block_size=256, batch=16, seq_len=128,
@@ -43,6 +43,8 @@ def parse(argv):
         opts[key] = convert(key, raw, type(OPTIONS[key]))
     if opts["preset"] not in PRESETS:
         raise ConfigError(f"--preset={opts['preset']}: expected one of {', '.join(PRESETS)}")
+    if opts["dtype"] not in ("auto", "float32", "bfloat16", "float16"):
+        raise ConfigError(f"--dtype={opts['dtype']}: expected auto, float32, bfloat16 or float16")
     return opts
 
 
@@ -74,16 +76,9 @@ def matmul_peak(device, dtype):
 def main(argv):
     opts = parse(argv)
     p = PRESETS[opts["preset"]]
-    device = opts["device"] if opts["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    if opts["dtype"] == "auto":
-        dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
-    else:
-        dtype = getattr(torch, opts["dtype"])
-    if device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device_type, dtype=dtype)
+    # the same device, precision and TF32 settings as train.py
+    env = setup(SimpleNamespace(device=opts["device"], dtype=opts["dtype"]))
+    device, device_type, dtype = env.device, env.device_type, env.dtype
     torch.manual_seed(0)
     cfg = GPTConfig(block_size=p["block_size"], vocab_size=p["vocab_size"], n_layer=p["n_layer"],
                     n_head=p["n_head"], n_embd=p["n_embd"])
@@ -103,7 +98,7 @@ def main(argv):
     x = torch.randint(cfg.vocab_size, (B, T + 1), device=device)
 
     def train_step():
-        with autocast:
+        with env.autocast():
             loss = -runner(x[:, :-1], targets=x[:, 1:]).mean()
         loss.backward()
         optimizer.step()
@@ -121,7 +116,7 @@ def main(argv):
     outs, speed = {}, {}
     for use_cache in (True, False):
         def sample():
-            with autocast:
+            with env.autocast():
                 outs[use_cache] = model.generate(prompts, new, temperature=0, use_cache=use_cache)
         speed[use_cache] = len(prompts) * new / timed(sample, device, 1 if not use_cache else 3)
     same = "same tokens" if outs[True] == outs[False] else "DIFFERENT tokens (check the cache)"
@@ -139,7 +134,7 @@ def main(argv):
     rewards = torch.randn(prompts_per_step, opts["n_candidates"], device=device)
 
     def sft_step():
-        with autocast:
+        with env.autocast():
             logp = runner(seqs[:, :-1], targets=seqs[:, 1:])
         loss = -(logp * mask[:, 1:]).sum() / mask[:, 1:].sum()
         loss.backward()
@@ -147,7 +142,7 @@ def main(argv):
         optimizer.zero_grad(set_to_none=True)
 
     def vcb_step():
-        with autocast:
+        with env.autocast():
             logits = runner(seqs)
         logps = vcb.sequence_logps(logits, seqs, mask).view(prompts_per_step, -1)
         loss = vcb.vcb_loss(logps, ref, rewards, beta=1.0, lam=0.1)

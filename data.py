@@ -61,6 +61,11 @@ def write_jsonl(path, records):
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
+def write_text(path, text):
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
 def write_json(path, obj):
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
@@ -74,25 +79,31 @@ def open_text(path):
     return gzip.open(path, "rt", encoding="utf-8") if str(path).endswith(".gz") else open(path, encoding="utf-8")
 
 
+def parse_json_line(line, where):
+    """One JSON-lines record (a dict), or a DataError saying why not."""
+    if not line.strip():
+        raise DataError(f"{where}: empty line")
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    return rec
+
+
 def read_jsonl(path, schema=None):
-    """Read a JSON-lines file into a list of dicts. schema {field: type} checks that each record has
-    the field with that type (list fields are checked item by item against schema's (list, item) tuple).
-    Any bad line is a DataError naming the file, line and field."""
-    records = []
+    """Read a JSON-lines file into a list of dicts, strictly. schema {field: type} checks that each
+    record has the field with that type (a (list, item type) tuple checks list items). Any bad line
+    is a DataError naming the file, line and field."""
     with open_text(path) as f:
         try:
             lines = list(f)
         except UnicodeDecodeError as e:
             raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
+    records = []
     for n, line in enumerate(lines, 1):
-        if not line.strip():
-            raise DataError(f"{path}:{n}: empty line")
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(rec, dict):
-            raise DataError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
+        rec = parse_json_line(line, f"{path}:{n}")
         for field, kind in (schema or {}).items():
             check_field(rec, field, kind, f"{path}:{n}")
         records.append(rec)
@@ -317,17 +328,14 @@ def first_file(folder, names):
 
 
 def json_lines(file, bad):
-    """(line number, object) of each readable line of a JSON-lines file (gzipped or not); unreadable
-    lines go to `bad` as 'file:line: why'."""
+    """(line number, record) of each readable line of a JSON-lines file, leniently: the reason for
+    each unreadable line goes to `bad` as 'file:line: why' and the line is skipped."""
     with open_text(file) as f:
         for n, line in enumerate(f, 1):
             try:
-                rec = json.loads(line)
-                if not isinstance(rec, dict):
-                    raise ValueError("not a JSON object")
-                yield n, rec
-            except ValueError as e:
-                bad.append(f"{file}:{n}: {'malformed JSON' if isinstance(e, json.JSONDecodeError) else e}")
+                yield n, parse_json_line(line, f"{file}:{n}")
+            except DataError as e:
+                bad.append(str(e))
 
 
 HH_ASSISTANT = "\n\nAssistant:"

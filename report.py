@@ -13,6 +13,11 @@ COLORS = {"sft": "black", "vcb": "tab:orange", "dpo": "tab:green", "ipo": "tab:b
           "rrhf": "tab:red"}
 
 
+def reward_key(judge):
+    """The reward a judge reads: the gold one on the built-in task, else the reward model's."""
+    return "gold_reward" if judge == "gold" else "rm_reward"
+
+
 def mean(values):
     return sum(values) / len(values) if values else float("nan")
 
@@ -82,7 +87,7 @@ def results_table(results, judge):
     head = ["method", "beta", f"{judge} reward", "RM reward", "KL(pi||sft)", "win vs SFT", "win vs DPO", "distinct-2"]
     head += [f"OOD {judge} reward", "OOD win vs SFT", "OOD win vs DPO"] if has_ood else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    reward = "gold_reward" if judge == "gold" else "rm_reward"
+    reward = reward_key(judge)
     for method, by_beta in results.items():
         for beta, r in by_beta.items():
             e, o = r["eval"], r.get("ood", {})
@@ -92,11 +97,6 @@ def results_table(results, judge):
                 cells += [fmt(o.get(reward)), fmt(o.get("win_rate_vs_sft")), fmt(o.get("win_rate_vs_dpo"))]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def write_text(file, text):
-    with data.atomic_path(file) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
 
 
 def plot_frontier(points, file, title, judge):

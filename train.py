@@ -353,14 +353,15 @@ def read_records(cfg):
         return {}
 
 
-def up_to_date(cfg, env, task, settings, outputs):
+def up_to_date(cfg, env, task, settings, outputs, stage=None):
     """True (and says so) when a task's outputs exist and were made with these settings, unless
-    --force. Otherwise the task will run: its inputs must then have been made with this run's
-    settings too, or a stage run alone would silently build on stale files."""
+    --force. Otherwise the task will run: its inputs (the outputs of the stages before `stage`,
+    default the task itself) must then have been made with this run's settings too, or a stage run
+    alone would silently build on stale files."""
     if not cfg.force and all(os.path.exists(o) for o in outputs) and read_records(cfg).get(task) == settings:
         log(env, f"{task}: up to date")
         return True
-    stage = task.split("-")[0] if task.split("-")[0] in STAGES else "align"
+    stage = stage or task
     inputs = [(s, stage_settings(cfg, s)) for s in STAGES[:STAGES.index(stage)] if s != "align"]
     if stage == "eval":
         inputs += [(f"align-{m}", stage_settings(cfg, "align", method=m, align_seed=cfg.seed)) for m in method_list(cfg)]
@@ -698,17 +699,11 @@ def stage_sample(cfg, env):
     long = sum(len(enc.encode_ordinary(p)) + 1 > max_prompt for p in prompts)
     if long:
         log(env, f"sample: {long} prompts are longer than block_size - max_new_tokens = {max_prompt} tokens and are cut from the left")
-    # Prompts go in chunks of sample_batch, each with its own seed, shared round-robin by the
-    # processes, and every chunk is scored on its own: the candidates file is the same whatever the
-    # number of processes. Generation and SFT log-probs first, then the RM (one model at a time).
-    chunks = list(range(0, len(prompts), cfg.sample_batch))[env.rank::env.world]
+    # Every chunk is scored on its own, so the candidates file is the same whatever the number of
+    # processes. Generation and SFT log-probs first, then the RM (one model at a time).
     n, mine = cfg.n_candidates, []  # per chunk: (its first prompt's index, (prompt, response) pairs, SFT log-probs)
-    for c in tqdm(chunks, desc="sample", disable=not env.master, leave=False):
-        batch = prompts[c:c + cfg.sample_batch]
-        g = torch.Generator(env.device).manual_seed(cfg.seed * 1_000_003 + c)
-        with env.autocast():
-            outs = sft.generate([data.encode_prompt(enc, p, max_prompt) for p in batch], cfg.max_new_tokens,
-                                cfg.temperature, cfg.top_k or None, cfg.top_p, enc.eot_token, n, g)
+    for c, batch, _, outs in sample_chunks(cfg, env, enc, sft, prompts, cfg.seed, temperature=cfg.temperature,
+                                           top_k=cfg.top_k or None, top_p=cfg.top_p, num_samples=n):
         pairs = [(batch[k // n], decode(enc, o)) for k, o in enumerate(outs)]  # prompt-major, n per prompt
         mine.append((c, pairs, score_logps(cfg, env, sft, enc, [data.encode_example(enc, p, y, cfg.block_size)[:2]
                                                                  for p, y in pairs])))
@@ -733,6 +728,21 @@ def stage_sample(cfg, env):
                  f"{sum(sum(r['rewards']) for r in records) / (n * len(records)):.3f}, mean sigma(x) {sum(spread) / len(spread):.3f}")
     barrier(env)
     mark_done(cfg, env, "sample", settings)
+
+
+def sample_chunks(cfg, env, enc, model, prompts, seed, offset=0, desc="sample", **sampling):
+    """Generate for prompts in chunks of sample_batch, each chunk with its own seed, the chunks shared
+    round-robin by the processes: what a chunk gets does not depend on the number of processes.
+    Yields (index of the chunk's first prompt, its prompts, their token ids, the generate() output)."""
+    max_prompt = cfg.block_size - cfg.max_new_tokens
+    for c in tqdm(list(range(0, len(prompts), cfg.sample_batch))[env.rank::env.world], desc=desc,
+                  disable=not env.master, leave=False):
+        batch = prompts[c:c + cfg.sample_batch]
+        ids = [data.encode_prompt(enc, p, max_prompt) for p in batch]
+        g = torch.Generator(env.device).manual_seed(seed * 1_000_003 + offset + c)
+        with env.autocast():
+            outs = model.generate(ids, cfg.max_new_tokens, stop_token=enc.eot_token, generator=g, **sampling)
+        yield c, batch, ids, outs
 
 
 @dataclass
@@ -774,7 +784,7 @@ def stage_align(cfg, env):
     for method in method_list(cfg):
         settings = stage_settings(cfg, "align", method=method, align_seed=cfg.seed)
         file = path(cfg, f"policy_{method}.pt")
-        if up_to_date(cfg, env, f"align-{method}", settings, [file]):
+        if up_to_date(cfg, env, f"align-{method}", settings, [file], stage="align"):
             continue
         cands = cands or load_candidates(cfg, env, enc)
         align(cfg, env, enc, cands, method, cfg.seed, file, f"align-{method}", settings)
@@ -827,7 +837,7 @@ def align_metrics(method, logps, ref, rewards, cfg):
     and the share of skipped prompts. RRHF has no reference: its h is the gap in length-averaged logp."""
     b, w, l = vcb.preference_pairs(rewards)
     ref = torch.zeros_like(ref) if method == "rrhf" else ref
-    h = (logps[b, w] - ref[b, w]) - (logps[b, l] - ref[b, l])
+    h = vcb.margin(logps[b, w], logps[b, l], ref[b, w], ref[b, l])
     out = {"margin": (cfg.beta * h).mean().item() if len(h) else 0.0,
            "acc": (h > 0).float().mean().item() if len(h) else 0.0}
     if method == "vcb":
@@ -853,9 +863,9 @@ def stage_eval(cfg, env):
         data.write_json(path(cfg, "results.json"), {"judge": judge, "beta": cfg.beta, "reward_model": rm_metrics,
                                                      "methods": results, "config": dataclasses.asdict(cfg)})
         table = report.results_table({m: {beta_label(m, cfg.beta): r} for m, r in results.items()}, judge)
-        report.write_text(path(cfg, "results.md"), table + "\n")
+        data.write_text(path(cfg, "results.md"), table + "\n")
         print("\n" + table + "\n")
-        reward = "gold_reward" if judge == "gold" else "rm_reward"
+        reward = report.reward_key(judge)
         points = [dict(method=m, kl=r["eval"]["kl"], reward=r["eval"][reward]) for m, r in results.items()]
         report.plot_frontier(points, path(cfg, "frontier.png"), f"Reward against KL (beta = {cfg.beta:g}, seed {cfg.seed})", judge)
         log(env, f"eval: wrote {path(cfg, 'results.json')}, {path(cfg, 'results.md')} and {path(cfg, 'frontier.png')}")
@@ -892,7 +902,7 @@ def evaluate(cfg, env, enc, policies, seed, cache=None):
     for name, by_set in scored.items():
         results[name] = {s: report.metrics(rows, scored["sft"][s], scored["dpo"][s] if "dpo" in scored else None, judge)
                          for s, rows in by_set.items()}
-        log(env, f"eval {name}: " + "; ".join(f"{s} {judge} {v['gold_reward' if judge == 'gold' else 'rm_reward']:.3f} "
+        log(env, f"eval {name}: " + "; ".join(f"{s} {judge} {v[report.reward_key(judge)]:.3f} "
                                               f"rm {v['rm_reward']:.3f} kl {v['kl']:.2f}" for s, v in results[name].items()))
         if by_set.get("eval"):
             log(env, f"  e.g. {by_set['eval'][0]['prompt']!r} -> {by_set['eval'][0]['text']!r}")
@@ -904,16 +914,10 @@ def sample_and_score(cfg, env, enc, pi, sft, rm, prompts, seed, set_name):
     """eval_samples samples per prompt from pi, each with logp_pi, logp_sft (on the exact sampled
     tokens), its RM score and gold reward. Chunked like the sample stage, so results do not depend
     on the number of processes."""
-    max_prompt, k = cfg.block_size - cfg.max_new_tokens, cfg.eval_samples
-    offset = {"eval": 0, "ood": 500_009}[set_name]
+    k, offset = cfg.eval_samples, {"eval": 0, "ood": 500_009}[set_name]  # other seeds for the other set
     rows = []
-    for c in list(range(0, len(prompts), cfg.sample_batch))[env.rank::env.world]:
-        batch = prompts[c:c + cfg.sample_batch]
-        ids = [data.encode_prompt(enc, p, max_prompt) for p in batch]
-        g = torch.Generator(env.device).manual_seed(seed * 1_000_003 + offset + c)
-        with env.autocast():
-            outs = pi.generate(ids, cfg.max_new_tokens, temperature=1.0, stop_token=enc.eot_token,
-                               num_samples=k, generator=g)
+    for c, batch, ids, outs in sample_chunks(cfg, env, enc, pi, prompts, seed, offset, f"eval {set_name}",
+                                             temperature=1.0, num_samples=k):
         chunk = [{"prompt_idx": c + j // k, "sample": j % k, "prompt": batch[j // k], "text": decode(enc, o)}
                  for j, o in enumerate(outs)]
         sampled = [(ids[j // k] + o, len(ids[j // k])) for j, o in enumerate(outs)]  # the exact tokens
@@ -947,7 +951,7 @@ def run_sweep(cfg, env):
             sub = dataclasses.replace(cfg, beta=beta if beta is not None else cfg.beta)
             tag = f"{method}-beta{beta:g}-seed{seed}" if beta is not None else f"{method}-seed{seed}"
             file, settings = path(cfg, "sweep", f"policy_{tag}.pt"), stage_settings(sub, "align", method=method, align_seed=seed)
-            if not up_to_date(cfg, env, f"sweep-{tag}", settings, [file]):
+            if not up_to_date(cfg, env, f"sweep-{tag}", settings, [file], stage="align"):
                 cands = cands or load_candidates(cfg, env, enc)
                 align(sub, env, enc, cands, method, seed, file, f"sweep-{tag}", settings)
             files[(method, beta)] = file
@@ -966,9 +970,9 @@ def run_sweep(cfg, env):
                                                               "runs": rows, "summary": summary})
         table = report.results_table({m: {beta_label(m, b): r for b, r in by_beta.items()}
                                       for m, by_beta in summary.items()}, judge)
-        report.write_text(path(cfg, "sweep", "results.md"), table + "\n")
+        data.write_text(path(cfg, "sweep", "results.md"), table + "\n")
         print(f"\nSweep over beta in {betas}, seeds {seeds} (mean ± std over seeds; win vs DPO at the same beta):\n\n{table}\n")
-        reward = "gold_reward" if judge == "gold" else "rm_reward"
+        reward = report.reward_key(judge)
         points = [dict(method=m, beta=b, kl=r["eval"]["kl"][0], kl_std=r["eval"]["kl"][1], reward=r["eval"][reward][0],
                        reward_std=r["eval"][reward][1]) for m, by_beta in summary.items() for b, r in by_beta.items()]
         report.plot_frontier(points, path(cfg, "sweep", "frontier.png"),
