@@ -13,17 +13,16 @@ It measures
      (the reference log-probs are precomputed, so alignment needs one model: the target is <= 1.2x);
 and then prints the estimated peak GPU memory and time per stage of the GPT-2-small HH preset.
 """
-import math
 import statistics
-import sys
 import time
 from types import SimpleNamespace
 
 import torch
 
 import vcb
+from config import ConfigError, convert
 from model import GPT, GPTConfig
-from train import ConfigError, convert, setup
+from runtime import command, setup
 
 PRESETS = {  # model shape and the batch of each measurement
     "small": dict(n_layer=4, n_head=4, n_embd=256, vocab_size=1024, block_size=256, batch=16, seq_len=128,
@@ -208,8 +207,4 @@ def print_estimates(peak=None, mfu=0.4, bandwidth=3.35e12):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    command(main)

@@ -31,11 +31,17 @@ TINY = ["--n_sft=200", "--n_prefs=64", "--n_align=12", "--n_eval=6", "--vocab_si
         "--warmup_steps=2"]
 
 
-def run_train(out_dir, *args, tiny=True, env=None, timeout=300):
-    """python train.py in a subprocess (as a user runs it), one thread, returning the CompletedProcess."""
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--out_dir={out_dir}", *(TINY if tiny else []), *args]
+def run_train(out_dir, *args, tiny=True, env=None, timeout=300, script=("train.py",)):
+    """python train.py in a subprocess (as a user runs it), one thread, returning the CompletedProcess.
+    script: another program and its leading arguments, e.g. ("experiments.py", "sweep")."""
+    cmd = [sys.executable, os.path.join(ROOT, script[0]), *script[1:], f"--out_dir={out_dir}", *(TINY if tiny else []), *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=full_env, timeout=timeout)
+
+
+def run_experiment(out_dir, name, *args, **kwargs):
+    """python experiments.py NAME in a subprocess, like run_train."""
+    return run_train(out_dir, *args, script=("experiments.py", name), **kwargs)
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 import data
+import reviews
 
 SYLLABLES = ["ka", "ri", "to", "me", "su", "na", "lo", "pe", "ba", "de", "gi", "fu", "zo", "str", "ing", "ed"]
 
@@ -96,14 +97,14 @@ def test_encode_example_marks_the_response_and_truncates_prompts_from_the_left()
 
 
 def test_builtin_task_is_seeded_graded_and_keeps_eval_prompts_out_of_training():
-    a = data.builtin_task(seed=3, n_sft=300, n_prefs=100, n_align=50, n_eval=40, n_ood=20)
-    b = data.builtin_task(seed=3, n_sft=300, n_prefs=100, n_align=50, n_eval=40, n_ood=20)
+    a = reviews.builtin_task(seed=3, n_sft=300, n_prefs=100, n_align=50, n_eval=40, n_ood=20)
+    b = reviews.builtin_task(seed=3, n_sft=300, n_prefs=100, n_align=50, n_eval=40, n_ood=20)
     assert a == b
     held_out = {r["prompt"] for r in a["eval_prompts"]}
     train = {r["prompt"] for name in ("sft", "prefs", "align_prompts") for r in a[name]}
     assert not held_out & train
-    gold = data.gold_reward([r["response"] for r in a["sft"]])
+    gold = reviews.gold_reward([r["response"] for r in a["sft"]])
     assert min(gold) < -0.5 and max(gold) > 0.5 and len({round(g, 1) for g in gold}) >= 12  # graded, not binary
-    assert data.gold_reward(["It was not bad at all."])[0] > 0 > data.gold_reward(["It was not great."])[0]
-    agree = sum(c > r for c, r in (data.gold_reward([p["chosen"], p["rejected"]]) for p in a["prefs"]))
+    assert reviews.gold_reward(["It was not bad at all."])[0] > 0 > reviews.gold_reward(["It was not great."])[0]
+    agree = sum(c > r for c, r in (reviews.gold_reward([p["chosen"], p["rejected"]]) for p in a["prefs"]))
     assert 0.6 < agree / len(a["prefs"]) < 0.97  # mostly right, noisy like human labels

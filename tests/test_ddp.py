@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-import train
+import runtime
 from conftest import ROOT, TINY, run_train
 
 pytestmark = pytest.mark.slow
@@ -44,8 +44,8 @@ def test_two_processes_train_the_same_parameters_as_one(tiny_run, tmp_path, accu
     multi = torchrun(two, 2, *args, f"--grad_accum={accum}")
     assert multi.returncode == 0, multi.stderr[-3000:]
     assert "processes: 2" in multi.stdout
-    a = train.load_checkpoint(one / "sft.pt")["model"]
-    b = train.load_checkpoint(two / "sft.pt")["model"]
+    a = runtime.load_checkpoint(one / "sft.pt")["model"]
+    b = runtime.load_checkpoint(two / "sft.pt")["model"]
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
@@ -70,7 +70,7 @@ def test_two_processes_align_and_evaluate_like_one(tiny_run, tmp_path):
     proc = torchrun(out, 2, "--stage=align", "--methods=vcb,rrhf", "--force")
     assert proc.returncode == 0, proc.stderr[-3000:]
     for m in ("vcb", "rrhf"):
-        a = train.load_checkpoint(out / f"policy_{m}.pt")["model"]
-        b = train.load_checkpoint(tiny_run[0] / f"policy_{m}.pt")["model"]
+        a = runtime.load_checkpoint(out / f"policy_{m}.pt")["model"]
+        b = runtime.load_checkpoint(tiny_run[0] / f"policy_{m}.pt")["model"]
         for k in a:
             torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)

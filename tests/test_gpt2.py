@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 import data
-import train
+import runtime
 from conftest import run_train
 from model import GPT, GPTConfig
 
@@ -81,7 +81,7 @@ def test_pipeline_starts_from_local_pretrained_weights(tiny_copy):
     save_file(gpt2_layout(pretrained), tiny_copy / "model.safetensors")
     proc = run_train(tiny_copy, f"--init_from={tiny_copy / 'model.safetensors'}", "--stage=sft")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    ck = train.load_checkpoint(tiny_copy / "sft.pt")
+    ck = runtime.load_checkpoint(tiny_copy / "sft.pt")
     assert ck["model_args"]["n_layer"] == 2 and ck["model_args"]["block_size"] == 96  # cropped from 128
     wrong = GPT(GPTConfig(block_size=128, vocab_size=301, n_layer=1, n_head=1, n_embd=64))
     save_file(gpt2_layout(wrong), tiny_copy / "wrong.safetensors")

@@ -12,6 +12,9 @@ import pytest
 import torch
 
 import data
+import reviews
+import config
+import runtime
 import train
 from conftest import ROOT, TINY, run_train
 from model import GPT, GPTConfig
@@ -26,7 +29,7 @@ def jsonl_dir(tmp_path):
     """A small, valid data folder for --data=jsonl."""
     folder = tmp_path / "mydata"
     folder.mkdir()
-    task = data.builtin_task(seed=1, n_sft=60, n_prefs=20, n_align=8, n_eval=4, n_ood=4)
+    task = reviews.builtin_task(seed=1, n_sft=60, n_prefs=20, n_align=8, n_eval=4, n_ood=4)
     for name in ("sft", "prefs", "align_prompts", "eval_prompts"):
         write_lines(folder / f"{name}.jsonl", [json.dumps(r) for r in task[name]])
     return folder
@@ -129,7 +132,7 @@ def test_missing_foreign_or_mismatched_checkpoints_and_a_corrupt_tokenizer(tiny_
     (tiny_copy / "rm.pt").unlink()
     with pytest.raises(data.DataError, match="rm.pt: no such checkpoint"):
         run(tiny_copy, "--stage=sample", "--force")
-    with pytest.raises(train.ConfigError, match=r"sft outputs in .* were made with n_embd=32 \(now 64\)"):
+    with pytest.raises(config.ConfigError, match=r"sft outputs in .* were made with n_embd=32 \(now 64\)"):
         run(tiny_copy, "--stage=rm", "--n_embd=64")
     (tiny_copy / "stages.json").unlink()  # without the records, the checkpoint itself is checked
     with pytest.raises(data.DataError, match="sft.pt: n_embd is 32 in the checkpoint but --n_embd=64 in this run"):
@@ -145,11 +148,11 @@ def test_missing_foreign_or_mismatched_checkpoints_and_a_corrupt_tokenizer(tiny_
 def test_checkpoint_whose_weights_do_not_fit_its_shape(tmp_path):
     args = dict(block_size=16, vocab_size=257, n_layer=1, n_head=2, n_embd=32, dropout=0.0, bias=True, reward_head=False)
     other = GPT(GPTConfig(**{**args, "n_embd": 16}))
-    train.save_checkpoint(tmp_path / "sft.pt", {"model": other.state_dict(), "model_args": args})
-    cfg = train.parse_args(["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--max_new_tokens=8"])
-    env = train.setup(cfg)
+    runtime.save_checkpoint(tmp_path / "sft.pt", {"model": other.state_dict(), "model_args": args})
+    cfg = config.parse_args(["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--max_new_tokens=8"])
+    env = runtime.setup(cfg)
     with pytest.raises(data.DataError, match="sft.pt: weights do not fit the model it describes"):
-        train.load_model(tmp_path / "sft.pt", env, data.byte_tokenizer(), cfg)
+        runtime.load_model(tmp_path / "sft.pt", env, data.byte_tokenizer(), cfg)
 
 
 class Payload:
@@ -166,7 +169,7 @@ def test_a_checkpoint_carrying_a_pickled_object_is_refused_and_runs_nothing(tmp_
     marker = str(tmp_path / "code-ran")
     torch.save({"model": {}, "model_args": {}, "extra": Payload(marker)}, tmp_path / "evil.pt")
     with pytest.raises(data.DataError, match="evil.pt: refused: it holds pickled Python objects") as e:
-        train.load_checkpoint(tmp_path / "evil.pt")
+        runtime.load_checkpoint(tmp_path / "evil.pt")
     assert "\n" not in str(e.value) and not os.path.exists(marker)
 
 
@@ -175,7 +178,7 @@ def test_a_truncated_checkpoint_is_a_clear_error(tmp_path):
     blob = (tmp_path / "sft.pt").read_bytes()
     (tmp_path / "sft.pt").write_bytes(blob[:len(blob) // 2])
     with pytest.raises(data.DataError, match="sft.pt: not a readable checkpoint"):
-        train.load_checkpoint(tmp_path / "sft.pt")
+        runtime.load_checkpoint(tmp_path / "sft.pt")
 
 
 # ---- interrupted runs lose nothing
@@ -190,14 +193,14 @@ def test_writes_are_atomic(tmp_path):
     assert not os.listdir(tmp_path)  # neither a half file nor its temporary
     data.write_jsonl(tmp_path / "out.jsonl", [{"prompt": "a", "response": "b"}])
     with pytest.raises(Exception):
-        train.save_checkpoint(tmp_path / "out.jsonl", {"f": lambda: 0})  # cannot be saved
+        runtime.save_checkpoint(tmp_path / "out.jsonl", {"f": lambda: 0})  # cannot be saved
     assert data.read_jsonl(tmp_path / "out.jsonl") == [{"prompt": "a", "response": "b"}]  # the old file stays whole
     assert os.listdir(tmp_path) == ["out.jsonl"]
 
 
 def test_a_non_finite_loss_stops_with_its_step_and_keeps_the_last_good_checkpoint(tmp_path):
-    cfg = train.parse_args([f"--out_dir={tmp_path}", "--ckpt_interval=2", "--log_interval=100", "--warmup_steps=0"])
-    env = train.setup(cfg)
+    cfg = config.parse_args([f"--out_dir={tmp_path}", "--ckpt_interval=2", "--log_interval=100", "--warmup_steps=0"])
+    env = runtime.setup(cfg)
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=8, vocab_size=11, n_layer=1, n_head=1, n_embd=8))
     calls = []
@@ -207,10 +210,10 @@ def test_a_non_finite_loss_stops_with_its_step_and_keeps_the_last_good_checkpoin
         loss = m(torch.tensor([idx]))[..., 0].sum()
         return (loss * float("nan") if len(calls) == 4 else loss), {}
 
-    with pytest.raises(train.TrainingError) as e:
+    with pytest.raises(runtime.TrainingError) as e:
         train.train(cfg, env, "sft", model, 10, 6, 2, 1e-3, loss_fn, len, {"s": 1}, seed=0)
     assert "sft: the loss is nan at step 3" in str(e.value) and "sft.ckpt.pt (step 2), is kept" in str(e.value)
-    ck = train.load_checkpoint(tmp_path / "sft.ckpt.pt")
+    ck = runtime.load_checkpoint(tmp_path / "sft.ckpt.pt")
     assert ck["step"] == 2 and all(torch.isfinite(v).all() for v in ck["model"].values())
 
 
@@ -234,12 +237,12 @@ def test_killed_training_resumes_to_exactly_the_uninterrupted_weights(tiny_run, 
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert ckpt.exists() and not (runs["killed"] / "sft.pt").exists(), "the run ended before it could be killed"
-    killed_at = train.load_checkpoint(ckpt)["step"]
+    killed_at = runtime.load_checkpoint(ckpt)["step"]
     assert 0 < killed_at < 150
     resumed = run_train(runs["killed"], *args)
     assert resumed.returncode == 0 and f"resuming from {ckpt} at step" in resumed.stdout
     straight = run_train(runs["straight"], *args)
     assert straight.returncode == 0
-    a = train.load_checkpoint(runs["killed"] / "sft.pt")["model"]
-    b = train.load_checkpoint(runs["straight"] / "sft.pt")["model"]
+    a = runtime.load_checkpoint(runs["killed"] / "sft.pt")["model"]
+    b = runtime.load_checkpoint(runs["straight"] / "sft.pt")["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

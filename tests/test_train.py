@@ -6,16 +6,17 @@ import pytest
 import torch
 
 import data
-import train
-from conftest import run_train
+import config
+import runtime
+from conftest import run_experiment, run_train
 
 
 # ---- options
 
 def test_options_are_converted_to_their_field_types():
-    cfg = train.parse_args(["--dropout=0", "--n_layer=2", "--force", "--sweep=false", "--methods=vcb,dpo", "--beta=0.5"])
+    cfg = config.parse_args(["--dropout=0", "--n_layer=2", "--force", "--compile=false", "--methods=vcb,dpo", "--beta=0.5"])
     assert cfg.dropout == 0.0 and isinstance(cfg.dropout, float) and cfg.n_layer == 2
-    assert cfg.force is True and cfg.sweep is False and train.method_list(cfg) == ["vcb", "dpo"]
+    assert cfg.force is True and cfg.compile is False and config.method_list(cfg) == ["vcb", "dpo"]
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -32,14 +33,14 @@ def test_options_are_converted_to_their_field_types():
     (["--data=hh"], "needs --data_dir"),
 ])
 def test_bad_options_are_one_line_errors(argv, message):
-    with pytest.raises(train.ConfigError) as e:
-        train.parse_args(argv)
+    with pytest.raises(config.ConfigError) as e:
+        config.parse_args(argv)
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
 def test_help_lists_every_option_with_its_comment():
-    text = train.usage()
-    for f in train.dataclasses.fields(train.Config):
+    text = config.usage()
+    for f in config.dataclasses.fields(config.Config):
         assert f"--{f.name}=" in text
     assert "LogSumExp temperature" in text
 
@@ -48,17 +49,17 @@ def test_help_lists_every_option_with_its_comment():
 
 def test_batch_indices_are_epoch_permutations_and_a_function_of_seed_and_step():
     n, b = 10, 4
-    seen = [i for step in range(5) for i in train.batch_indices(n, b, step, seed=3)]
+    seen = [i for step in range(5) for i in runtime.batch_indices(n, b, step, seed=3)]
     assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
-    assert train.batch_indices(n, b, 2, seed=3) == seen[8:12]  # no state: resumable anywhere
-    assert train.batch_indices(n, b, 0, seed=4) != train.batch_indices(n, b, 0, seed=3)
+    assert runtime.batch_indices(n, b, 2, seed=3) == seen[8:12]  # no state: resumable anywhere
+    assert runtime.batch_indices(n, b, 0, seed=4) != runtime.batch_indices(n, b, 0, seed=3)
 
 
 def test_learning_rate_warms_up_then_decays_to_a_tenth():
-    lrs = [train.lr_at(s, 100, 1.0, 10) for s in range(100)]
+    lrs = [runtime.lr_at(s, 100, 1.0, 10) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
-    assert train.lr_at(100, 100, 1.0, 10) == pytest.approx(0.1)
+    assert runtime.lr_at(100, 100, 1.0, 10) == pytest.approx(0.1)
 
 
 # ---- the pipeline, end to end
@@ -71,15 +72,15 @@ def test_pipeline_writes_every_file_and_skips_done_work(tiny_run):
     assert data.load_tokenizer(out / "tokenizer.json").n_vocab == 300
     cands = data.read_jsonl(out / "candidates.jsonl", data.SCHEMAS["candidates"])
     assert len(cands) == 12 and all(len(r["responses"]) == len(r["rewards"]) == 3 for r in cands)
-    for name in ["sft", "rm"] + [f"policy_{m}" for m in train.METHODS]:
-        ck = train.load_checkpoint(out / f"{name}.pt")
+    for name in ["sft", "rm"] + [f"policy_{m}" for m in config.METHODS]:
+        ck = runtime.load_checkpoint(out / f"{name}.pt")
         assert ck["model_args"]["n_layer"] == 1 and ck["config"]["n_embd"] == 32
         assert all(torch.isfinite(v).all() for v in ck["model"].values())
     assert not list(out.glob("*.ckpt.pt")) and not list(out.rglob("*.tmp*"))
     assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((out / "results.json").read_text())
     assert results["judge"] == "gold" and 0 <= results["reward_model"]["heldout_accuracy"] <= 1
-    for method in ["sft"] + train.METHODS:
+    for method in ["sft"] + config.METHODS:
         for split in ("eval", "ood"):
             r = results["methods"][method][split]
             for key in ("gold_reward", "rm_reward", "kl", "win_rate_vs_sft", "win_rate_vs_dpo", "distinct_2"):
@@ -107,7 +108,7 @@ def test_second_run_is_up_to_date_and_a_changed_setting_redoes_what_depends_on_i
 
 @pytest.mark.slow
 def test_sweep_draws_a_frontier_with_seed_spread(tiny_copy):
-    proc = run_train(tiny_copy, "--sweep", "--sweep_betas=0.5,2", "--sweep_seeds=0,1", "--methods=vcb,dpo,rrhf")
+    proc = run_experiment(tiny_copy, "sweep", "--sweep_betas=0.5,2", "--sweep_seeds=0,1", "--methods=vcb,dpo,rrhf")
     assert proc.returncode == 0, proc.stderr[-2000:]
     sweep = json.loads((tiny_copy / "sweep" / "results.json").read_text())
     runs = {(r["method"], r["beta"], r["seed"]) for r in sweep["runs"]}

@@ -1,0 +1,196 @@
+"""
+config.py: the run's configuration. Every option of train.py and experiments.py is a field of
+`Config` with its default and a comment saying what it does; `--key=value` on the command line
+overrides it, converted to the field's type and checked before anything runs.
+
+    python train.py --help       # every option, with its default and the comment below
+
+STAGE_KEYS says which options each stage's outputs depend on: a stage whose outputs were made with
+the same settings is skipped (runtime.up_to_date), a stage whose inputs were made with other ones
+is refused.
+"""
+import dataclasses
+import difflib
+import inspect
+import re
+import sys
+from dataclasses import dataclass
+
+STAGES = ["data", "sft", "rm", "sample", "align", "eval"]
+METHODS = ["vcb", "dpo", "ipo", "slic", "rrhf"]
+
+
+@dataclass
+class Config:
+    # ---- run
+    out_dir: str = "out"             # every file of the run goes here
+    stage: str = "all"               # data, sft, rm, sample, align, eval, or all (in that order)
+    force: bool = False              # redo the chosen stages even when their outputs are up to date
+    sweep_betas: str = "0.1,0.3,1,3"  # betas of experiments.py sweep
+    sweep_seeds: str = "0,1,2"       # seeds of experiments.py: alignment batch order and evaluation samples
+    seed: int = 0                    # seed of the data, initialisation, batch order and sampling
+    device: str = "auto"             # auto (cuda when there is one, else cpu), cpu, cuda, cuda:1, ...
+    dtype: str = "auto"              # auto (bfloat16 autocast on CUDA, float32 on CPU), float32, bfloat16, float16
+    compile: bool = False            # torch.compile the model for training (CUDA; slow first steps)
+    # ---- data
+    data: str = "builtin"            # builtin (reviews with a gold reward), hh, tldr, or jsonl (your own files)
+    data_dir: str = ""               # folder of the hh, tldr or jsonl files (README: "Your own data")
+    tokenizer: str = "bpe"           # bpe: trained here on the SFT text; gpt2: tiktoken's, from a local cache
+    vocab_size: int = 1024           # bpe: vocabulary size, <|endoftext|> included
+    n_sft: int = 4000                # SFT demonstrations (hh, tldr, jsonl: at most this many, 0 for all)
+    n_prefs: int = 3000              # preference pairs for the reward model (likewise)
+    n_align: int = 320               # prompts that get n_candidates scored candidates each (likewise)
+    n_eval: int = 128                # held-out prompts, and as many out-of-distribution ones (likewise)
+    pref_tau: float = 0.25           # builtin: Bradley-Terry temperature of the labels on the gold reward
+    # ---- model
+    init_from: str = "scratch"       # scratch, or the path of a GPT-2 model.safetensors (needs --tokenizer=gpt2)
+    n_layer: int = 3                 # transformer blocks
+    n_head: int = 4                  # attention heads
+    n_embd: int = 96                 # residual width
+    block_size: int = 128            # longest prompt + response, in tokens
+    dropout: float = 0.0             # dropout in SFT and RM training (alignment always runs without)
+    # ---- optimisation, every stage
+    weight_decay: float = 0.1        # AdamW decay on weight matrices
+    grad_clip: float = 1.0           # clip the gradient norm (0: off)
+    warmup_steps: int = 10           # linear learning-rate warm-up, then cosine decay to lr/10
+    grad_accum: int = 1              # micro-batches per step; the batch sizes below are per step, all processes together
+    # ---- sft
+    sft_steps: int = 300             # optimizer steps
+    sft_batch: int = 64              # demonstrations per step
+    sft_lr: float = 3e-3             # peak learning rate
+    # ---- rm
+    rm_steps: int = 150              # optimizer steps
+    rm_batch: int = 32               # preference pairs per step
+    rm_lr: float = 1e-3              # peak learning rate
+    rm_holdout: float = 0.1          # share of the pairs kept out of training to measure accuracy
+    # ---- sample
+    n_candidates: int = 8            # candidates per prompt (n in PAPER.md)
+    max_new_tokens: int = 48         # longest response
+    temperature: float = 1.0         # sampling temperature of the candidates
+    top_k: int = 0                   # top-k of the candidates (0: off)
+    top_p: float = 1.0               # top-p of the candidates (1: off)
+    sample_batch: int = 64           # prompts per generate() call; each call has its own seed
+    # ---- align
+    methods: str = "vcb,dpo,ipo,slic,rrhf"  # comma-separated, from vcb, dpo, ipo, slic, rrhf
+    beta: float = 1.0                # KL strength beta of every method (VCB: the reward gap / (beta sigma))
+    lam: float = 0.1                 # VCB: LogSumExp temperature over a prompt's pairs (0: plain mean)
+    sigma_floor: float = 1e-6        # VCB: prompts whose reward spread is under this are skipped
+    align_steps: int = 60            # optimizer steps per method
+    align_batch: int = 8             # prompts per step, each with all its candidates
+    align_lr: float = 1e-3           # peak learning rate
+    # ---- eval
+    eval_samples: int = 2            # samples per prompt and policy, at temperature 1 with no top-k/top-p
+    eval_batch: int = 256            # sequences per forward pass when scoring
+    # ---- logging and checkpoints
+    log_interval: int = 20           # steps between printed log lines
+    ckpt_interval: int = 50          # steps between resumable checkpoints
+
+
+# settings each stage's outputs depend on, besides those of the stages before it
+STAGE_KEYS = {
+    "data": ["data", "data_dir", "tokenizer", "vocab_size", "n_sft", "n_prefs", "n_align", "n_eval",
+             "pref_tau", "seed"],
+    "sft": ["init_from", "n_layer", "n_head", "n_embd", "block_size", "dropout", "weight_decay",
+            "grad_clip", "warmup_steps", "sft_steps", "sft_batch", "sft_lr"],
+    "rm": ["rm_steps", "rm_batch", "rm_lr", "rm_holdout"],
+    "sample": ["n_candidates", "max_new_tokens", "temperature", "top_k", "top_p", "sample_batch"],
+    "align": ["beta", "lam", "sigma_floor", "align_steps", "align_batch", "align_lr"],
+    "eval": ["methods", "eval_samples"],
+}
+
+
+class ConfigError(ValueError):
+    """A bad command-line option, with a one-line message."""
+
+
+def parse_args(argv, doc=""):
+    """--key=value options onto Config, each converted to its field's type; bare --flag sets a bool.
+    doc: the calling program's docstring, printed above the options by --help."""
+    cfg, fields = Config(), {f.name: f for f in dataclasses.fields(Config)}
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(usage(doc))
+            sys.exit(0)
+        m = re.fullmatch(r"--([A-Za-z_0-9]+)(?:=(.*))?", arg, re.S)
+        if not m:
+            raise ConfigError(f"cannot read {arg!r}: options look like --key=value (python train.py --help)")
+        key, raw = m.groups()
+        if key == "sweep":
+            raise ConfigError("--sweep is now its own command: python experiments.py sweep [--key=value ...]")
+        if key not in fields:
+            near = difflib.get_close_matches(key, fields, n=1)
+            raise ConfigError(f"unknown option --{key}" + (f"; did you mean --{near[0]}?" if near else
+                                                           " (python train.py --help lists them)"))
+        kind = type(getattr(Config, key))
+        if raw is None and kind is not bool:
+            raise ConfigError(f"--{key} needs a value: --{key}=<{kind.__name__}>")
+        setattr(cfg, key, convert(key, "true" if raw is None else raw, kind))
+    validate(cfg)
+    return cfg
+
+
+def convert(key, raw, kind):
+    try:
+        if kind is bool:
+            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return raw.lower() in ("true", "1", "yes")
+        return kind(raw)  # int("1.5") fails, float("0") is 0.0
+    except ValueError:
+        raise ConfigError(f"--{key}={raw}: expected {kind.__name__}") from None
+
+
+def validate(cfg):
+    choices = dict(stage=STAGES + ["all"], data=["builtin", "hh", "tldr", "jsonl"], tokenizer=["bpe", "gpt2"],
+                   dtype=["auto", "float32", "bfloat16", "float16"])
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed:
+            raise ConfigError(f"--{key}={getattr(cfg, key)}: expected one of {', '.join(allowed)}")
+    for m in method_list(cfg):
+        if m not in METHODS:
+            raise ConfigError(f"--methods: unknown method {m!r}; known: {', '.join(METHODS)}")
+    for f in dataclasses.fields(Config):
+        v = getattr(cfg, f.name)
+        may_be_zero = ("seed", "lam", "top_k", "grad_clip", "warmup_steps", "sigma_floor", "dropout", "rm_holdout")
+        if cfg.data != "builtin":
+            may_be_zero += ("n_sft", "n_prefs", "n_align", "n_eval")  # 0: every record
+        if f.type in (int, float) and f.name not in may_be_zero and v <= 0:
+            raise ConfigError(f"--{f.name}={v}: must be positive")
+    for key in ("lam", "top_k", "grad_clip", "warmup_steps", "sigma_floor", "seed"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"--{key}={getattr(cfg, key)}: must be >= 0")
+    if not 0 <= cfg.dropout < 1 or not 0 < cfg.top_p <= 1 or not 0 <= cfg.rm_holdout < 1:
+        raise ConfigError("--dropout and --rm_holdout must be in [0, 1), --top_p in (0, 1]")
+    if cfg.n_embd % cfg.n_head:
+        raise ConfigError(f"--n_embd={cfg.n_embd} must be a multiple of --n_head={cfg.n_head}")
+    if cfg.max_new_tokens >= cfg.block_size:
+        raise ConfigError(f"--max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in --block_size={cfg.block_size}")
+    if cfg.data != "builtin" and not cfg.data_dir:
+        raise ConfigError(f"--data={cfg.data} needs --data_dir=<folder with its files>")
+    for key in ("sweep_betas", "sweep_seeds"):
+        try:
+            [float(v) for v in getattr(cfg, key).split(",")]
+        except ValueError:
+            raise ConfigError(f"--{key}={getattr(cfg, key)}: expected comma-separated numbers") from None
+
+
+def method_list(cfg):
+    return [m.strip() for m in cfg.methods.split(",") if m.strip()]
+
+
+def usage(doc=""):
+    """The program's docstring, then every option with its default and the comment beside it in Config."""
+    lines = ([doc.strip(), ""] if doc else []) + ["Options (--key=value):"]
+    for line in inspect.getsource(Config).splitlines()[2:]:
+        m = re.match(r"\s+(\w+): \w+ = (.+?)\s+# (.*)", line)
+        if m:
+            lines.append(f"  --{m[1]}={m[2].strip(chr(34))}".ljust(40) + m[3])
+        elif line.strip().startswith("# ----"):
+            lines.append(" " + line.strip()[6:])
+    return "\n".join(lines)
+
+
+def stage_settings(cfg, stage, **extra):
+    """The settings a stage's outputs depend on: its own keys and every earlier stage's."""
+    keys = [k for s in STAGES[:STAGES.index(stage) + 1] for k in STAGE_KEYS[s]]
+    return {**{k: getattr(cfg, k) for k in keys}, **extra}

@@ -1,0 +1,280 @@
+"""
+runtime.py: what a run stands on besides the models and the losses: the devices, processes and
+precision it runs with, and the files in its output folder (checkpoints, the stage records, the
+data files the stages hand each other), and the batch order and learning-rate schedule that make
+an interrupted run resume exactly.
+
+Nothing here knows the stages; train.py, experiments.py and sample.py build on it.
+"""
+import json
+import math
+import os
+import pickle
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data
+from config import STAGES, ConfigError, method_list, stage_settings
+from data import DataError
+from model import GPT, GPTConfig
+
+
+class TrainingError(RuntimeError):
+    """Training had to stop (a non-finite loss), with a one-line message."""
+
+
+def command(main):
+    """Run main(sys.argv[1:]) as a program: a known error is one line on stderr and exit status 2."""
+    try:
+        main(sys.argv[1:])
+    except (ConfigError, DataError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# -----------------------------------------------------------------------------
+# devices, processes, precision
+
+@dataclass
+class Env:
+    device: str          # where the models live
+    device_type: str     # cuda or cpu (for autocast and the fused optimizer)
+    dtype: torch.dtype   # autocast dtype; float32 means no autocast
+    rank: int            # this process in a torchrun group (0 alone)
+    world: int           # processes in the group (1 alone)
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+
+def setup(cfg):
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device={device} but PyTorch sees no CUDA device")
+    rank, world = 0, 1
+    if "RANK" in os.environ:  # launched by torchrun
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(device)
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    if cfg.dtype == "auto":
+        dtype = torch.bfloat16 if device_type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    else:
+        dtype = getattr(torch, cfg.dtype)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: ~free speed for float32 work on Ampere+
+        torch.backends.cudnn.allow_tf32 = True
+    return Env(device, device_type, dtype, rank, world)
+
+
+def log(env, msg):
+    if env.master:
+        tqdm.write(msg)
+
+
+def gather(env, items):
+    """Every process's list, concatenated in rank order (the identity when alone)."""
+    if env.world == 1:
+        return items
+    parts = [None] * env.world
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+
+def barrier(env):
+    if env.world > 1:
+        dist.barrier()
+
+
+# -----------------------------------------------------------------------------
+# batch order and learning rate: functions of the step alone, so a resumed run is exact
+
+def batch_indices(n, batch_size, step, seed):
+    """The examples of a step: a fresh permutation of range(n) every epoch, a function of (seed, step)
+    alone, so a resumed run sees exactly the batches the uninterrupted run would have seen."""
+    out, start = [], step * batch_size
+    for k in range(start, start + batch_size):
+        epoch, pos = divmod(k, n)
+        if k == start or pos == 0:
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+        out.append(perm[pos])
+    return out
+
+
+def lr_at(step, steps, lr, warmup):
+    """Linear warm-up, then cosine decay to lr/10 at the last step."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+def path(cfg, *parts):
+    return os.path.join(cfg.out_dir, *parts)
+
+
+def save_checkpoint(file, payload):
+    with data.atomic_path(file) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(file):
+    """torch.load with weights_only=True: tensors and plain values only; a pickle could run code."""
+    if not os.path.exists(file):
+        raise DataError(f"{file}: no such checkpoint (run the stage that writes it first)")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        detail = str(e).splitlines()[0][:160]
+        raise DataError(f"{file}: refused: it holds pickled Python objects, which could run code ({detail})") from None
+    except Exception as e:
+        raise DataError(f"{file}: not a readable checkpoint ({type(e).__name__}: {str(e)[:160]})") from None
+
+
+def model_args(cfg, vocab_size):
+    return dict(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                n_embd=cfg.n_embd, dropout=cfg.dropout, bias=True, reward_head=False)
+
+
+def load_model(file, env, enc, cfg, reward_head=None, dropout=0.0):
+    """A GPT from one of our checkpoints, checked against the tokenizer and this run's model
+    settings. reward_head=True on an SFT checkpoint starts a reward model: SFT's weights, a new head.
+    dropout: 0 for scoring and alignment (dropout would make log pi(y|x) noisy)."""
+    ck = load_checkpoint(file)
+    args = ck.get("model_args")
+    if not isinstance(args, dict) or "model" not in ck:
+        raise DataError(f"{file}: not a checkpoint of this project (no model_args / model)")
+    if args.get("vocab_size") != enc.n_vocab:
+        raise DataError(f"{file}: vocab_size is {args.get('vocab_size')} in the checkpoint but the tokenizer has "
+                        f"{enc.n_vocab} tokens: it was made with another tokenizer")
+    for key in ("n_layer", "n_head", "n_embd", "block_size") if cfg.init_from == "scratch" else ("block_size",):
+        if args.get(key) != getattr(cfg, key):
+            raise DataError(f"{file}: {key} is {args.get(key)} in the checkpoint but --{key}={getattr(cfg, key)} in this "
+                            f"run: redo the stage that wrote it with these settings, or use another --out_dir")
+    new_head = reward_head and not args.get("reward_head")
+    args = {**args, "dropout": dropout, "reward_head": bool(reward_head or args.get("reward_head"))}
+    try:
+        model = GPT(GPTConfig(**args))
+        missing, unexpected = model.load_state_dict(ck["model"], strict=False)
+    except (TypeError, RuntimeError) as e:
+        raise DataError(f"{file}: weights do not fit the model it describes ({str(e).splitlines()[0][:200]})") from None
+    if unexpected or (missing and not (new_head and set(missing) == {"reward_head.weight", "reward_head.bias"})):
+        raise DataError(f"{file}: weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model.to(env.device)
+
+
+# -----------------------------------------------------------------------------
+# stage records: which settings made the outputs in the folder
+
+def read_records(cfg):
+    try:
+        with open(path(cfg, "stages.json")) as f:
+            return json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def up_to_date(cfg, env, task, settings, outputs, stage=None):
+    """True (and says so) when a task's outputs exist and were made with these settings, unless
+    --force. Otherwise the task will run: its inputs (the outputs of the stages before `stage`,
+    default the task itself) must then have been made with this run's settings too, or a stage run
+    alone would silently build on stale files."""
+    if not cfg.force and all(os.path.exists(o) for o in outputs) and read_records(cfg).get(task) == settings:
+        log(env, f"{task}: up to date")
+        return True
+    stage = stage or task
+    inputs = [(s, stage_settings(cfg, s)) for s in STAGES[:STAGES.index(stage)] if s != "align"]
+    if stage == "eval":
+        inputs += [(f"align-{m}", stage_settings(cfg, "align", method=m, align_seed=cfg.seed)) for m in method_list(cfg)]
+    records = read_records(cfg)
+    for name, want in inputs:
+        have = records.get(name)
+        if have is not None and have != want:
+            diff = ", ".join(f"{k}={have.get(k)} (now {want[k]})" for k in want if have.get(k) != want[k])
+            raise ConfigError(f"{name} outputs in {cfg.out_dir} were made with {diff}: run --stage={name.split('-')[0]} "
+                              f"first (or every stage), or use another --out_dir")
+    return False
+
+
+def mark_done(cfg, env, task, settings):
+    if env.master:
+        records = read_records(cfg)
+        records[task] = settings
+        data.write_json(path(cfg, "stages.json"), records)
+
+
+# -----------------------------------------------------------------------------
+# the files the stages hand each other
+
+def load_data(cfg, name):
+    file = path(cfg, "data", f"{name}.jsonl")
+    if name == "ood_prompts" and not os.path.exists(file):
+        return []  # out-of-distribution prompts are optional
+    if not os.path.exists(file):
+        raise DataError(f"{file}: missing; run --stage=data first")
+    return data.read_jsonl(file, data.SCHEMAS[name])
+
+
+def load_tokenizer(cfg):
+    if not os.path.exists(path(cfg, "tokenizer.json")):
+        raise DataError(f"{path(cfg, 'tokenizer.json')}: missing; run --stage=data first")
+    return data.load_tokenizer(path(cfg, "tokenizer.json"))
+
+
+def encode_all(cfg, env, enc, pairs, what):
+    """(prompt, response) pairs -> [(ids, response start)], logging how many were cut to fit."""
+    out, cut = [], 0
+    for prompt, response in pairs:
+        ids, start, truncated = data.encode_example(enc, prompt, response, cfg.block_size)
+        out.append((ids, start))
+        cut += truncated
+    if cut:
+        log(env, f"{what}: {cut} of {len(out)} sequences were longer than block_size={cfg.block_size}; "
+                 f"prompts were cut from the left (responses from the right where they alone did not fit)")
+    return out
+
+
+@dataclass
+class Candidates:
+    """The scored candidates, ready for alignment: examples[i][k] is (ids, start) of candidate k of
+    prompt i; ref_logps and rewards are (B, n) float32."""
+    examples: list
+    ref_logps: torch.Tensor
+    rewards: torch.Tensor
+
+
+def load_candidates(cfg, env, enc, file=None):
+    file = file or path(cfg, "candidates.jsonl")
+    if not os.path.exists(file):
+        raise DataError(f"{file}: missing; run --stage=sample first")
+    records = data.read_jsonl(file, data.SCHEMAS["candidates"])
+    n = len(records[0]["responses"])
+    for line, r in enumerate(records, 1):
+        if len(r["responses"]) < 2:
+            raise DataError(f"{file}:{line}: field 'responses' has {len(r['responses'])} candidate; VCB and the baselines need at least 2")
+        for key in ("rewards", "ref_logps"):
+            if len(r[key]) != len(r["responses"]):
+                raise DataError(f"{file}:{line}: field '{key}' has {len(r[key])} values for {len(r['responses'])} responses")
+        if len(r["responses"]) != n:
+            raise DataError(f"{file}:{line}: field 'responses' has {len(r['responses'])} candidates but line 1 has {n}; "
+                            f"every prompt needs the same number")
+    flat = encode_all(cfg, env, enc, [(r["prompt"], y) for r in records for y in r["responses"]], "candidates")
+    examples = [flat[i * n:(i + 1) * n] for i in range(len(records))]
+    return Candidates(examples, torch.tensor([r["ref_logps"] for r in records]),
+                      torch.tensor([r["rewards"] for r in records]))
