@@ -12,6 +12,7 @@ is refused.
 import dataclasses
 import difflib
 import inspect
+import math
 import re
 import sys
 from dataclasses import dataclass
@@ -104,28 +105,33 @@ class ConfigError(ValueError):
 
 
 def parse_args(argv, doc=""):
-    """--key=value options onto Config, each converted to its field's type; bare --flag sets a bool.
-    doc: the calling program's docstring, printed above the options by --help."""
-    cfg, fields = Config(), {f.name: f for f in dataclasses.fields(Config)}
+    """train.py's and experiments.py's options: Config with --key=value applied, validated."""
+    cfg = parse_options(Config(), argv, doc)
+    validate(cfg)
+    return cfg
+
+
+def parse_options(cfg, argv, doc=""):
+    """--key=value options onto the dataclass instance cfg, each converted to its field's type; a bare
+    --flag sets a bool. doc: the calling program's docstring, printed above the options by --help."""
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
     for arg in argv:
         if arg in ("-h", "--help"):
-            print(usage(doc))
+            print(usage(doc, type(cfg)))
             sys.exit(0)
         m = re.fullmatch(r"--([A-Za-z_0-9]+)(?:=(.*))?", arg, re.S)
         if not m:
-            raise ConfigError(f"cannot read {arg!r}: options look like --key=value (python train.py --help)")
+            raise ConfigError(f"cannot read {arg!r}: options look like --key=value (--help lists them)")
         key, raw = m.groups()
-        if key == "sweep":
+        if key == "sweep" and isinstance(cfg, Config):
             raise ConfigError("--sweep is now its own command: python experiments.py sweep [--key=value ...]")
         if key not in fields:
             near = difflib.get_close_matches(key, fields, n=1)
-            raise ConfigError(f"unknown option --{key}" + (f"; did you mean --{near[0]}?" if near else
-                                                           " (python train.py --help lists them)"))
-        kind = type(getattr(Config, key))
+            raise ConfigError(f"unknown option --{key}" + (f"; did you mean --{near[0]}?" if near else " (--help lists them)"))
+        kind = type(getattr(type(cfg), key))
         if raw is None and kind is not bool:
             raise ConfigError(f"--{key} needs a value: --{key}=<{kind.__name__}>")
         setattr(cfg, key, convert(key, "true" if raw is None else raw, kind))
-    validate(cfg)
     return cfg
 
 
@@ -141,22 +147,30 @@ def convert(key, raw, kind):
 
 
 def validate(cfg):
+    """Every option checked before anything runs, so that nothing fails late or does nonsense."""
     choices = dict(stage=STAGES + ["all"], data=["builtin", "hh", "tldr", "jsonl"], tokenizer=["bpe", "gpt2"],
                    dtype=["auto", "float32", "bfloat16", "float16"])
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise ConfigError(f"--{key}={getattr(cfg, key)}: expected one of {', '.join(allowed)}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        raise ConfigError(f"--device={cfg.device}: expected auto, cpu, cuda or cuda:N (other devices are not supported)")
     for m in method_list(cfg):
         if m not in METHODS:
             raise ConfigError(f"--methods: unknown method {m!r}; known: {', '.join(METHODS)}")
+    if not method_list(cfg):
+        raise ConfigError("--methods is empty: name at least one of " + ", ".join(METHODS))
     for f in dataclasses.fields(Config):
         v = getattr(cfg, f.name)
-        may_be_zero = ("seed", "lam", "top_k", "grad_clip", "warmup_steps", "sigma_floor", "dropout", "rm_holdout")
+        if f.type is float and not math.isfinite(v):
+            raise ConfigError(f"--{f.name}={v}: must be a finite number")
+        may_be_zero = ("seed", "lam", "top_k", "grad_clip", "warmup_steps", "sigma_floor", "dropout", "rm_holdout",
+                       "weight_decay")
         if cfg.data != "builtin":
             may_be_zero += ("n_sft", "n_prefs", "n_align", "n_eval")  # 0: every record
         if f.type in (int, float) and f.name not in may_be_zero and v <= 0:
             raise ConfigError(f"--{f.name}={v}: must be positive")
-    for key in ("lam", "top_k", "grad_clip", "warmup_steps", "sigma_floor", "seed"):
+    for key in ("lam", "top_k", "grad_clip", "warmup_steps", "sigma_floor", "seed", "weight_decay"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"--{key}={getattr(cfg, key)}: must be >= 0")
     if not 0 <= cfg.dropout < 1 or not 0 < cfg.top_p <= 1 or not 0 <= cfg.rm_holdout < 1:
@@ -165,23 +179,41 @@ def validate(cfg):
         raise ConfigError(f"--n_embd={cfg.n_embd} must be a multiple of --n_head={cfg.n_head}")
     if cfg.max_new_tokens >= cfg.block_size:
         raise ConfigError(f"--max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in --block_size={cfg.block_size}")
+    if cfg.n_candidates < 2:
+        raise ConfigError(f"--n_candidates={cfg.n_candidates}: VCB and the baselines compare candidates, they need at least 2")
     if cfg.data != "builtin" and not cfg.data_dir:
         raise ConfigError(f"--data={cfg.data} needs --data_dir=<folder with its files>")
-    for key in ("sweep_betas", "sweep_seeds"):
-        try:
-            [float(v) for v in getattr(cfg, key).split(",")]
-        except ValueError:
-            raise ConfigError(f"--{key}={getattr(cfg, key)}: expected comma-separated numbers") from None
+    if cfg.data == "builtin" and cfg.data_dir:
+        raise ConfigError(f"--data_dir={cfg.data_dir} is read only with --data=hh, tldr or jsonl (the built-in task "
+                          f"makes its own data)")
+    for key in ("sft_batch", "rm_batch", "align_batch"):
+        if getattr(cfg, key) < cfg.grad_accum:
+            raise ConfigError(f"--{key}={getattr(cfg, key)} cannot be split into --grad_accum={cfg.grad_accum} micro-batches")
+    sweep_list(cfg, "sweep_betas", float)
+    sweep_list(cfg, "sweep_seeds", int)
+
+
+def sweep_list(cfg, key, kind):
+    """A comma-separated option as a list: positive finite betas, seeds that are whole numbers >= 0."""
+    raw = getattr(cfg, key)
+    try:
+        values = [kind(v) for v in raw.split(",")]
+    except ValueError:
+        raise ConfigError(f"--{key}={raw}: expected comma-separated {'numbers' if kind is float else 'whole numbers'}") from None
+    for v in values:
+        if not math.isfinite(v) or (v <= 0 if kind is float else v < 0):
+            raise ConfigError(f"--{key}={raw}: {v} is not {'a positive finite number' if kind is float else '>= 0'}")
+    return values
 
 
 def method_list(cfg):
     return [m.strip() for m in cfg.methods.split(",") if m.strip()]
 
 
-def usage(doc=""):
-    """The program's docstring, then every option with its default and the comment beside it in Config."""
+def usage(doc="", cls=Config):
+    """The program's docstring, then every option with its default and the comment beside it in cls."""
     lines = ([doc.strip(), ""] if doc else []) + ["Options (--key=value):"]
-    for line in inspect.getsource(Config).splitlines()[2:]:
+    for line in inspect.getsource(cls).splitlines()[2:]:
         m = re.match(r"\s+(\w+): \w+ = (.+?)\s+# (.*)", line)
         if m:
             lines.append(f"  --{m[1]}={m[2].strip(chr(34))}".ljust(40) + m[3])

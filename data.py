@@ -13,13 +13,16 @@ data.py: the tokenizer, the data files, and the built-in task with its gold rewa
 import base64
 import contextlib
 import gzip
+import hashlib
 import heapq
 import json
 import math
 import os
 import random
 import re
+import stat
 import tempfile
+import zlib
 from collections import Counter, defaultdict
 
 import tiktoken
@@ -52,10 +55,22 @@ def atomic_path(path):
             os.remove(tmp)
 
 
+def finite(obj):
+    """obj with every NaN or infinite float replaced by None (JSON's null): strict JSON parsers
+    reject the NaN and Infinity that Python's json module writes by default."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
 def write_jsonl(path, records):
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            f.write(json.dumps(finite(r), ensure_ascii=False, allow_nan=False) + "\n")
 
 
 def write_text(path, text):
@@ -65,15 +80,48 @@ def write_text(path, text):
 
 def write_json(path, obj):
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
+        json.dump(finite(obj), f, indent=2, ensure_ascii=False, allow_nan=False)
         f.write("\n")
 
 
+def check_file(path):
+    """A DataError unless path is a regular file: a folder cannot be read as one, a pipe would wait
+    forever and a device such as /dev/zero never ends."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror})") from None
+    if stat.S_ISDIR(mode):
+        raise DataError(f"{path}: is a folder, not a file")
+    if not stat.S_ISREG(mode):
+        raise DataError(f"{path}: not a regular file (a pipe, socket or device); refused")
+
+
 def open_text(path):
-    """Open a text file, gunzipping *.gz; a missing file is a DataError."""
-    if not os.path.exists(path):
-        raise DataError(f"{path}: no such file")
-    return gzip.open(path, "rt", encoding="utf-8") if str(path).endswith(".gz") else open(path, encoding="utf-8")
+    """Open a regular text file, gunzipping *.gz; anything else is a DataError."""
+    check_file(path)
+    return gzip.open(path, "rt", encoding="utf-8") if str(path).endswith(".gz") else open(path, encoding="utf-8-sig")
+
+
+def text_lines(path):
+    """(line number, text) of each line of a regular file (gunzipped if *.gz), decoded one line at a
+    time so that one bad line spoils nothing else: a line that is not UTF-8 comes as a DataError in
+    place of its text. A BOM is dropped, CRLF line ends are left to the JSON parser (whitespace).
+    A truncated or corrupt gzip stream raises a DataError after the lines before it."""
+    check_file(path)
+    n = 0
+    try:
+        with (gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")) as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    yield n, raw.decode("utf-8-sig" if n == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    yield n, DataError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start})")
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"{path}: unreadable after line {n}: truncated or not what its name says "
+                        f"({type(e).__name__}: {e})") from None
 
 
 def parse_json_line(line, where):
@@ -93,13 +141,10 @@ def read_jsonl(path, schema=None):
     """Read a JSON-lines file into a list of dicts, strictly. schema {field: type} checks that each
     record has the field with that type (a (list, item type) tuple checks list items). Any bad line
     is a DataError naming the file, line and field."""
-    with open_text(path) as f:
-        try:
-            lines = list(f)
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
     records = []
-    for n, line in enumerate(lines, 1):
+    for n, line in text_lines(path):
+        if isinstance(line, DataError):
+            raise line
         rec = parse_json_line(line, f"{path}:{n}")
         for field, kind in (schema or {}).items():
             check_field(rec, field, kind, f"{path}:{n}")
@@ -107,6 +152,16 @@ def read_jsonl(path, schema=None):
     if not records:
         raise DataError(f"{path}: empty file, no records")
     return records
+
+
+def valid_unicode(text):
+    """False for a string that cannot be written as UTF-8: JSON's \\ud800 escapes decode to lone
+    surrogates, which scraped data does contain, and which no tokenizer or file can take."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def check_field(rec, field, kind, where, nonempty=True):
@@ -128,6 +183,8 @@ def check_field(rec, field, kind, where, nonempty=True):
             check_field({f"{field}[{k}]": v}, f"{field}[{k}]", item, where, nonempty=False)
     if kind is str and nonempty and not value.strip():
         raise DataError(f"{where}: field '{field}' is empty")
+    if kind is str and not valid_unicode(value):
+        raise DataError(f"{where}: field '{field}' is not valid Unicode text (a lone surrogate such as \\ud800)")
     if kind is float and not math.isfinite(value):
         raise DataError(f"{where}: field '{field}' is {value}, not a finite number")
 
@@ -199,6 +256,18 @@ def make_encoding(name, pat_str, vocab):
     return tiktoken.Encoding(name=name, pat_str=pat_str,
                              mergeable_ranks={b: i for i, b in enumerate(vocab)},
                              special_tokens={EOT: len(vocab)})
+
+
+def fingerprint(enc):
+    """A short hash of what a tokenizer does (its split pattern, tokens and special tokens): two
+    tokenizers with the same number of tokens but other merges get different fingerprints, so a
+    checkpoint can say which tokenizer its embeddings belong to."""
+    h = hashlib.sha256(enc._pat_str.encode())
+    for token, rank in sorted(enc._mergeable_ranks.items(), key=lambda kv: kv[1]):
+        h.update(b"%d:%s;" % (rank, base64.b64encode(token)))
+    for token, rank in sorted(enc._special_tokens.items()):
+        h.update(f"{token}={rank};".encode())
+    return h.hexdigest()[:16]
 
 
 def save_tokenizer(enc, path):
@@ -318,21 +387,28 @@ def load_task(kind, folder, limits, seed=0):
 
 
 def first_file(folder, names):
+    """The first of names that is a regular file in folder (a folder of that name does not count)."""
     for name in names:
-        if os.path.exists(os.path.join(folder, name)):
+        if os.path.isfile(os.path.join(folder, name)):
             return os.path.join(folder, name)
-    raise DataError(f"{folder}: none of {', '.join(names)} found")
+    others = [n for n in names if os.path.exists(os.path.join(folder, n))]
+    raise DataError(f"{folder}: none of {', '.join(names)} found" + (f" ({others[0]} is not a regular file)" if others else ""))
 
 
 def json_lines(file, bad):
     """(line number, record) of each readable line of a JSON-lines file, leniently: the reason for
-    each unreadable line goes to `bad` as 'file:line: why' and the line is skipped."""
-    with open_text(file) as f:
-        for n, line in enumerate(f, 1):
+    each unreadable line goes to `bad` as 'file:line: why' and the line is skipped; a file cut short
+    (a truncated download) gives the records before the cut and one entry in `bad`."""
+    try:
+        for n, line in text_lines(file):
             try:
+                if isinstance(line, DataError):
+                    raise line
                 yield n, parse_json_line(line, f"{file}:{n}")
             except DataError as e:
                 bad.append(str(e))
+    except DataError as e:
+        bad.append(str(e))
 
 
 HH_ASSISTANT = "\n\nAssistant:"
@@ -349,6 +425,8 @@ def hh_pair(rec, where):
     """(prompt, chosen response, rejected response) of one HH record, or a reason it is malformed."""
     if not isinstance(rec.get("chosen"), str) or not isinstance(rec.get("rejected"), str):
         return f"{where}: fields 'chosen' and 'rejected' must be strings"
+    if not valid_unicode(rec["chosen"] + rec["rejected"]):
+        return f"{where}: not valid Unicode text (a lone surrogate such as \\ud800)"
     chosen = split_hh(rec["chosen"])
     if chosen is None:
         return f"{where}: field 'chosen' has no '\\n\\nAssistant:' turn"
@@ -376,7 +454,7 @@ def load_hh(folder):
                 task["prefs"].append({"prompt": pair[0], "chosen": pair[1], "rejected": pair[2]})
             else:
                 task["eval_prompts"].append({"prompt": pair[0]})
-    return finish_task(task, folder), bad
+    return finish_task(task, folder, bad), bad
 
 
 def tldr_prompt(info):
@@ -393,35 +471,40 @@ def load_tldr(folder):
     for split, names in (("train", ["train.jsonl"]), ("test", ["test.jsonl", "valid.jsonl"])):
         file = first_file(folder, names)
         for n, rec in json_lines(file, bad):
-            if not all(isinstance(rec.get(k), str) for k in fields + ("summary",)) or not rec["summary"].strip():
-                bad.append(f"{file}:{n}: needs string fields subreddit, title, post and a non-empty summary")
+            if not all(isinstance(rec.get(k), str) and valid_unicode(rec[k]) for k in fields + ("summary",)) \
+                    or not rec["summary"].strip():
+                bad.append(f"{file}:{n}: needs string fields subreddit, title, post and a non-empty summary, in valid Unicode")
             elif split == "train":
                 task["sft"].append({"prompt": tldr_prompt(rec), "response": " " + rec["summary"].strip()})
             else:
                 task["eval_prompts"].append({"prompt": tldr_prompt(rec)})
     comparisons = os.path.join(folder, "comparisons")
     files = sorted(os.path.join(comparisons, f) for f in os.listdir(comparisons)) if os.path.isdir(comparisons) else []
+    bad += [f"{f}: not a comparisons file (*.json or *.jsonl), ignored" for f in files
+            if not (os.path.isfile(f) and f.endswith((".json", ".jsonl")))]  # .DS_Store, a subfolder...
+    files = [f for f in files if os.path.isfile(f) and f.endswith((".json", ".jsonl"))]
     if not files:
         raise DataError(f"{comparisons}: no comparison files (comparisons/*.json from summarize-from-feedback)")
     for file in files:
         for n, rec in json_lines(file, bad):
             info, summaries, choice = rec.get("info"), rec.get("summaries"), rec.get("choice")
-            ok = (isinstance(info, dict) and all(isinstance(info.get(k), str) for k in fields)
+            ok = (isinstance(info, dict) and all(isinstance(info.get(k), str) and valid_unicode(info[k]) for k in fields)
                   and isinstance(summaries, list) and len(summaries) == 2 and choice in (0, 1)
-                  and all(isinstance(s, dict) and isinstance(s.get("text"), str) and s["text"].strip() for s in summaries))
+                  and all(isinstance(s, dict) and isinstance(s.get("text"), str) and s["text"].strip()
+                          and valid_unicode(s["text"]) for s in summaries))
             if not ok:
-                bad.append(f"{file}:{n}: needs info.subreddit/title/post, two summaries with text and choice 0 or 1")
+                bad.append(f"{file}:{n}: needs info.subreddit/title/post, two summaries with text and choice 0 or 1, in valid Unicode")
             elif str(rec.get("split", "train")).startswith("train"):
                 texts = [" " + s["text"].strip() for s in summaries]
                 task["prefs"].append({"prompt": tldr_prompt(info), "chosen": texts[choice], "rejected": texts[1 - choice]})
-    return finish_task(task, folder), bad
+    return finish_task(task, folder, bad), bad
 
 
-def finish_task(task, folder):
+def finish_task(task, folder, bad):
     """Alignment prompts: the distinct training prompts. Every file must have records."""
     task["align_prompts"] = [{"prompt": p} for p in dict.fromkeys(r["prompt"] for r in task["sft"])]
     task["eval_prompts"] = [{"prompt": p} for p in dict.fromkeys(r["prompt"] for r in task["eval_prompts"])]
     for name in ("sft", "prefs", "eval_prompts"):
         if not task[name]:
-            raise DataError(f"{folder}: no usable records for {name}")
+            raise DataError(f"{folder}: no usable records for {name}" + (f" (first problem: {bad[0]})" if bad else ""))
     return task

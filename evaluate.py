@@ -17,7 +17,7 @@ import data
 import report
 import reviews
 import vcb
-from runtime import gather, load_data, load_model, log, path
+from runtime import TrainingError, gather, load_data, load_model, log, path
 
 
 def real_mask(ids_list, T):
@@ -66,8 +66,11 @@ def sample_chunks(cfg, env, enc, model, prompts, seed, offset=0, desc="sample", 
         batch = prompts[c:c + cfg.sample_batch]
         ids = [data.encode_prompt(enc, p, max_prompt) for p in batch]
         g = torch.Generator(env.device).manual_seed(seed * 1_000_003 + offset + c)
-        with env.autocast():
-            outs = model.generate(ids, cfg.max_new_tokens, stop_token=enc.eot_token, generator=g, **sampling)
+        try:
+            with env.autocast():
+                outs = model.generate(ids, cfg.max_new_tokens, stop_token=enc.eot_token, generator=g, **sampling)
+        except ValueError as e:
+            raise TrainingError(f"{desc}: {e}") from None
         yield c, batch, ids, outs
 
 
@@ -93,7 +96,7 @@ def evaluate(cfg, env, enc, policies, seed, cache=None):
     for name, file in policies.items():
         if (file, seed) not in cache:
             pi = sft if file == path(cfg, "sft.pt") else load_model(file, env, enc, cfg).eval()
-            cache[(file, seed)] = {s: sample_and_score(cfg, env, enc, pi, sft, rm, prompts, seed, s)
+            cache[(file, seed)] = {s: sample_and_score(cfg, env, enc, name, pi, sft, rm, prompts, seed, s)
                                    for s, prompts in sets.items() if prompts}
         scored[name] = cache[(file, seed)]
     judge, results = judge_name(cfg), {}
@@ -108,13 +111,13 @@ def evaluate(cfg, env, enc, policies, seed, cache=None):
 
 
 @torch.no_grad()
-def sample_and_score(cfg, env, enc, pi, sft, rm, prompts, seed, set_name):
+def sample_and_score(cfg, env, enc, name, pi, sft, rm, prompts, seed, set_name):
     """eval_samples samples per prompt from pi, each with logp_pi, logp_sft (on the exact sampled
     tokens), its RM score and gold reward. Chunked like the sample stage, so results do not depend
     on the number of processes."""
     k, offset = cfg.eval_samples, {"eval": 0, "ood": 500_009}[set_name]  # other seeds for the other set
     rows = []
-    for c, batch, ids, outs in sample_chunks(cfg, env, enc, pi, prompts, seed, offset, f"eval {set_name}",
+    for c, batch, ids, outs in sample_chunks(cfg, env, enc, pi, prompts, seed, offset, f"eval {name} {set_name}",
                                              temperature=1.0, num_samples=k):
         chunk = [{"prompt_idx": c + j // k, "sample": j % k, "prompt": batch[j // k], "text": decode(enc, o)}
                  for j, o in enumerate(outs)]

@@ -11,7 +11,7 @@ import dataclasses
 import data
 import report
 import train
-from config import ConfigError, method_list, stage_settings
+from config import ConfigError, method_list, sweep_list
 from evaluate import beta_label, evaluate, judge_name
 from runtime import command, load_candidates, load_tokenizer, log, path, up_to_date
 
@@ -24,8 +24,7 @@ def sweep(cfg, env):
     the SFT model, the RM and the candidates (the seed changes the alignment batch order and the
     evaluation samples). RRHF has no beta and is trained once per seed."""
     enc = load_tokenizer(cfg)
-    betas = [float(b) for b in cfg.sweep_betas.split(",")]
-    seeds = [int(float(s)) for s in cfg.sweep_seeds.split(",")]
+    betas, seeds = sweep_list(cfg, "sweep_betas", float), sweep_list(cfg, "sweep_seeds", int)
     methods = method_list(cfg)
     cands, cache, rows = None, {}, []
     for seed in seeds:
@@ -34,11 +33,11 @@ def sweep(cfg, env):
         for method, beta in runs:
             sub = dataclasses.replace(cfg, beta=beta if beta is not None else cfg.beta)
             tag = f"{method}-beta{beta:g}-seed{seed}" if beta is not None else f"{method}-seed{seed}"
-            file, settings = path(cfg, "sweep", f"policy_{tag}.pt"), stage_settings(sub, "align", method=method, align_seed=seed)
-            if not up_to_date(cfg, env, f"sweep-{tag}", settings, [file], stage="align"):
+            task = train.align_task(sub, method, seed, f"sweep-{tag}", path(cfg, "sweep", f"policy_{tag}.pt"))
+            if not up_to_date(cfg, env, task):
                 cands = cands or load_candidates(cfg, env, enc)
-                train.align(sub, env, enc, cands, method, seed, file, f"sweep-{tag}", settings)
-            files[(method, beta)] = file
+                train.align(sub, env, enc, cands, method, seed, task)
+            files[(method, beta)] = task.outputs[0]
         for beta in betas:
             policies = {"sft": path(cfg, "sft.pt"), **{m: f for (m, b), f in files.items() if b == beta or b is None}}
             res = evaluate(cfg, env, enc, policies, seed, cache)
@@ -61,7 +60,8 @@ def sweep(cfg, env):
                        reward_std=r["eval"][reward][1]) for m, by_beta in summary.items() for b, r in by_beta.items()]
         report.plot_frontier(points, path(cfg, "sweep", "frontier.png"),
                              f"Reward against KL over beta, mean ± std over {len(seeds)} seeds", judge)
-        log(env, f"sweep: wrote {path(cfg, 'sweep', 'results.json')}, results.md and frontier.png")
+        report.plot_curves(path(cfg, "sweep", "curves.jsonl"), path(cfg, "sweep", "curves.png"))
+        log(env, f"sweep: wrote {path(cfg, 'sweep', 'results.json')}, results.md, frontier.png and curves.png")
 
 
 

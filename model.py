@@ -319,4 +319,6 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     if temperature == 0:
         return logits.argmax(-1)
     probs = F.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
+    if not torch.isfinite(probs).all():  # else multinomial fails with a bare error, or a device assert on CUDA
+        raise ValueError("the model's next-token probabilities are not finite: its weights are broken")
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -5,11 +5,13 @@ stage and --sweep. No models here: plain Python on lists of dicts, and matplotli
 A scored sample (train.sample_and_score) is a dict with the prompt, the response text, logp_pi and
 logp_sft on its exact tokens, the RM score `rm` and, on the built-in task, the `gold` reward.
 """
+import json
 import math
+import os
 
 import data
 
-COLORS = {"sft": "black", "vcb": "tab:orange", "dpo": "tab:green", "ipo": "tab:blue", "slic": "tab:purple",
+COLORS = {"sft": "black", "rm": "tab:brown", "vcb": "tab:orange", "dpo": "tab:green", "ipo": "tab:blue", "slic": "tab:purple",
           "rrhf": "tab:red"}
 
 
@@ -123,4 +125,72 @@ def plot_frontier(points, file, title, judge):
     fig.tight_layout()
     with data.atomic_path(file) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# training curves: curves.jsonl, one line per step of every training task, and curves.png
+
+def read_curves(file):
+    """The records of a curves file; a line cut short by a crash is skipped."""
+    out = []
+    for _, line in data.text_lines(file) if os.path.exists(file) else []:
+        try:
+            out.append(json.loads(line))
+        except (TypeError, ValueError):  # TypeError: a line that was not UTF-8 comes as a DataError
+            pass
+    return [r for r in out if isinstance(r, dict) and "task" in r and "step" in r]
+
+
+def curves_from(file, task, step):
+    """Keep the task's records up to `step` and every other task's: a resumed run continues its curve
+    without repeating steps, a fresh one (step 0) starts it anew. Rewriting also drops a torn line."""
+    if os.path.exists(file):
+        data.write_jsonl(file, [r for r in read_curves(file) if r["task"] != task or r["step"] <= step])
+    os.makedirs(os.path.dirname(os.path.abspath(file)), exist_ok=True)
+
+
+def curves_append(file, record):
+    with open(file, "a", encoding="utf-8") as f:
+        f.write(json.dumps(data.finite(record), allow_nan=False) + "\n")
+
+
+def plot_curves(file, png):
+    """One panel per metric (loss, lr, margin, acc, gap_corr, ...), one line per training task,
+    coloured and labelled by its method (a sweep's seeds and betas share their method's colour).
+    Does nothing when there is no curves file or the figure is newer than it."""
+    if not os.path.exists(file):
+        return
+    if os.path.exists(png) and os.path.getmtime(png) >= os.path.getmtime(file):
+        return  # nothing new since the last drawing
+    records = read_curves(file)
+    if not records:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    tasks = list(dict.fromkeys(r["task"] for r in records))
+    metrics = [k for k in dict.fromkeys(k for r in records for k in r) if k not in ("task", "step")]
+    cols = min(3, len(metrics))
+    rows = math.ceil(len(metrics) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.9 * rows), squeeze=False)
+    for ax, metric in zip(axes.flat, metrics):
+        labelled = set()
+        for task in tasks:
+            pts = [(r["step"], r[metric]) for r in records if r["task"] == task and r.get(metric) is not None]
+            method = task.split("-")[1] if "-" in task else task  # align-vcb, sweep-vcb-beta1-seed0 -> vcb
+            if pts:
+                ax.plot(*zip(*pts), label=None if method in labelled else method, color=COLORS.get(method),
+                        linewidth=1, alpha=0.8)
+                labelled.add(method)
+        ax.set_title(metric, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(metrics):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    with data.atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)

@@ -6,10 +6,12 @@ an interrupted run resume exactly.
 
 Nothing here knows the stages; train.py, experiments.py and sample.py build on it.
 """
+import hashlib
 import json
 import math
 import os
 import pickle
+import stat
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
+import vcb
 from config import STAGES, ConfigError, method_list, stage_settings
 from data import DataError
 from model import GPT, GPTConfig
@@ -35,6 +38,11 @@ def command(main):
     except (ConfigError, DataError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        during = f" during {running}" if running else ""
+        print(f"\ninterrupted{during}: finished stages are kept, and training resumes from its last checkpoint "
+              f"(every --ckpt_interval steps): run the same command again to go on", file=sys.stderr)
+        sys.exit(130)
 
 
 # -----------------------------------------------------------------------------
@@ -147,6 +155,10 @@ def load_checkpoint(file):
         raise DataError(f"{file}: not a readable checkpoint ({type(e).__name__}: {str(e)[:160]})") from None
 
 
+def finite_weights(model):
+    return all(p.isfinite().all() for p in model.parameters())
+
+
 def model_args(cfg, vocab_size):
     return dict(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                 n_embd=cfg.n_embd, dropout=cfg.dropout, bias=True, reward_head=False)
@@ -167,6 +179,15 @@ def load_model(file, env, enc, cfg, reward_head=None, dropout=0.0):
         if args.get(key) != getattr(cfg, key):
             raise DataError(f"{file}: {key} is {args.get(key)} in the checkpoint but --{key}={getattr(cfg, key)} in this "
                             f"run: redo the stage that wrote it with these settings, or use another --out_dir")
+    if "tokenizer" not in ck:
+        raise DataError(f"{file}: says nothing of its tokenizer (an older version of this project wrote it): redo the "
+                        f"stage that wrote it")
+    if ck["tokenizer"] != data.fingerprint(enc):
+        raise DataError(f"{file}: made with another tokenizer than {path(cfg, 'tokenizer.json')} (same size, other "
+                        f"tokens): redo the stage that wrote it, or use the tokenizer it was made with")
+    bad = [k for k, v in ck["model"].items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()]
+    if bad:
+        raise DataError(f"{file}: {bad[0]} holds non-finite weights (training diverged): redo the stage that wrote it")
     new_head = reward_head and not args.get("reward_head")
     args = {**args, "dropout": dropout, "reward_head": bool(reward_head or args.get("reward_head"))}
     try:
@@ -180,43 +201,119 @@ def load_model(file, env, enc, cfg, reward_head=None, dropout=0.0):
 
 
 # -----------------------------------------------------------------------------
-# stage records: which settings made the outputs in the folder
+# stage records: what made the outputs in the folder
+
+@dataclass
+class Task:
+    """A piece of work whose outputs stages.json records with what made them: the settings, and a
+    fingerprint (content hash) of every file it read and wrote. It is up to date while all of these
+    still match. Otherwise it runs, and its record is dropped before it writes anything, so a task
+    that fails part-way never leaves outputs that look finished (each file is written whole, or the
+    old one stays)."""
+    name: str        # its key in stages.json: "sft", "align-vcb", "sweep-vcb-beta1-seed0", ...
+    stage: str       # the pipeline stage it belongs to: which earlier stages' outputs it builds on
+    settings: dict   # config.stage_settings(...), plus anything else its outputs depend on
+    inputs: list     # files it reads
+    outputs: list    # files it writes
+
+
+_hashes = {}  # (path, size, mtime) -> content hash: each file is read once per process
+
+
+def file_hash(file):
+    """sha256 of a file's content (its first 16 hex digits), None when it does not exist. Only a
+    regular file is read: a pipe or a device (a data file that is a FIFO, /dev/zero) would never end."""
+    try:
+        st = os.stat(file)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    key = (os.path.abspath(file), st.st_size, st.st_mtime_ns)
+    if key not in _hashes:
+        h = hashlib.sha256()
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _hashes[key] = h.hexdigest()[:16]
+    return _hashes[key]
+
+
+def record_name(cfg, file):
+    """A file's name in the records: relative to out_dir when inside it, so that a copied folder keeps
+    its records (os.path.join(out_dir, name) finds the file either way)."""
+    return os.path.abspath(file).removeprefix(os.path.abspath(cfg.out_dir) + os.sep)
+
+
+def fingerprints(cfg, files):
+    """{record name: content hash} of files."""
+    return {record_name(cfg, f): file_hash(f) for f in files}
+
 
 def read_records(cfg):
     try:
         with open(path(cfg, "stages.json")) as f:
-            return json.load(f)
-    except (FileNotFoundError, json.JSONDecodeError):
+            records = json.load(f)
+        keys = {"stage", "settings", "inputs", "outputs"}
+        return {k: v for k, v in records.items() if isinstance(v, dict) and keys <= set(v)}  # older formats: redone
+    except (OSError, ValueError, AttributeError):
         return {}
 
 
-def up_to_date(cfg, env, task, settings, outputs, stage=None):
-    """True (and says so) when a task's outputs exist and were made with these settings, unless
-    --force. Otherwise the task will run: its inputs (the outputs of the stages before `stage`,
-    default the task itself) must then have been made with this run's settings too, or a stage run
-    alone would silently build on stale files."""
-    if not cfg.force and all(os.path.exists(o) for o in outputs) and read_records(cfg).get(task) == settings:
-        log(env, f"{task}: up to date")
-        return True
-    stage = stage or task
-    inputs = [(s, stage_settings(cfg, s)) for s in STAGES[:STAGES.index(stage)] if s != "align"]
-    if stage == "eval":
-        inputs += [(f"align-{m}", stage_settings(cfg, "align", method=m, align_seed=cfg.seed)) for m in method_list(cfg)]
+def write_records(cfg, env, records):
+    if env.master:
+        data.write_json(path(cfg, "stages.json"), records)
+
+
+running = ""  # the task under way, for the message when the run is interrupted
+
+
+def note_progress(text):
+    global running
+    running = text
+
+
+def up_to_date(cfg, env, task):
+    """True (and says so) when the task's outputs exist and were made with these settings from these
+    inputs, unless --force; otherwise the task will run. Either way the outputs of earlier stages
+    that it builds on must have been made with this run's settings and from the files now in the
+    folder, or a stage run alone would silently build on stale ones."""
     records = read_records(cfg)
-    for name, want in inputs:
-        have = records.get(name)
+    now = fingerprints(cfg, task.inputs)
+    for name, rec in records.items():  # a producer of an input whose own inputs have changed since
+        built_on = [f for f, h in now.items() if h is not None and rec["outputs"].get(f) == h and name != task.name]
+        stale = [f for f, h in rec["inputs"].items() if built_on and file_hash(os.path.join(cfg.out_dir, f)) != h]
+        if stale:
+            raise ConfigError(f"{name} outputs in {cfg.out_dir} ({built_on[0]}) were made from other inputs ({stale[0]} has "
+                              f"changed since): run --stage={rec['stage']} first (or every stage), or use another --out_dir")
+    rec = records.get(task.name)
+    if not cfg.force and rec is not None and rec["settings"] == task.settings and rec["inputs"] == now:
+        outputs = {f: file_hash(os.path.join(cfg.out_dir, f)) for f in rec["outputs"]}  # with the optional ones it wrote
+        if outputs == rec["outputs"] and {record_name(cfg, f) for f in task.outputs} <= outputs.keys():
+            log(env, f"{task.name}: up to date")
+            return True
+    earlier = [(s, stage_settings(cfg, s)) for s in STAGES[:STAGES.index(task.stage)] if s != "align"]
+    if task.stage == "eval":
+        earlier += [(f"align-{m}", stage_settings(cfg, "align", method=m, align_seed=cfg.seed)) for m in method_list(cfg)]
+    for name, want in earlier:
+        have = records.get(name, {}).get("settings")
         if have is not None and have != want:
             diff = ", ".join(f"{k}={have.get(k)} (now {want[k]})" for k in want if have.get(k) != want[k])
             raise ConfigError(f"{name} outputs in {cfg.out_dir} were made with {diff}: run --stage={name.split('-')[0]} "
                               f"first (or every stage), or use another --out_dir")
+    if task.name in records:  # about to write: until it is done, nothing may take its outputs for finished
+        del records[task.name]
+        write_records(cfg, env, records)
+    barrier(env)
+    note_progress(task.name)
     return False
 
 
-def mark_done(cfg, env, task, settings):
-    if env.master:
-        records = read_records(cfg)
-        records[task] = settings
-        data.write_json(path(cfg, "stages.json"), records)
+def mark_done(cfg, env, task):
+    records = read_records(cfg)
+    records[task.name] = {"stage": task.stage, "settings": task.settings, "inputs": fingerprints(cfg, task.inputs),
+                          "outputs": fingerprints(cfg, task.outputs)}
+    write_records(cfg, env, records)
 
 
 # -----------------------------------------------------------------------------
@@ -274,7 +371,11 @@ def load_candidates(cfg, env, enc, file=None):
         if len(r["responses"]) != n:
             raise DataError(f"{file}:{line}: field 'responses' has {len(r['responses'])} candidates but line 1 has {n}; "
                             f"every prompt needs the same number")
+    ref_logps, rewards = torch.tensor([r["ref_logps"] for r in records]), torch.tensor([r["rewards"] for r in records])
+    for key, values in (("ref_logps", ref_logps), ("rewards", rewards), ("rewards", vcb.reward_sigma(rewards)[:, None])):
+        bad = (~values.isfinite()).any(-1).nonzero()
+        if len(bad):  # finite in JSON's float64, but not in float32 (or their spread is not)
+            raise DataError(f"{file}:{int(bad[0]) + 1}: field '{key}' has values too large for float32 (|value| < 1e38)")
     flat = encode_all(cfg, env, enc, [(r["prompt"], y) for r in records for y in r["responses"]], "candidates")
     examples = [flat[i * n:(i + 1) * n] for i in range(len(records))]
-    return Candidates(examples, torch.tensor([r["ref_logps"] for r in records]),
-                      torch.tensor([r["rewards"] for r in records]))
+    return Candidates(examples, ref_logps, rewards)

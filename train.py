@@ -38,9 +38,9 @@ from config import STAGES, ConfigError, method_list, parse_args, stage_settings
 from data import DataError
 from evaluate import beta_label, decode, evaluate, judge_name, sample_chunks, score_logps, score_rewards, real_mask
 from model import GPT, GPTConfig
-from runtime import (TrainingError, barrier, command, batch_indices, encode_all, gather, load_candidates, load_checkpoint,
-                     load_data, load_model, load_tokenizer, log, lr_at, mark_done, model_args, path,
-                     save_checkpoint, setup, up_to_date)
+from runtime import (Task, TrainingError, barrier, batch_indices, command, encode_all, finite_weights, gather,
+                     load_candidates, load_checkpoint, load_data, load_model, load_tokenizer, log, lr_at, mark_done,
+                     model_args, note_progress, path, save_checkpoint, setup, up_to_date)
 
 PAIR_LOSSES = {"dpo": vcb.dpo_loss, "ipo": vcb.ipo_loss, "slic": vcb.slic_loss}
 
@@ -48,8 +48,8 @@ PAIR_LOSSES = {"dpo": vcb.dpo_loss, "ipo": vcb.ipo_loss, "slic": vcb.slic_loss}
 # -----------------------------------------------------------------------------
 # the one training loop: SFT, reward model and alignment
 
-def train(cfg, env, name, model, n_examples, steps, batch_size, lr, loss_fn, count_fn, settings, seed):
-    """Optimise model for `steps` steps; returns the trained (unwrapped) model.
+def train(cfg, env, task, model, n_examples, steps, batch_size, lr, loss_fn, count_fn, seed):
+    """Optimise model for `steps` steps as task (a runtime.Task); returns the trained (unwrapped) model.
 
     Each step takes batch_size example indices (all processes together): this process takes every
     world-th one and splits them into grad_accum micro-batches. loss_fn(model, indices) -> (summed
@@ -57,7 +57,9 @@ def train(cfg, env, name, model, n_examples, steps, batch_size, lr, loss_fn, cou
     the summed loss counts. Dividing by the whole step's count makes the gradient the same mean over
     items whatever the number of processes and micro-batches.
     Resumable: every ckpt_interval steps the model, optimizer, step and random state go to
-    <name>.ckpt.pt, and a run with the same settings continues from there."""
+    <name>.ckpt.pt, and a run with the same settings continues from there. Every step's metrics are
+    appended to curves.jsonl beside the task's output (report.plot_curves draws them)."""
+    name, settings = task.name, task.settings
     if batch_size < env.world * cfg.grad_accum:
         raise ConfigError(f"{name}: a batch of {batch_size} cannot feed {env.world} processes x {cfg.grad_accum} micro-batches")
     optimizer = model.configure_optimizers(cfg.weight_decay, lr, (0.9, 0.95), env.device_type)
@@ -82,9 +84,13 @@ def train(cfg, env, name, model, n_examples, steps, batch_size, lr, loss_fn, cou
         model = DDP(model, device_ids=[env.device] if env.device_type == "cuda" else None)
     model.train()
     last_good = start if start else None
+    curves = os.path.join(os.path.dirname(task.outputs[0]), "curves.jsonl")
+    if env.master:
+        report.curves_from(curves, name, start)  # a resumed run continues its curve, a new one starts afresh
     bar = tqdm(range(start, steps), desc=name, initial=start, total=steps, disable=not env.master,
                dynamic_ncols=True, leave=False)
     for step in bar:
+        note_progress(f"{name} step {step + 1}/{steps}")
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, lr, cfg.warmup_steps)
         idx = batch_indices(n_examples, batch_size, step, seed)
@@ -106,8 +112,8 @@ def train(cfg, env, name, model, n_examples, steps, batch_size, lr, loss_fn, cou
             dist.all_reduce(step_loss)
         if not torch.isfinite(step_loss):
             optimizer.zero_grad(set_to_none=True)
-            kept = f"the last good checkpoint, {ckpt_file} (step {last_good}), is kept" if last_good else "no checkpoint was written yet"
-            raise TrainingError(f"{name}: the loss is {step_loss.item()} at step {step}; stopped, and {kept}")
+            raise TrainingError(f"{name}: the loss is {step_loss.item()} at step {step}; stopped, and "
+                                f"{kept_checkpoint(ckpt_file, last_good)}")
         if cfg.grad_clip > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
@@ -116,9 +122,14 @@ def train(cfg, env, name, model, n_examples, steps, batch_size, lr, loss_fn, cou
         optimizer.zero_grad(set_to_none=True)
         metrics = {"loss": step_loss.item(), **metrics}
         bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items()})
+        if env.master:
+            report.curves_append(curves, {"task": name, "step": step + 1, "lr": optimizer.param_groups[0]["lr"], **metrics})
         if (step + 1) % cfg.log_interval == 0 or step + 1 == steps:
             log(env, f"{name} step {step + 1}/{steps}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         if (step + 1) % cfg.ckpt_interval == 0 and step + 1 < steps:
+            if not healthy(env, raw, loss_fn, micro[-1]):  # a divergence is never saved as a good checkpoint
+                raise TrainingError(f"{name}: the model is broken after step {step + 1} (non-finite weights or loss; "
+                                    f"learning rate too high?); stopped, and {kept_checkpoint(ckpt_file, last_good)}")
             if env.master:
                 state = {"model": raw.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
                          "step": step + 1, "settings": settings}
@@ -127,16 +138,37 @@ def train(cfg, env, name, model, n_examples, steps, batch_size, lr, loss_fn, cou
                 save_checkpoint(ckpt_file, state)
             last_good = step + 1
     bar.close()
+    if steps > start and not healthy(env, raw, loss_fn, micro[-1]):
+        raise TrainingError(f"{name}: the model is broken after the last step (non-finite weights or loss; learning "
+                            f"rate too high?); nothing was saved as finished, and {kept_checkpoint(ckpt_file, last_good)}")
     return raw
 
 
-def finish(cfg, env, name, model, file, settings, **extra):
-    """Write a trained model atomically, then drop its resumable checkpoint."""
+def healthy(env, model, loss_fn, idx):
+    """Finite weights, and a finite loss on the examples idx: weights can stay finite and still be so
+    large that every output overflows (one step at --align_lr=1e30), which only a forward pass shows."""
+    ok = finite_weights(model)
+    if ok:
+        with torch.no_grad(), env.autocast():
+            ok = bool(torch.isfinite(loss_fn(model, idx)[0]))
+    if env.world > 1:  # every process must agree, or the ones that stop leave the others waiting
+        flag = torch.tensor(float(ok), device=env.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        ok = bool(flag.item())
+    return ok
+
+
+def kept_checkpoint(ckpt_file, step):
+    return f"the last good checkpoint, {ckpt_file} (step {step}), is kept" if step else "no checkpoint was written yet"
+
+
+def finish(cfg, env, task, model, enc, **extra):
+    """Write a trained model atomically, with the fingerprint of its tokenizer, then drop its resumable checkpoint."""
     if env.master:
-        save_checkpoint(file, {"model": model.state_dict(), "model_args": dataclasses.asdict(model.config),
-                               "config": dataclasses.asdict(cfg), **extra})
-        if os.path.exists(path(cfg, f"{name}.ckpt.pt")):
-            os.remove(path(cfg, f"{name}.ckpt.pt"))
+        save_checkpoint(task.outputs[0], {"model": model.state_dict(), "model_args": dataclasses.asdict(model.config),
+                                          "tokenizer": data.fingerprint(enc), "config": dataclasses.asdict(cfg), **extra})
+        if os.path.exists(path(cfg, f"{task.name}.ckpt.pt")):
+            os.remove(path(cfg, f"{task.name}.ckpt.pt"))
     barrier(env)
 
 
@@ -144,43 +176,46 @@ def finish(cfg, env, name, model, file, settings, **extra):
 # stage: data
 
 def stage_data(cfg, env):
-    settings = stage_settings(cfg, "data")
     outputs = [path(cfg, "data", f"{n}.jsonl") for n in data.TASK_FILES if n != "ood_prompts"] + [path(cfg, "tokenizer.json")]
-    if up_to_date(cfg, env, "data", settings, outputs):
+    inputs = [os.path.join(d, f) for d, _, fs in os.walk(cfg.data_dir) for f in sorted(fs)] if cfg.data != "builtin" else []
+    task = Task("data", "data", stage_settings(cfg, "data"), inputs, outputs)
+    if up_to_date(cfg, env, task):
         return
     if env.master:
         if cfg.data == "builtin":
-            task = reviews.builtin_task(cfg.seed, cfg.n_sft, cfg.n_prefs, cfg.n_align, cfg.n_eval, cfg.n_eval, cfg.pref_tau)
+            records = reviews.builtin_task(cfg.seed, cfg.n_sft, cfg.n_prefs, cfg.n_align, cfg.n_eval, cfg.n_eval, cfg.pref_tau)
         else:
             limits = dict(sft=cfg.n_sft, prefs=cfg.n_prefs, align_prompts=cfg.n_align, eval_prompts=cfg.n_eval,
                           ood_prompts=cfg.n_eval)
-            task, notes = data.load_task(cfg.data, cfg.data_dir, limits, cfg.seed)
+            records, notes = data.load_task(cfg.data, cfg.data_dir, limits, cfg.seed)
             for note in notes:
                 log(env, note)
-        for name in data.TASK_FILES:
-            if task.get(name):
-                data.write_jsonl(path(cfg, "data", f"{name}.jsonl"), task[name])
-            elif os.path.exists(path(cfg, "data", f"{name}.jsonl")):
-                os.remove(path(cfg, "data", f"{name}.jsonl"))
-        t0 = time.time()
+        t0 = time.time()  # the tokenizer first: a failure there (or Ctrl-C in BPE training) leaves no file changed
         if cfg.tokenizer == "bpe":
-            text = "\n".join(r["prompt"] + r["response"] for r in task["sft"])[:5_000_000]
-            enc = data.train_bpe(text, cfg.vocab_size)
+            enc = data.train_bpe("\n".join(r["prompt"] + r["response"] for r in records["sft"])[:5_000_000], cfg.vocab_size)
         else:
             enc = data.gpt2_tokenizer()
+        t_tok = time.time() - t0
+        for name in data.TASK_FILES:
+            if records.get(name):
+                data.write_jsonl(path(cfg, "data", f"{name}.jsonl"), records[name])
+            elif os.path.exists(path(cfg, "data", f"{name}.jsonl")):
+                os.remove(path(cfg, "data", f"{name}.jsonl"))
         data.save_tokenizer(enc, path(cfg, "tokenizer.json"))
-        log(env, f"data: {', '.join(f'{len(task[n])} {n}' for n in data.TASK_FILES if task.get(n))}; "
-                 f"tokenizer {enc.name} with {enc.n_vocab} tokens ({time.time() - t0:.1f}s)")
+        log(env, f"data: {', '.join(f'{len(records[n])} {n}' for n in data.TASK_FILES if records.get(n))}; "
+                 f"tokenizer {enc.name} with {enc.n_vocab} tokens ({t_tok:.1f}s)")
     barrier(env)
-    mark_done(cfg, env, "data", settings)
+    task.outputs += [f for f in [path(cfg, "data", "ood_prompts.jsonl")] if os.path.exists(f)]  # optional
+    mark_done(cfg, env, task)
 
 
 # -----------------------------------------------------------------------------
 # stage: sft
 
 def stage_sft(cfg, env):
-    settings = stage_settings(cfg, "sft")
-    if up_to_date(cfg, env, "sft", settings, [path(cfg, "sft.pt")]):
+    inputs = [path(cfg, "data", "sft.jsonl"), path(cfg, "tokenizer.json")] + ([cfg.init_from] if cfg.init_from != "scratch" else [])
+    task = Task("sft", "sft", stage_settings(cfg, "sft"), inputs, [path(cfg, "sft.pt")])
+    if up_to_date(cfg, env, task):
         return
     enc, records = load_tokenizer(cfg), load_data(cfg, "sft")
     examples = encode_all(cfg, env, enc, [(r["prompt"], r["response"]) for r in records], "sft")
@@ -209,9 +244,8 @@ def stage_sft(cfg, env):
     def count_fn(idx):  # response tokens in the step
         return sum(len(examples[i][0]) - examples[i][1] for i in idx)
 
-    model = train(cfg, env, "sft", model, len(examples), cfg.sft_steps, cfg.sft_batch, cfg.sft_lr,
-                  loss_fn, count_fn, settings, cfg.seed)
-    finish(cfg, env, "sft", model, path(cfg, "sft.pt"), settings)
+    model = train(cfg, env, task, model, len(examples), cfg.sft_steps, cfg.sft_batch, cfg.sft_lr, loss_fn, count_fn, cfg.seed)
+    finish(cfg, env, task, model, enc)
     if env.master:
         model.eval()
         prompts = [data.encode_prompt(enc, r["prompt"], cfg.block_size - cfg.max_new_tokens) for r in records[:2]]
@@ -220,15 +254,16 @@ def stage_sft(cfg, env):
                                   generator=torch.Generator(env.device).manual_seed(cfg.seed))
         for r, out in zip(records, outs):
             log(env, f"sft sample: {r['prompt']!r} -> {decode(enc, out)!r}")
-    mark_done(cfg, env, "sft", settings)
+    mark_done(cfg, env, task)
 
 
 # -----------------------------------------------------------------------------
 # stage: rm
 
 def stage_rm(cfg, env):
-    settings = stage_settings(cfg, "rm")
-    if up_to_date(cfg, env, "rm", settings, [path(cfg, "rm.pt")]):
+    inputs = [path(cfg, "data", "prefs.jsonl"), path(cfg, "tokenizer.json"), path(cfg, "sft.pt")]
+    task = Task("rm", "rm", stage_settings(cfg, "rm"), inputs, [path(cfg, "rm.pt")])
+    if up_to_date(cfg, env, task):
         return
     enc, records = load_tokenizer(cfg), load_data(cfg, "prefs")
     n_held = max(1, int(len(records) * cfg.rm_holdout)) if cfg.rm_holdout > 0 and len(records) > 1 else 0
@@ -245,8 +280,7 @@ def stage_rm(cfg, env):
         r_w, r_l = r[:len(idx)], r[len(idx):]
         return -torch.nn.functional.logsigmoid(r_w - r_l).sum(), {"acc": (r_w > r_l).float().mean().item()}
 
-    model = train(cfg, env, "rm", model, len(chosen), cfg.rm_steps, cfg.rm_batch, cfg.rm_lr,
-                  loss_fn, len, settings, cfg.seed)
+    model = train(cfg, env, task, model, len(chosen), cfg.rm_steps, cfg.rm_batch, cfg.rm_lr, loss_fn, len, cfg.seed)
     model.eval()
     metrics = {}
     if held:
@@ -257,8 +291,8 @@ def stage_rm(cfg, env):
             gold = reviews.gold_reward([r["chosen"] for r in held] + [r["rejected"] for r in held])
             metrics["gold_correlation"] = report.pearson(r_w + r_l, gold)
         log(env, "rm: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f" on {len(held)} held-out pairs")
-    finish(cfg, env, "rm", model, path(cfg, "rm.pt"), settings, metrics=metrics)
-    mark_done(cfg, env, "rm", settings)
+    finish(cfg, env, task, model, enc, metrics=metrics)
+    mark_done(cfg, env, task)
 
 
 # -----------------------------------------------------------------------------
@@ -267,9 +301,10 @@ def stage_rm(cfg, env):
 def stage_sample(cfg, env):
     """n candidates per prompt from the SFT model, each scored by the RM, with its SFT log-prob
     (PAPER.md step 2): alignment then needs one model in memory."""
-    settings = stage_settings(cfg, "sample")
     out_file = path(cfg, "candidates.jsonl")
-    if up_to_date(cfg, env, "sample", settings, [out_file]):
+    inputs = [path(cfg, "data", "align_prompts.jsonl"), path(cfg, "tokenizer.json"), path(cfg, "sft.pt"), path(cfg, "rm.pt")]
+    task = Task("sample", "sample", stage_settings(cfg, "sample"), inputs, [out_file])
+    if up_to_date(cfg, env, task):
         return
     enc = load_tokenizer(cfg)
     prompts = [r["prompt"] for r in load_data(cfg, "align_prompts")]
@@ -306,7 +341,7 @@ def stage_sample(cfg, env):
         log(env, f"sample: {len(records)} prompts x {n} candidates; mean RM reward "
                  f"{sum(sum(r['rewards']) for r in records) / (n * len(records)):.3f}, mean sigma(x) {sum(spread) / len(spread):.3f}")
     barrier(env)
-    mark_done(cfg, env, "sample", settings)
+    mark_done(cfg, env, task)
 
 
 # -----------------------------------------------------------------------------
@@ -316,16 +351,21 @@ def stage_align(cfg, env):
     enc = load_tokenizer(cfg)
     cands = None
     for method in method_list(cfg):
-        settings = stage_settings(cfg, "align", method=method, align_seed=cfg.seed)
-        file = path(cfg, f"policy_{method}.pt")
-        if up_to_date(cfg, env, f"align-{method}", settings, [file], stage="align"):
-            continue
-        cands = cands or load_candidates(cfg, env, enc)
-        align(cfg, env, enc, cands, method, cfg.seed, file, f"align-{method}", settings)
+        task = align_task(cfg, method, cfg.seed, f"align-{method}", path(cfg, f"policy_{method}.pt"))
+        if not up_to_date(cfg, env, task):
+            cands = cands or load_candidates(cfg, env, enc)
+            align(cfg, env, enc, cands, method, cfg.seed, task)
 
 
-def align(cfg, env, enc, cands, method, seed, file, name, settings):
+def align_task(cfg, method, seed, name, file):
+    """Training one policy: what it depends on, for the stage records."""
+    inputs = [path(cfg, "candidates.jsonl"), path(cfg, "tokenizer.json"), path(cfg, "sft.pt")]
+    return Task(name, "align", stage_settings(cfg, "align", method=method, align_seed=seed), inputs, [file])
+
+
+def align(cfg, env, enc, cands, method, seed, task):
     """Train one policy from the SFT weights with one method on the scored candidates."""
+    name = task.name
     B, n = cands.rewards.shape
     sigma = vcb.reward_sigma(cands.rewards)
     calibrated = sigma > cfg.sigma_floor
@@ -359,10 +399,9 @@ def align(cfg, env, enc, cands, method, seed, file, name, settings):
             return int(calibrated[idx].sum())
         return int(n_pairs[idx].sum()) if method in PAIR_LOSSES else len(idx)
 
-    model = train(cfg, env, name, model, B, cfg.align_steps, cfg.align_batch, cfg.align_lr,
-                  loss_fn, count_fn, settings, seed)
-    finish(cfg, env, name, model, file, settings)
-    mark_done(cfg, env, name, settings)
+    model = train(cfg, env, task, model, B, cfg.align_steps, cfg.align_batch, cfg.align_lr, loss_fn, count_fn, seed)
+    finish(cfg, env, task, model, enc)
+    mark_done(cfg, env, task)
 
 
 def align_metrics(method, logps, ref, rewards, cfg):
@@ -384,12 +423,14 @@ def align_metrics(method, logps, ref, rewards, cfg):
 # stage: eval
 
 def stage_eval(cfg, env):
-    settings = stage_settings(cfg, "eval")
-    outputs = [path(cfg, "results.json"), path(cfg, "frontier.png")]
-    if up_to_date(cfg, env, "eval", settings, outputs):
+    policies = {"sft": path(cfg, "sft.pt"), **{m: path(cfg, f"policy_{m}.pt") for m in method_list(cfg)}}
+    prompts = [path(cfg, "data", f) for f in ("eval_prompts.jsonl", "ood_prompts.jsonl") if os.path.exists(path(cfg, "data", f))]
+    inputs = prompts + [path(cfg, "tokenizer.json"), path(cfg, "rm.pt")] + list(policies.values())
+    outputs = [path(cfg, "results.json"), path(cfg, "results.md"), path(cfg, "frontier.png")]
+    task = Task("eval", "eval", stage_settings(cfg, "eval"), inputs, outputs)
+    if up_to_date(cfg, env, task):
         return
     enc = load_tokenizer(cfg)
-    policies = {"sft": path(cfg, "sft.pt"), **{m: path(cfg, f"policy_{m}.pt") for m in method_list(cfg)}}
     results = evaluate(cfg, env, enc, policies, cfg.seed)
     if env.master:
         judge = judge_name(cfg)
@@ -404,7 +445,7 @@ def stage_eval(cfg, env):
         report.plot_frontier(points, path(cfg, "frontier.png"), f"Reward against KL (beta = {cfg.beta:g}, seed {cfg.seed})", judge)
         log(env, f"eval: wrote {path(cfg, 'results.json')}, {path(cfg, 'results.md')} and {path(cfg, 'frontier.png')}")
     barrier(env)
-    mark_done(cfg, env, "eval", settings)
+    mark_done(cfg, env, task)
 
 
 # -----------------------------------------------------------------------------
@@ -416,6 +457,10 @@ STAGE_FNS = {"data": stage_data, "sft": stage_sft, "rm": stage_rm, "sample": sta
 def start(argv, doc=__doc__):
     """Options, devices and processes of a run; prints and saves the config."""
     cfg = parse_args(argv, doc)
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out_dir={cfg.out_dir}: cannot create it ({e.strerror})") from None
     env = setup(cfg)
     if env.master:
         print("config: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
@@ -430,6 +475,8 @@ def main(argv, then=None, doc=__doc__):
     t0 = time.time()
     for stage in STAGES if cfg.stage == "all" else [cfg.stage]:
         STAGE_FNS[stage](cfg, env)
+    if env.master:
+        report.plot_curves(path(cfg, "curves.jsonl"), path(cfg, "curves.png"))
     if then is not None:
         then(cfg, env)
     log(env, f"done in {time.time() - t0:.0f}s")

@@ -86,7 +86,14 @@ def vcb_prompt_losses(policy_logps, ref_logps, rewards, beta=1.0, lam=0.0, sigma
     if lam == 0:
         per_prompt = l.mean(-1)
     else:
-        per_prompt = (torch.logsumexp(lam * l, dim=-1) - math.log(l.size(-1))) / lam
+        # The same value, written so that it stays exact for every lam: with m the largest l_ij,
+        #   L(x) = m + (1/lam) log(1 + mean(expm1(lam (l_ij - m)))).
+        # The naive (logsumexp(lam l) - log P) / lam subtracts two nearly equal numbers and divides
+        # the rounding error by lam (at lam = 1e-7 in float32 it is off by units); here every term is
+        # small and exact, and the mean of expm1 stays above -1 because the largest pair gives 0.
+        # m carries no gradient: L(x) does not depend on it.
+        m = l.detach().max(dim=-1, keepdim=True).values           # (B, 1)
+        per_prompt = m.squeeze(-1) + torch.log1p(torch.expm1(lam * (l - m)).mean(-1)) / lam
     return torch.where(calibrated, per_prompt, torch.zeros_like(per_prompt)), calibrated
 
 

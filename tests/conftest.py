@@ -3,6 +3,7 @@
 Hypothesis runs derandomised (the same examples every run, so CI is reproducible) and without a
 per-example deadline (shared CI machines are noisy; speed is measured by bench.py, not by tests).
 """
+import json
 import os
 import shutil
 import subprocess
@@ -13,6 +14,8 @@ import torch
 from hypothesis import settings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import reviews  # noqa: E402  (after the path is set)
+import train  # noqa: E402
 
 settings.register_profile("default", deadline=None, max_examples=60, derandomize=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
@@ -39,6 +42,15 @@ def run_train(out_dir, *args, tiny=True, env=None, timeout=300, script=("train.p
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=full_env, timeout=timeout)
 
 
+def run(out, *args):
+    """train.main in this process, at the tiny size."""
+    train.main([f"--out_dir={out}", *TINY, *args])
+
+
+def write_lines(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+
+
 def run_experiment(out_dir, name, *args, **kwargs):
     """python experiments.py NAME in a subprocess, like run_train."""
     return run_train(out_dir, *args, script=("experiments.py", name), **kwargs)
@@ -51,6 +63,17 @@ def tiny_run(tmp_path_factory):
     proc = run_train(out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc
+
+
+@pytest.fixture
+def jsonl_dir(tmp_path):
+    """A small, valid data folder for --data=jsonl."""
+    folder = tmp_path / "mydata"
+    folder.mkdir()
+    task = reviews.builtin_task(seed=1, n_sft=60, n_prefs=20, n_align=8, n_eval=4, n_ood=4)
+    for name in ("sft", "prefs", "align_prompts", "eval_prompts"):
+        write_lines(folder / f"{name}.jsonl", [json.dumps(r) for r in task[name]])
+    return folder
 
 
 @pytest.fixture

@@ -171,6 +171,34 @@ def test_lam_zero_is_the_mean_and_large_lam_tends_to_the_worst_pair(sets, beta):
     assert (big >= worst - math.log(l.size(-1)) / 1e4 - slack).all()
 
 
+@given(candidate_sets(), BETAS, st.sampled_from([1e-30, 1e-12, 1e-7, 1e-4, 0.01, 1.0, 100.0, 1e6]))
+def test_the_loss_is_exact_for_every_lam_even_in_float32(sets, beta, lam):
+    """L(x) lies between the mean and the max of the pair terms for every lam >= 0, also in float32
+    and at lam = 1e-7, where (logsumexp - log P) / lam loses everything to cancellation."""
+    policy, ref, r = (t.float() for t in sets)
+    l = vcb.vcb_pair_terms(policy, ref, r, beta)[0]
+    loss, _ = vcb.vcb_prompt_losses(policy, ref, r, beta, lam)
+    slack = 1e-5 * (1 + l.abs().max(-1).values)
+    assert (loss >= l.mean(-1) - slack).all() and (loss <= l.max(-1).values + slack).all()
+    l64 = l.double()  # the same pair terms in float64, where the naive form is accurate down to lam ~ 1e-12
+    if 1e-12 <= lam <= 1.0:
+        naive = (torch.logsumexp(lam * l64, dim=-1) - math.log(l.size(-1))) / lam
+        torch.testing.assert_close(loss.double(), naive, rtol=1e-5, atol=1e-5)
+
+
+@given(candidate_sets(), BETAS, st.sampled_from([0.01, 0.1, 1.0]))
+def test_the_exact_form_has_the_naive_forms_value_and_gradient(sets, beta, lam):
+    policy, ref, r = sets
+    policy.requires_grad_(True)
+    loss, _ = vcb.vcb_prompt_losses(policy, ref, r, beta, lam)
+    l = vcb.vcb_pair_terms(policy, ref, r, beta)[0]
+    naive = (torch.logsumexp(lam * l, dim=-1) - math.log(l.size(-1))) / lam  # float64: no cancellation worth the name
+    close(loss, naive.detach(), tol=1e-6)
+    g, = torch.autograd.grad(loss.sum(), policy)
+    g_naive, = torch.autograd.grad(naive.sum(), policy)
+    torch.testing.assert_close(g, g_naive, rtol=1e-6, atol=1e-6)
+
+
 def test_prompts_without_reward_spread_are_skipped_and_counted():
     policy = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -5.0, -2.0]], dtype=torch.float64, requires_grad=True)
     ref = torch.full((2, 3), -2.0, dtype=torch.float64)

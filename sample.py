@@ -1,0 +1,148 @@
+"""
+sample.py: see what the policies of a run write. For each prompt, every policy in the folder (SFT
+and each trained method) samples a few responses, printed side by side, each with its reward-model
+score, its gold reward (built-in task) and its log-probability under the SFT model (how far from
+SFT the policy has gone to write it).
+
+    python sample.py --prompt="I saw Night Train with my family."
+    python sample.py --out_dir=out --prompt_file=prompts.txt --methods=sft,vcb,dpo --num_samples=5
+    python sample.py                  # type prompts at the prompt, an empty line or Ctrl-D ends
+    python sample.py --help
+
+The run's own settings (context length, data, precision) come from its config.json; a seed gives
+the same samples every time.
+"""
+import json
+import os
+from dataclasses import dataclass, fields
+from types import SimpleNamespace
+
+import torch
+
+import data
+import reviews
+from config import METHODS, Config, ConfigError, parse_options
+from data import DataError
+from evaluate import decode, score_logps, score_rewards
+from runtime import command, load_model, load_tokenizer, path, setup
+
+
+@dataclass
+class SampleConfig:
+    out_dir: str = "out"             # the run's folder, written by python train.py
+    prompt: str = ""                 # one prompt (else --prompt_file, else typed at the prompt)
+    prompt_file: str = ""            # a text file of prompts, one per line
+    methods: str = "all"             # policies to sample, comma-separated from sft and the methods; all: every one in the folder
+    num_samples: int = 3             # samples per prompt and policy
+    max_new_tokens: int = 0          # longest response (0: the run's --max_new_tokens)
+    temperature: float = 1.0         # sampling temperature (0: greedy)
+    top_k: int = 0                   # keep only the k most likely tokens (0: off)
+    top_p: float = 1.0               # keep the smallest set of tokens whose probability reaches p (1: off)
+    seed: int = 0                    # the same seed gives the same samples
+    device: str = "auto"             # auto, cpu, cuda, cuda:N
+
+
+def run_config(out_dir):
+    """The Config the run in out_dir was made with (its config.json)."""
+    if not os.path.isdir(out_dir):
+        raise DataError(f"{out_dir}: no such folder (python train.py --out_dir={out_dir} writes it)")
+    file = os.path.join(out_dir, "config.json")
+    try:
+        with open(file, encoding="utf-8") as f:
+            saved = json.load(f)
+        known = {f.name for f in fields(Config)}
+        return Config(**{k: v for k, v in saved.items() if k in known})
+    except FileNotFoundError:
+        raise DataError(f"{file}: missing; is {out_dir} a folder written by python train.py?") from None
+    except (ValueError, TypeError, AttributeError) as e:
+        raise DataError(f"{file}: not a run configuration ({type(e).__name__}: {e})") from None
+
+
+def policies(cfg, methods):
+    """{name: checkpoint} of the policies to sample: sft, then the methods in the order of METHODS."""
+    if methods == "all":
+        names = ["sft"] + [m for m in METHODS if os.path.exists(path(cfg, f"policy_{m}.pt"))]
+    else:
+        names = [m.strip() for m in methods.split(",") if m.strip()]
+        for m in names:
+            if m not in ["sft"] + METHODS:
+                raise ConfigError(f"--methods: unknown policy {m!r}; known: sft, {', '.join(METHODS)}")
+    return {m: path(cfg, "sft.pt" if m == "sft" else f"policy_{m}.pt") for m in names}
+
+
+def read_prompts(opts):
+    if opts.prompt:
+        return [opts.prompt]
+    if opts.prompt_file:
+        prompts = []
+        for n, line in data.text_lines(opts.prompt_file):
+            if isinstance(line, DataError):
+                raise line
+            if line.strip():
+                prompts.append(line.rstrip("\r\n"))
+        if not prompts:
+            raise DataError(f"{opts.prompt_file}: no prompts (one per line)")
+        return prompts
+    return None  # typed, one at a time
+
+
+def main(argv):
+    opts = parse_options(SampleConfig(), argv, __doc__)
+    if opts.num_samples < 1 or opts.max_new_tokens < 0 or opts.temperature < 0 or opts.top_k < 0 or not 0 < opts.top_p <= 1:
+        raise ConfigError("--num_samples must be >= 1, --max_new_tokens, --temperature and --top_k >= 0, --top_p in (0, 1]")
+    cfg = run_config(opts.out_dir)
+    cfg.out_dir = opts.out_dir
+    env = setup(SimpleNamespace(device=opts.device, dtype=cfg.dtype))
+    enc = load_tokenizer(cfg)
+    new_tokens = opts.max_new_tokens or cfg.max_new_tokens
+    if new_tokens >= cfg.block_size:
+        raise ConfigError(f"--max_new_tokens={new_tokens} leaves no room for a prompt in the run's block_size={cfg.block_size}")
+    models = {name: load_model(file, env, enc, cfg).eval() for name, file in policies(cfg, opts.methods).items()}
+    sft = models.get("sft") or load_model(path(cfg, "sft.pt"), env, enc, cfg).eval()
+    rm = load_model(path(cfg, "rm.pt"), env, enc, cfg).eval() if os.path.exists(path(cfg, "rm.pt")) else None
+    prompts = read_prompts(opts)
+    try:
+        for prompt in prompts or iter(input_prompt, None):
+            show(opts, cfg, env, enc, models, sft, rm, prompt, new_tokens)
+    except KeyboardInterrupt:
+        print()
+
+
+def input_prompt():
+    try:
+        text = input("prompt> ")
+    except EOFError:
+        return None
+    return text if text.strip() else None
+
+
+@torch.no_grad()
+def show(opts, cfg, env, enc, models, sft, rm, prompt, new_tokens):
+    """Each policy's samples for one prompt, one line each: scores, then the text."""
+    print(f"\nprompt: {prompt!r}")
+    if not data.valid_unicode(prompt):
+        print("  (not valid Unicode text; skipped)")
+        return
+    ids = data.encode_prompt(enc, prompt, cfg.block_size - new_tokens)
+    width = max(len(name) for name in models)
+    print(f"  {'':{width}}  {'RM':>6} {'gold':>6} {'logp_sft':>9}  response")
+    for name, model in models.items():
+        g = torch.Generator(env.device).manual_seed(opts.seed)  # every policy draws from the same seed
+        with env.autocast():
+            outs = model.generate([ids], new_tokens, temperature=opts.temperature, top_k=opts.top_k or None,
+                                  top_p=opts.top_p, stop_token=enc.eot_token, num_samples=opts.num_samples, generator=g)
+        texts = [decode(enc, o) for o in outs]
+        cut = ["" if o and o[-1] == enc.eot_token else " [cut at max_new_tokens]" for o in outs]
+        logp_sft = score_logps(cfg, env, sft, enc, [(ids + o, len(ids)) for o in outs])
+        rm_scores = score_rewards(cfg, env, rm, enc, [(prompt, t) for t in texts]) if rm else [None] * len(texts)
+        gold = reviews.gold_reward(texts) if cfg.data == "builtin" else [None] * len(texts)
+        for text, r, g_, lp, c in zip(texts, rm_scores, gold, logp_sft, cut):
+            print(f"  {name:{width}}  {fmt(r)} {fmt(g_)} {lp:9.2f}  {text!r}{c}")
+
+
+def fmt(v):
+    return f"{v:+6.2f}" if v is not None else f"{'-':>6}"
+
+
+if __name__ == "__main__":
+    command(main)
