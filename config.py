@@ -18,7 +18,8 @@ import sys
 from dataclasses import dataclass
 
 STAGES = ["data", "sft", "rm", "sample", "align", "eval"]
-METHODS = ["vcb", "dpo", "ipo", "slic", "rrhf"]
+METHODS = ["vcb", "dpo", "ipo", "slic", "rrhf", "ppo", "rloo"]
+ONLINE = ["ppo", "rloo"]  # they sample from the policy as it learns (ppo.py); the others learn from the candidates
 
 
 @dataclass
@@ -28,11 +29,13 @@ class Config:
     stage: str = "all"               # data, sft, rm, sample, align, eval, or all (in that order)
     force: bool = False              # redo the chosen stages even when their outputs are up to date
     sweep_betas: str = "0.1,0.3,1,3"  # betas of experiments.py sweep
+    sweep_online_betas: str = "0.03,0.1,0.3,1"  # betas of ppo and rloo in the sweep (their beta moves KL otherwise)
     sweep_seeds: str = "0,1,2"       # seeds of experiments.py: alignment batch order and evaluation samples
     seed: int = 0                    # seed of the data, initialisation, batch order and sampling
     device: str = "auto"             # auto (cuda when there is one, else cpu), cpu, cuda, cuda:1, ...
     dtype: str = "auto"              # auto (bfloat16 autocast on CUDA, float32 on CPU), float32, bfloat16, float16
     compile: bool = False            # torch.compile the model for training (CUDA; slow first steps)
+    jobs: int = 0                    # experiments.py: policies trained at once in worker processes (0: auto, the CPU cores on CPU, 1 on GPU)
     # ---- data
     data: str = "builtin"            # builtin (reviews with a gold reward), hh, tldr, or jsonl (your own files)
     data_dir: str = ""               # folder of the hh, tldr or jsonl files (README: "Your own data")
@@ -72,13 +75,27 @@ class Config:
     top_p: float = 1.0               # top-p of the candidates (1: off)
     sample_batch: int = 64           # prompts per generate() call; each call has its own seed
     # ---- align
-    methods: str = "vcb,dpo,ipo,slic,rrhf"  # comma-separated, from vcb, dpo, ipo, slic, rrhf
+    methods: str = "vcb,dpo,ipo,slic,rrhf,ppo,rloo"  # comma-separated, from vcb, dpo, ipo, slic, rrhf, ppo, rloo
     beta: float = 1.0                # KL strength beta of every method (VCB: the reward gap / (beta sigma))
     lam: float = 0.1                 # VCB: LogSumExp temperature over a prompt's pairs (0: plain mean)
     sigma_floor: float = 1e-6        # VCB: prompts whose reward spread is under this are skipped
     align_steps: int = 60            # optimizer steps per method
     align_batch: int = 8             # prompts per step, each with all its candidates
     align_lr: float = 1e-3           # peak learning rate
+    # ---- online methods: ppo and rloo (ppo.py)
+    online_iters: int = 30           # iterations: a batch of rollouts, then the updates on it
+    online_prompts: int = 16         # prompts per iteration
+    online_k: int = 4                # samples per prompt: RLOO's k, and PPO's (both learn from the same rollouts)
+    online_lr: float = 3e-4          # peak learning rate of the policy
+    critic_lr: float = 1e-3          # PPO: peak learning rate of the critic
+    ppo_epochs: int = 4              # PPO: passes over each batch of rollouts
+    ppo_minibatches: int = 2         # PPO: gradient steps per pass
+    ppo_clip: float = 0.2            # PPO: clip range of the probability ratio and of the value
+    ppo_vf_coef: float = 0.1         # PPO: weight of the value loss
+    ppo_gamma: float = 1.0           # PPO: GAE discount
+    ppo_lambda: float = 0.95         # PPO: GAE lambda
+    ppo_target_kl: float = 0.0       # PPO and RLOO: adapt beta towards this KL in nats (0: beta stays fixed)
+    eos_penalty: float = 1.0         # subtracted from the normalised score of a response cut at max_new_tokens
     # ---- eval
     eval_samples: int = 2            # samples per prompt and policy, at temperature 1 with no top-k/top-p
     eval_batch: int = 256            # sequences per forward pass when scoring
@@ -95,9 +112,13 @@ STAGE_KEYS = {
             "grad_clip", "warmup_steps", "sft_steps", "sft_batch", "sft_lr"],
     "rm": ["rm_steps", "rm_batch", "rm_lr", "rm_holdout"],
     "sample": ["n_candidates", "max_new_tokens", "temperature", "top_k", "top_p", "sample_batch"],
-    "align": ["beta", "lam", "sigma_floor", "align_steps", "align_batch", "align_lr"],
+    "align": ["beta", "lam", "sigma_floor", "align_steps", "align_batch", "align_lr"],  # the online methods: ONLINE_KEYS
     "eval": ["methods", "eval_samples"],
 }
+
+
+ONLINE_KEYS = ["beta", "online_iters", "online_prompts", "online_k", "online_lr", "critic_lr", "ppo_epochs", "ppo_minibatches",
+               "ppo_clip", "ppo_vf_coef", "ppo_gamma", "ppo_lambda", "ppo_target_kl", "eos_penalty", "max_new_tokens"]
 
 
 class ConfigError(ValueError):
@@ -165,12 +186,13 @@ def validate(cfg):
         if f.type is float and not math.isfinite(v):
             raise ConfigError(f"--{f.name}={v}: must be a finite number")
         may_be_zero = ("seed", "lam", "top_k", "grad_clip", "warmup_steps", "sigma_floor", "dropout", "rm_holdout",
-                       "weight_decay")
+                       "weight_decay", "jobs", "ppo_target_kl", "eos_penalty", "ppo_lambda")
         if cfg.data != "builtin":
             may_be_zero += ("n_sft", "n_prefs", "n_align", "n_eval")  # 0: every record
         if f.type in (int, float) and f.name not in may_be_zero and v <= 0:
             raise ConfigError(f"--{f.name}={v}: must be positive")
-    for key in ("lam", "top_k", "grad_clip", "warmup_steps", "sigma_floor", "seed", "weight_decay"):
+    for key in ("lam", "top_k", "grad_clip", "warmup_steps", "sigma_floor", "seed", "weight_decay", "jobs",
+                "ppo_target_kl", "eos_penalty"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"--{key}={getattr(cfg, key)}: must be >= 0")
     if not 0 <= cfg.dropout < 1 or not 0 < cfg.top_p <= 1 or not 0 <= cfg.rm_holdout < 1:
@@ -189,7 +211,14 @@ def validate(cfg):
     for key in ("sft_batch", "rm_batch", "align_batch"):
         if getattr(cfg, key) < cfg.grad_accum:
             raise ConfigError(f"--{key}={getattr(cfg, key)} cannot be split into --grad_accum={cfg.grad_accum} micro-batches")
+    if "rloo" in method_list(cfg) and cfg.online_k < 2:
+        raise ConfigError(f"--online_k={cfg.online_k}: RLOO's baseline is the other samples of a prompt, it needs at least 2")
+    if cfg.ppo_gamma > 1 or cfg.ppo_lambda > 1 or cfg.ppo_clip >= 1:
+        raise ConfigError("--ppo_gamma and --ppo_lambda must be in [0, 1], --ppo_clip in (0, 1)")
+    if cfg.ppo_minibatches > cfg.online_prompts:
+        raise ConfigError(f"--ppo_minibatches={cfg.ppo_minibatches} is more than the --online_prompts={cfg.online_prompts} to split")
     sweep_list(cfg, "sweep_betas", float)
+    sweep_list(cfg, "sweep_online_betas", float)
     sweep_list(cfg, "sweep_seeds", int)
 
 
@@ -226,3 +255,11 @@ def stage_settings(cfg, stage, **extra):
     """The settings a stage's outputs depend on: its own keys and every earlier stage's."""
     keys = [k for s in STAGES[:STAGES.index(stage) + 1] for k in STAGE_KEYS[s]]
     return {**{k: getattr(cfg, k) for k in keys}, **extra}
+
+
+def align_settings(cfg, method, seed):
+    """What one policy depends on: the stages before alignment, its method, seed and own options."""
+    settings = stage_settings(cfg, "align", method=method, align_seed=seed)
+    if method in ONLINE:  # an online method's options are its own: changing them redoes only ppo and rloo
+        settings.update({k: getattr(cfg, k) for k in ONLINE_KEYS})
+    return settings

@@ -12,6 +12,7 @@ data.py: the tokenizer, the data files, and the built-in task with its gold rewa
 """
 import base64
 import contextlib
+import fcntl
 import gzip
 import hashlib
 import heapq
@@ -24,8 +25,10 @@ import stat
 import tempfile
 import zlib
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 
 import tiktoken
+import torch
 
 EOT = "<|endoftext|>"
 # Pre-tokenisation pattern (GPT-2's, written with classes that Python's re and tiktoken's regex engine
@@ -53,6 +56,16 @@ def atomic_path(path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+@contextlib.contextmanager
+def locked(path):
+    """An exclusive lock on path + '.lock' for the block: several processes (experiments.py's workers)
+    may read, change and write the same small file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(f"{path}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def finite(obj):
@@ -335,7 +348,6 @@ def encode_example(enc, prompt, response, block_size):
 
 def collate(examples, pad_id):
     """examples: list of (ids, start) -> idx (B, T) right-padded, mask (B, T) 1 on response tokens."""
-    import torch
     T = max(len(ids) for ids, _ in examples)
     idx = torch.full((len(examples), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), T), dtype=torch.bool)
@@ -343,6 +355,82 @@ def collate(examples, pad_id):
         idx[b, :len(ids)] = torch.tensor(ids)
         mask[b, start:len(ids)] = True
     return idx, mask
+
+
+@dataclass
+class Packed:
+    """A prompt's responses packed into one row after it, so the prompt is read once, not once per
+    response, and no row is padded to the longest sequence of the batch. Row g holds prompt g, then
+    its responses one after another; each response token sees its prompt and the tokens of its own
+    response before it (`mask`), at the positions it would have alone (`pos`). Shapes: G prompts, L
+    the longest row, S responses in all, N response tokens in all."""
+    idx: torch.Tensor      # (G, L) token ids, right-padded
+    pos: torch.Tensor      # (G, L) each token's position in its own sequence: prompt, then its response
+    mask: torch.Tensor     # (G, 1, L, L) True where a query may attend
+    rows: torch.Tensor     # (N,) the row of each response token,
+    cols: torch.Tensor     # (N,) ... and the column that predicts it: the token before it in its sequence
+    targets: torch.Tensor  # (N,) the response tokens
+    seq: torch.Tensor      # (N,) which response each token belongs to, 0..S-1, prompt-major
+    last: torch.Tensor     # (S,) the column of each response's last token (where the reward model reads),
+    last_rows: torch.Tensor  # (S,) ... in this row
+    lengths: torch.Tensor  # (S,) tokens per response
+    cut: int                 # sequences cut to fit block_size
+
+    def to(self, device):
+        return Packed(**{k: v.to(device) if hasattr(v, "to") else v for k, v in self.__dict__.items()})
+
+
+def encode_group(enc, prompt, responses):
+    """A prompt and its responses as token ids for pack(): (<|endoftext|> + prompt, [response +
+    <|endoftext|>, ...]), the same tokens encode_example gives each pair."""
+    return [enc.eot_token] + enc.encode_ordinary(prompt), [enc.encode_ordinary(r) + [enc.eot_token] for r in responses]
+
+
+def fit(prompt, responses, block_size):
+    """Cut a group to block_size as encode_example cuts a pair: the prompt from the left (its first
+    token, <|endoftext|>, stays) to leave room for its longest response, a response that alone does
+    not fit from the right. Returns (prompt, responses, how many sequences were cut)."""
+    keep = max(block_size - max(len(r) for r in responses), 2)  # <|endoftext|> and one prompt token
+    cut = 0
+    if len(prompt) > keep:
+        prompt, cut = prompt[:1] + prompt[len(prompt) - keep + 1:], len(responses)
+    room = block_size - len(prompt)
+    return prompt, [r[:room] for r in responses], max(cut, sum(len(r) > room for r in responses))
+
+
+def pack(groups, block_size, pad_id):
+    """groups: [(prompt ids, [response ids, ...])] as encode_group gives them, cut to fit block_size
+    by fit(). Returns Packed."""
+    rows, cut = [], 0
+    for prompt, responses in groups:
+        prompt, responses, n_cut = fit(prompt, responses, block_size)
+        rows.append((prompt, responses))
+        cut += n_cut
+    L = max(len(p) + sum(len(r) for r in rs) for p, rs in rows)
+    G = len(rows)
+    idx = torch.full((G, L), pad_id, dtype=torch.long)
+    pos = torch.zeros((G, L), dtype=torch.long)
+    seg = torch.full((G, L), -1, dtype=torch.long)  # 0: prompt, k + 1: response k, -1: padding
+    tok_rows, tok_cols, targets, seq, last, last_rows, lengths = [], [], [], [], [], [], []
+    for g, (prompt, responses) in enumerate(rows):
+        P, c = len(prompt), len(prompt)
+        idx[g, :P], pos[g, :P], seg[g, :P] = torch.tensor(prompt), torch.arange(P), 0
+        for k, r in enumerate(responses):
+            idx[g, c:c + len(r)], pos[g, c:c + len(r)], seg[g, c:c + len(r)] = torch.tensor(r), torch.arange(P, P + len(r)), k + 1
+            tok_rows += [g] * len(r)
+            tok_cols += [P - 1] + list(range(c, c + len(r) - 1))  # the first token is predicted by the prompt's last
+            targets += r
+            seq += [len(lengths)] * len(r)
+            last.append(c + len(r) - 1)
+            last_rows.append(g)
+            lengths.append(len(r))
+            c += len(r)
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    same = (seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])          # the prompt, or my own response
+    mask = (causal & same & (seg[:, None, :] >= 0)) | torch.eye(L, dtype=torch.bool)  # padding sees itself: no NaN
+    t = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+    return Packed(idx, pos, mask[:, None], t(tok_rows), t(tok_cols), t(targets), t(seq), t(last), t(last_rows),
+                  t(lengths), cut)
 
 
 def encode_prompt(enc, prompt, max_len):

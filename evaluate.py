@@ -2,7 +2,8 @@
 evaluate.py: models reading text in batches, and the evaluation of policies.
 
 - Sampling in seeded chunks shared round-robin by the processes (what a chunk gets does not depend
-  on how many processes there are), reward-model scores r(x, y), summed response log-probs.
+  on how many processes there are), reward-model scores r(x, y), summed response log-probs; both
+  read a prompt's responses packed after it (data.pack), so the prompt is computed once.
 - `evaluate`: each policy samples on the held-out and the out-of-distribution prompts at
   temperature 1 with no top-k/top-p (samples from pi itself, which the KL estimate needs); each
   sample is scored by the gold reward (built-in task), the reward model and both log-probs, and
@@ -31,39 +32,53 @@ def decode(enc, tokens):
     return enc.decode([t for t in tokens if t != enc.eot_token])
 
 
+def chunks(groups, size):
+    """Consecutive groups of about `size` sequences in all (at least one group each)."""
+    out, n = [], 0
+    for g in groups:
+        if out and n + len(g[1]) > size:
+            yield out
+            out, n = [], 0
+        out.append(g)
+        n += len(g[1])
+    if out:
+        yield out
+
+
 @torch.no_grad()
-def score_rewards(cfg, env, rm, enc, pairs):
-    """RM scores r(x, y) of (prompt, response) pairs, in batches of eval_batch."""
-    examples = [data.encode_example(enc, p, r, cfg.block_size)[:2] for p, r in pairs]
+def score_rewards(cfg, env, rm, enc, groups):
+    """RM scores r(x, y) of every response of groups [(prompt ids, [response ids])] (data.encode_group),
+    read at each response's last token, packed and in batches of about eval_batch. A flat list."""
     out = []
-    for k in range(0, len(examples), cfg.eval_batch):
-        chunk = examples[k:k + cfg.eval_batch]
-        x, _ = data.collate(chunk, enc.eot_token)
+    for chunk in chunks(groups, cfg.eval_batch):
+        p = data.pack(chunk, cfg.block_size, enc.eot_token).to(env.device)
         with env.autocast():
-            out += rm(x.to(env.device), reward_mask=real_mask([ids for ids, _ in chunk], x.size(1)).to(env.device)).tolist()
+            out += rm(p.idx, pos=p.pos, attn_mask=p.mask, at=(p.last_rows, p.last)).tolist()
     return out
 
 
 @torch.no_grad()
-def score_logps(cfg, env, model, enc, examples):
-    """Summed response log-probs of [(ids, start)] under model, float32, in batches of eval_batch."""
+def score_logps(cfg, env, model, enc, groups):
+    """Summed response log-probs (float32) of every response of groups under model, packed and in
+    batches of about eval_batch. A flat list."""
     out = []
-    for k in range(0, len(examples), cfg.eval_batch):
-        x, mask = data.collate(examples[k:k + cfg.eval_batch], enc.eot_token)
-        x, mask = x.to(env.device), mask.to(env.device)
+    for chunk in chunks(groups, cfg.eval_batch):
+        p = data.pack(chunk, cfg.block_size, enc.eot_token).to(env.device)
         with env.autocast():
-            out += vcb.sequence_logps(model(x), x, mask).tolist()
+            token_logps = model(p.idx, pos=p.pos, attn_mask=p.mask, at=(p.rows, p.cols), targets=p.targets)
+        out += vcb.packed_logps(token_logps, p.seq, p.lengths).tolist()
     return out
 
 
-def sample_chunks(cfg, env, enc, model, prompts, seed, offset=0, desc="sample", **sampling):
-    """Generate for prompts in chunks of sample_batch, each chunk with its own seed, the chunks shared
-    round-robin by the processes: what a chunk gets does not depend on the number of processes.
-    Yields (index of the chunk's first prompt, its prompts, their token ids, the generate() output)."""
-    max_prompt = cfg.block_size - cfg.max_new_tokens
-    for c in tqdm(list(range(0, len(prompts), cfg.sample_batch))[env.rank::env.world], desc=desc,
-                  disable=not env.master, leave=False):
-        batch = prompts[c:c + cfg.sample_batch]
+def sample_chunks(cfg, env, enc, model, prompts, seed, offset=0, desc="sample", size=None, **sampling):
+    """Generate for prompts in chunks of `size` prompts (default sample_batch), each chunk with its own
+    seed, the chunks shared round-robin by the processes: what a chunk gets does not depend on the
+    number of processes. Yields (index of the chunk's first prompt, its prompts, their token ids, the
+    generate() output)."""
+    max_prompt, size = cfg.block_size - cfg.max_new_tokens, size or cfg.sample_batch
+    for c in tqdm(list(range(0, len(prompts), size))[env.rank::env.world], desc=desc,
+                  disable=not (env.master and env.bars), leave=False):
+        batch = prompts[c:c + size]
         ids = [data.encode_prompt(enc, p, max_prompt) for p in batch]
         g = torch.Generator(env.device).manual_seed(seed * 1_000_003 + offset + c)
         try:
@@ -83,22 +98,30 @@ def beta_label(method, beta):
     return "-" if method in ("sft", "rrhf") or beta is None else f"{beta:g}"  # SFT and RRHF have no beta
 
 
-def evaluate(cfg, env, enc, policies, seed, cache=None):
-    """For each policy {name: checkpoint}, on the held-out and out-of-distribution prompts: samples
-    at temperature 1 with no top-k/top-p (samples from pi itself, which the KL estimate needs),
-    scored by the gold reward, the RM and both log-probs. cache {(file, seed): scored} reuses work."""
-    cache = {} if cache is None else cache
-    sets = {"eval": [r["prompt"] for r in load_data(cfg, "eval_prompts")],
-            "ood": [r["prompt"] for r in load_data(cfg, "ood_prompts")]}
-    sft = load_model(path(cfg, "sft.pt"), env, enc, cfg).eval()
-    rm = load_model(path(cfg, "rm.pt"), env, enc, cfg).eval()
-    scored = {}
-    for name, file in policies.items():
-        if (file, seed) not in cache:
-            pi = sft if file == path(cfg, "sft.pt") else load_model(file, env, enc, cfg).eval()
-            cache[(file, seed)] = {s: sample_and_score(cfg, env, enc, name, pi, sft, rm, prompts, seed, s)
-                                   for s, prompts in sets.items() if prompts}
-        scored[name] = cache[(file, seed)]
+def evaluate(cfg, env, enc, policies, seed):
+    """Every policy {name: checkpoint} scored on the held-out and out-of-distribution prompts, then
+    compared with SFT (and DPO): {name: {set: metrics}}."""
+    refs = reference_models(cfg, env, enc)
+    return compare(cfg, env, {name: score_policy(cfg, env, enc, name, file, seed, refs) for name, file in policies.items()})
+
+
+def reference_models(cfg, env, enc):
+    """The models every evaluation reads besides the policy: SFT (the KL's reference) and the RM."""
+    return {"sft": load_model(path(cfg, "sft.pt"), env, enc, cfg).eval(), "rm": load_model(path(cfg, "rm.pt"), env, enc, cfg).eval()}
+
+
+def score_policy(cfg, env, enc, name, file, seed, refs):
+    """One policy's samples on each prompt set at temperature 1 with no top-k/top-p (samples from pi
+    itself, which the KL estimate needs), scored by the gold reward, the RM and both log-probs."""
+    pi = refs["sft"] if file == path(cfg, "sft.pt") else load_model(file, env, enc, cfg).eval()
+    sets = {"eval": load_data(cfg, "eval_prompts"), "ood": load_data(cfg, "ood_prompts")}
+    return {s: sample_and_score(cfg, env, enc, name, pi, refs["sft"], refs["rm"], [r["prompt"] for r in records], seed, s)
+            for s, records in sets.items() if records}
+
+
+def compare(cfg, env, scored):
+    """{name: {set: scored samples}} -> {name: {set: metrics}}, win rates against "sft" (and "dpo" when
+    it is there), all on the same prompts and sample slots."""
     judge, results = judge_name(cfg), {}
     for name, by_set in scored.items():
         results[name] = {s: report.metrics(rows, scored["sft"][s], scored["dpo"][s] if "dpo" in scored else None, judge)
@@ -112,19 +135,20 @@ def evaluate(cfg, env, enc, policies, seed, cache=None):
 
 @torch.no_grad()
 def sample_and_score(cfg, env, enc, name, pi, sft, rm, prompts, seed, set_name):
-    """eval_samples samples per prompt from pi, each with logp_pi, logp_sft (on the exact sampled
-    tokens), its RM score and gold reward. Chunked like the sample stage, so results do not depend
-    on the number of processes."""
+    """eval_samples samples per prompt from pi, each with logp_pi (from the sampler itself) and logp_sft
+    on the exact sampled tokens, its RM score and gold reward. Chunked like the sample stage, so
+    results do not depend on the number of processes."""
     k, offset = cfg.eval_samples, {"eval": 0, "ood": 500_009}[set_name]  # other seeds for the other set
-    rows = []
-    for c, batch, ids, outs in sample_chunks(cfg, env, enc, pi, prompts, seed, offset, f"eval {name} {set_name}",
-                                             temperature=1.0, num_samples=k):
+    rows, size = [], max(1, cfg.eval_batch // k)  # eval_batch sequences per generate() call: fewer, fuller steps
+    for c, batch, ids, (outs, logp_pi) in sample_chunks(cfg, env, enc, pi, prompts, seed, offset, f"eval {name} {set_name}",
+                                                        size, temperature=1.0, num_samples=k, return_logps=True):
         chunk = [{"prompt_idx": c + j // k, "sample": j % k, "prompt": batch[j // k], "text": decode(enc, o)}
                  for j, o in enumerate(outs)]
-        sampled = [(ids[j // k] + o, len(ids[j // k])) for j, o in enumerate(outs)]  # the exact tokens
-        scores = dict(logp_pi=score_logps(cfg, env, pi, enc, sampled),
-                      logp_sft=score_logps(cfg, env, sft, enc, sampled),
-                      rm=score_rewards(cfg, env, rm, enc, [(r["prompt"], r["text"]) for r in chunk]))
+        sampled = [(ids[i], outs[i * k:(i + 1) * k]) for i in range(len(batch))]  # the exact tokens
+        texts = [data.encode_group(enc, p, [r["text"] for r in chunk[i * k:(i + 1) * k]]) for i, p in enumerate(batch)]
+        # logp_pi comes with the samples; logp_sft needs the SFT model on the same tokens (SFT: the same number)
+        scores = dict(logp_pi=logp_pi, logp_sft=logp_pi if pi is sft else score_logps(cfg, env, sft, enc, sampled),
+                      rm=score_rewards(cfg, env, rm, enc, texts))
         if cfg.data == "builtin":
             scores["gold"] = reviews.gold_reward([r["text"] for r in chunk])
         for j, r in enumerate(chunk):

@@ -141,9 +141,9 @@ class GPT(nn.Module):
         positions 0..T-1 (left-padded generation); with a cache, idx holds only the new tokens."""
         B, T = idx.size()
         start = cache.len if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens is longer than block_size={self.config.block_size}")
         if pos is None:
+            if start + T > self.config.block_size:
+                raise ValueError(f"sequence of {start + T} tokens is longer than block_size={self.config.block_size}")
             pos = torch.arange(start, start + T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
@@ -152,17 +152,27 @@ class GPT(nn.Module):
             cache.len += T
         return self.transformer.ln_f(x)
 
-    def forward(self, idx, targets=None, pos=None, attn_mask=None, cache=None, reward_mask=None):
-        """The three ways of reading a sequence idx (B, T):
+    def forward(self, idx, targets=None, pos=None, attn_mask=None, cache=None, reward_mask=None, at=None):
+        """The ways of reading a sequence idx (B, T):
         - logits (B, T, vocab) for every position (the default);
         - with targets (B, T): the float32 per-token log-probabilities log p(targets[:, t] | idx[:, :t+1]),
           targets already shifted (targets[:, t] is the token after idx[:, t]; vcb.sequence_logps
           does the shift for you);
         - with reward_mask (B, T), 1 on real tokens of right-padded rows: the reward model's score
           r(x, y), (B,) float32, read at each row's last real token. Attention is causal, so the
-          score depends neither on the padding after that token nor on the other rows.
+          score depends neither on the padding after that token nor on the other rows;
+        - at=(rows, cols), each (N,), reads only those positions (packed sequences, data.pack): with
+          targets (N,) the float32 log p(targets[i] | position i), else the reward head there (N,),
+          which is also the value of every position for a critic. The LM head then runs on N
+          positions, not B * T.
         It is all one forward so that DistributedDataParallel sees every use of the model."""
         h = self.hidden(idx, pos, attn_mask, cache)                      # (B, T, C)
+        if at is not None:
+            h = h[at[0], at[1]]                                          # (N, C)
+            if targets is None:
+                assert self.reward_head is not None, "this GPT has no reward head (GPTConfig.reward_head=False)"
+                return self.reward_head(h).squeeze(-1).float()
+            return -F.cross_entropy(self.lm_head(h).float(), targets, reduction="none")
         if reward_mask is not None:
             assert self.reward_head is not None, "this GPT has no reward head (GPTConfig.reward_head=False)"
             last = reward_mask.long().sum(1) - 1                         # (B,) index of the last real token
@@ -242,7 +252,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 stop_token=None, num_samples=1, generator=None, use_cache=True):
+                 stop_token=None, num_samples=1, generator=None, use_cache=True, return_logps=False):
         """Sample continuations of a batch of prompts of any lengths.
 
         prompts: list of lists of token ids. Returns len(prompts) * num_samples lists of new tokens;
@@ -250,6 +260,8 @@ class GPT(nn.Module):
         so the caller can tell a finished response from a cut one); nothing comes after it.
         temperature=0 is argmax; top_k keeps exactly k tokens; top_p keeps the smallest set of tokens
         whose probability reaches top_p. generator: a seeded torch.Generator on the model's device.
+        return_logps=True also returns, per row, the summed float32 log-probability of its tokens
+        under the model itself (temperature 1, no top-k/top-p): log pi(y|x), for free.
         """
         device = self.lm_head.weight.device
         rows = [list(p) for p in prompts for _ in range(num_samples)]
@@ -276,15 +288,21 @@ class GPT(nn.Module):
 
         cache = KVCache(self.config, B, T_max) if use_cache else None
         finished = torch.zeros(B, dtype=torch.bool, device=device)
+        logps = torch.zeros(B, dtype=torch.float32, device=device)
         t = L  # tokens so far in every row (padding included)
         for _ in range(max_new_tokens):
             if cache is None or cache.len == 0:  # the whole prefix (the prompt, with a cache)
-                logits = self(idx[:, :t], pos=pos[:, :t], attn_mask=mask[:, :, :t, :t], cache=cache)
+                h = self.hidden(idx[:, :t], pos=pos[:, :t], attn_mask=mask[:, :, :t, :t], cache=cache)
             else:                                # only the newest token, reading the cache
-                logits = self(idx[:, t - 1:t], pos=pos[:, t - 1:t], attn_mask=mask[:, :, t - 1:t, :t], cache=cache)
-            next_token = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p, generator)
+                h = self.hidden(idx[:, t - 1:t], pos=pos[:, t - 1:t], attn_mask=mask[:, :, t - 1:t, :t], cache=cache)
+            logits = self.lm_head(h[:, -1]).float()  # (B, V): only the last position predicts
+            next_token = sample_next(logits, temperature, top_k, top_p, generator)
             if stop_token is not None:
                 next_token = torch.where(finished, stop_token, next_token)
+            if return_logps:  # a finished row adds nothing more
+                token_logp = torch.log_softmax(logits, -1).gather(1, next_token[:, None]).squeeze(1)
+                logps += torch.where(finished, 0.0, token_logp)
+            if stop_token is not None:
                 finished |= next_token == stop_token
             idx[:, t] = next_token
             t += 1
@@ -295,7 +313,7 @@ class GPT(nn.Module):
             if stop_token is not None and stop_token in row:
                 row = row[:row.index(stop_token) + 1]
             out.append(row)
-        return out
+        return (out, logps.tolist()) if return_logps else out
 
 
 def filter_logits(logits, top_k=None, top_p=None):
@@ -315,10 +333,18 @@ def filter_logits(logits, top_k=None, top_p=None):
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """logits (B, V) float32 -> next token ids (B,). temperature 0 is argmax."""
+    """logits (B, V) float32 -> next token ids (B,). temperature 0 is argmax.
+
+    Inverse-CDF sampling: one uniform number per row, the first token whose cumulative probability
+    exceeds it. torch.multinomial draws one exponential number per token of the vocabulary for the
+    same result in distribution, which made it a quarter of the sampling time on a CPU. A token of
+    probability 0 (cut by top-k/top-p) is never chosen: its cumulative probability equals the one
+    before it."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = F.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
-    if not torch.isfinite(probs).all():  # else multinomial fails with a bare error, or a device assert on CUDA
+    if not torch.isfinite(probs).all():  # else the draw fails with a bare error, or a device assert on CUDA
         raise ValueError("the model's next-token probabilities are not finite: its weights are broken")
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    cdf = probs.double().cumsum(-1)                                                   # (B, V)
+    u = torch.rand(probs.size(0), 1, generator=generator, device=probs.device, dtype=torch.float64) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.size(-1) - 1)

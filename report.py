@@ -145,13 +145,13 @@ def read_curves(file):
 def curves_from(file, task, step):
     """Keep the task's records up to `step` and every other task's: a resumed run continues its curve
     without repeating steps, a fresh one (step 0) starts it anew. Rewriting also drops a torn line."""
-    if os.path.exists(file):
-        data.write_jsonl(file, [r for r in read_curves(file) if r["task"] != task or r["step"] <= step])
-    os.makedirs(os.path.dirname(os.path.abspath(file)), exist_ok=True)
+    with data.locked(file):  # tasks of experiments.py's workers share the file
+        if os.path.exists(file):
+            data.write_jsonl(file, [r for r in read_curves(file) if r["task"] != task or r["step"] <= step])
 
 
 def curves_append(file, record):
-    with open(file, "a", encoding="utf-8") as f:
+    with data.locked(file), open(file, "a", encoding="utf-8") as f:
         f.write(json.dumps(data.finite(record), allow_nan=False) + "\n")
 
 
@@ -194,3 +194,75 @@ def plot_curves(file, png):
     with data.atomic_path(png) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# one number per method: the reward at matched KL
+
+def interpolate(points, x):
+    """points [(x, y)] of one curve; y at x by linear interpolation between the nearest points on
+    either side, None when x is outside the measured range (never extrapolated)."""
+    points = sorted(points)
+    if not points or not points[0][0] <= x <= points[-1][0]:
+        return None
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return points[0][1]  # a single point, exactly at x
+
+
+def matched_kl(runs, judge, kls=(2.0, 4.0, 8.0), split="eval", baseline="dpo"):
+    """The reward of each method at fixed KL values, read off its reward/KL curve over beta: for each
+    seed, the method's (KL, reward) points interpolated at each KL, then the mean and std over the
+    seeds whose measured KL range covers it. runs: [{method, beta, seed, split: metrics}].
+    Also, where the scored samples are at hand ("rows"), the win rate against `baseline` between the
+    two policies nearest that KL in each seed: both policies are real, their KLs are reported beside.
+    Returns {method: {kl: {"reward": (mean, std) or None, "seeds": k, "win": ..., ...}}}."""
+    key, out = reward_key(judge), {}
+    by_method = {}
+    for r in runs:
+        if r.get("beta") is not None and split in r:
+            by_method.setdefault(r["method"], {}).setdefault(r["seed"], []).append(r)
+    for method, by_seed in by_method.items():
+        for kl in kls:
+            values = [interpolate([(r[split]["kl"], r[split][key]) for r in rs], kl) for rs in by_seed.values()]
+            values = [v for v in values if v is not None]
+            cell = {"reward": spread(values), "seeds": len(values), "of": len(by_seed)}
+            wins = []
+            for seed, rs in by_seed.items():
+                other = by_method.get(baseline, {}).get(seed)
+                if method != baseline and other and "rows" in rs[0]:
+                    a = min(rs, key=lambda r: abs(r[split]["kl"] - kl))
+                    b = min(other, key=lambda r: abs(r[split]["kl"] - kl))
+                    wins.append((win_rate(a["rows"][split], b["rows"][split], judge), a[split]["kl"], b[split]["kl"]))
+            if wins:
+                cell.update(win=spread([w for w, _, _ in wins]), kl_self=mean([k for _, k, _ in wins]),
+                            kl_baseline=mean([k for _, _, k in wins]))
+            out.setdefault(method, {})[kl] = cell
+    return out
+
+
+def spread(values):
+    if not values:
+        return None
+    m = mean(values)
+    return (m, math.sqrt(mean([(v - m) ** 2 for v in values])))
+
+
+def matched_kl_table(summary, judge, baseline="dpo"):
+    """The matched-KL summary as markdown: a row per method, a reward column per KL, then the win rate
+    against the baseline between the policies nearest each KL (their mean KLs in brackets)."""
+    kls = sorted({kl for cells in summary.values() for kl in cells})
+    head = ["method"] + [f"{judge} reward at KL {kl:g}" for kl in kls] + [f"win vs {baseline.upper()} near KL {kl:g}" for kl in kls]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, cells in summary.items():
+        row = [method]
+        for kl in kls:
+            c = cells[kl]
+            row.append("outside its range" if c["reward"] is None else
+                       fmt(c["reward"]) + ("" if c["seeds"] == c["of"] else f" ({c['seeds']}/{c['of']} seeds)"))
+        for kl in kls:
+            c = cells[kl]
+            row.append(f"{fmt(c['win'])} (KL {c['kl_self']:.1f} vs {c['kl_baseline']:.1f})" if "win" in c else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)

@@ -6,6 +6,7 @@ model learns from noisy labels while the evaluation can measure the true reward.
 
     python reviews.py   # prints a few examples with their gold rewards
 """
+import functools
 import math
 import random
 
@@ -15,11 +16,16 @@ import random
 
 def gold_reward(texts):
     """VADER compound sentiment in [-1, 1] of each text (its lexicon ships inside the package)."""
+    return [vader(t) for t in texts]
+
+
+@functools.lru_cache(maxsize=1 << 16)  # policies repeat themselves: short reviews recur across samples
+def vader(text):
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-    global _vader
-    if "_vader" not in globals():
-        _vader = SentimentIntensityAnalyzer()
-    return [_vader.polarity_scores(t)["compound"] for t in texts]
+    global _analyzer
+    if "_analyzer" not in globals():
+        _analyzer = SentimentIntensityAnalyzer()
+    return _analyzer.polarity_scores(text)["compound"]
 
 
 # -----------------------------------------------------------------------------

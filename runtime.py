@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 import data
 import vcb
-from config import STAGES, ConfigError, method_list, stage_settings
+from config import STAGES, ConfigError, align_settings, method_list, stage_settings
 from data import DataError
 from model import GPT, GPTConfig
 
@@ -55,6 +55,7 @@ class Env:
     dtype: torch.dtype   # autocast dtype; float32 means no autocast
     rank: int            # this process in a torchrun group (0 alone)
     world: int           # processes in the group (1 alone)
+    bars: bool = True    # progress bars (off in experiments.py's worker processes: their bars would mix)
 
     @property
     def master(self):
@@ -159,6 +160,64 @@ def finite_weights(model):
     return all(p.isfinite().all() for p in model.parameters())
 
 
+def progress_file(cfg, task):
+    return path(cfg, f"{task.name}.ckpt.pt")
+
+
+def save_progress(cfg, env, task, step, state, **extra):
+    """A resumable checkpoint: state {name: model or optimizer}, the step, the random state, the task's
+    settings and extra values, in <task>.ckpt.pt."""
+    if env.master:
+        ck = {k: v.state_dict() for k, v in state.items()}
+        ck.update(step=step, settings=task.settings, rng=torch.get_rng_state(), extra=extra)
+        if env.device_type == "cuda":
+            ck["cuda_rng"] = torch.cuda.get_rng_state(env.device)
+        save_checkpoint(progress_file(cfg, task), ck)
+
+
+def resume(cfg, env, task, state):
+    """Load state {name: model or optimizer} from the task's resumable checkpoint when it was made with
+    the task's settings. Returns (the step to continue from, the extra values): (0, {}) afresh."""
+    file = progress_file(cfg, task)
+    if not os.path.exists(file):
+        return 0, {}
+    ck = load_checkpoint(file)
+    if ck.get("settings") != task.settings:
+        log(env, f"{task.name}: {file} was made with other settings; starting over")
+        return 0, {}
+    for k, v in state.items():
+        v.load_state_dict(ck[k])
+    torch.set_rng_state(ck["rng"])
+    if env.device_type == "cuda" and "cuda_rng" in ck:
+        torch.cuda.set_rng_state(ck["cuda_rng"], env.device)
+    log(env, f"{task.name}: resuming from {file} at step {ck['step']}")
+    return ck["step"], ck.get("extra", {})
+
+
+def check_healthy(cfg, env, task, models, probe, step, last_good):
+    """Stop with a TrainingError unless the models' weights are finite and probe() (a loss on a few
+    examples) is finite too: weights can stay finite and still be so large that every output
+    overflows (one step at --align_lr=1e30), which only a forward pass shows. step None: the end."""
+    ok = all(finite_weights(m) for m in models)
+    if ok:
+        with torch.no_grad(), env.autocast():
+            ok = bool(torch.isfinite(probe()))
+    if env.world > 1:  # every process must agree, or the ones that stop leave the others waiting
+        flag = torch.tensor(float(ok), device=env.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        ok = bool(flag.item())
+    if not ok:
+        when = "the last step" if step is None else f"step {step}"
+        raise TrainingError(f"{task.name}: the model is broken after {when} (non-finite weights or loss; learning rate "
+                            f"too high?); {'nothing was saved as finished, and ' if step is None else 'stopped, and '}"
+                            f"{kept_checkpoint(cfg, task, last_good)}")
+
+
+def kept_checkpoint(cfg, task, step):
+    return f"the last good checkpoint, {progress_file(cfg, task)} (step {step}), is kept" if step else \
+        "no checkpoint was written yet"
+
+
 def model_args(cfg, vocab_size):
     return dict(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                 n_embd=cfg.n_embd, dropout=cfg.dropout, bias=True, reward_head=False)
@@ -260,9 +319,14 @@ def read_records(cfg):
         return {}
 
 
-def write_records(cfg, env, records):
+def update_records(cfg, env, change):
+    """change(records) applied to stages.json under a file lock: experiments.py runs tasks in several
+    processes at once, and a read-modify-write without the lock could drop another's record."""
     if env.master:
-        data.write_json(path(cfg, "stages.json"), records)
+        with data.locked(path(cfg, "stages.json")):
+            records = read_records(cfg)
+            change(records)
+            data.write_json(path(cfg, "stages.json"), records)
 
 
 running = ""  # the task under way, for the message when the run is interrupted
@@ -294,7 +358,7 @@ def up_to_date(cfg, env, task):
             return True
     earlier = [(s, stage_settings(cfg, s)) for s in STAGES[:STAGES.index(task.stage)] if s != "align"]
     if task.stage == "eval":
-        earlier += [(f"align-{m}", stage_settings(cfg, "align", method=m, align_seed=cfg.seed)) for m in method_list(cfg)]
+        earlier += [(f"align-{m}", align_settings(cfg, m, cfg.seed)) for m in method_list(cfg)]
     for name, want in earlier:
         have = records.get(name, {}).get("settings")
         if have is not None and have != want:
@@ -302,18 +366,16 @@ def up_to_date(cfg, env, task):
             raise ConfigError(f"{name} outputs in {cfg.out_dir} were made with {diff}: run --stage={name.split('-')[0]} "
                               f"first (or every stage), or use another --out_dir")
     if task.name in records:  # about to write: until it is done, nothing may take its outputs for finished
-        del records[task.name]
-        write_records(cfg, env, records)
+        update_records(cfg, env, lambda records: records.pop(task.name, None))
     barrier(env)
     note_progress(task.name)
     return False
 
 
 def mark_done(cfg, env, task):
-    records = read_records(cfg)
-    records[task.name] = {"stage": task.stage, "settings": task.settings, "inputs": fingerprints(cfg, task.inputs),
-                          "outputs": fingerprints(cfg, task.outputs)}
-    write_records(cfg, env, records)
+    record = {"stage": task.stage, "settings": task.settings, "inputs": fingerprints(cfg, task.inputs),
+              "outputs": fingerprints(cfg, task.outputs)}
+    update_records(cfg, env, lambda records: records.update({task.name: record}))
 
 
 # -----------------------------------------------------------------------------
@@ -341,17 +403,15 @@ def encode_all(cfg, env, enc, pairs, what):
         ids, start, truncated = data.encode_example(enc, prompt, response, cfg.block_size)
         out.append((ids, start))
         cut += truncated
-    if cut:
-        log(env, f"{what}: {cut} of {len(out)} sequences were longer than block_size={cfg.block_size}; "
-                 f"prompts were cut from the left (responses from the right where they alone did not fit)")
+    log_cut(cfg, env, what, cut, len(out))
     return out
 
 
 @dataclass
 class Candidates:
-    """The scored candidates, ready for alignment: examples[i][k] is (ids, start) of candidate k of
-    prompt i; ref_logps and rewards are (B, n) float32."""
-    examples: list
+    """The scored candidates, ready for alignment: groups[i] is prompt i with its n candidates as
+    token ids (data.encode_group, what data.pack reads); ref_logps and rewards are (B, n) float32."""
+    groups: list
     ref_logps: torch.Tensor
     rewards: torch.Tensor
 
@@ -376,6 +436,12 @@ def load_candidates(cfg, env, enc, file=None):
         bad = (~values.isfinite()).any(-1).nonzero()
         if len(bad):  # finite in JSON's float64, but not in float32 (or their spread is not)
             raise DataError(f"{file}:{int(bad[0]) + 1}: field '{key}' has values too large for float32 (|value| < 1e38)")
-    flat = encode_all(cfg, env, enc, [(r["prompt"], y) for r in records for y in r["responses"]], "candidates")
-    examples = [flat[i * n:(i + 1) * n] for i in range(len(records))]
-    return Candidates(examples, ref_logps, rewards)
+    groups = [data.encode_group(enc, r["prompt"], r["responses"]) for r in records]
+    log_cut(cfg, env, "candidates", sum(data.fit(p, rs, cfg.block_size)[2] for p, rs in groups), n * len(groups))
+    return Candidates(groups, ref_logps, rewards)
+
+
+def log_cut(cfg, env, what, cut, total):
+    if cut:
+        log(env, f"{what}: {cut} of {total} sequences were longer than block_size={cfg.block_size}; "
+                 f"prompts were cut from the left (responses from the right where they alone did not fit)")

@@ -133,8 +133,8 @@ def show(opts, cfg, env, enc, models, sft, rm, prompt, new_tokens):
                                   top_p=opts.top_p, stop_token=enc.eot_token, num_samples=opts.num_samples, generator=g)
         texts = [decode(enc, o) for o in outs]
         cut = ["" if o and o[-1] == enc.eot_token else " [cut at max_new_tokens]" for o in outs]
-        logp_sft = score_logps(cfg, env, sft, enc, [(ids + o, len(ids)) for o in outs])
-        rm_scores = score_rewards(cfg, env, rm, enc, [(prompt, t) for t in texts]) if rm else [None] * len(texts)
+        logp_sft = score_logps(cfg, env, sft, enc, [(ids, outs)])  # on the exact sampled tokens
+        rm_scores = score_rewards(cfg, env, rm, enc, [data.encode_group(enc, prompt, texts)]) if rm else [None] * len(texts)
         gold = reviews.gold_reward(texts) if cfg.data == "builtin" else [None] * len(texts)
         for text, r, g_, lp, c in zip(texts, rm_scores, gold, logp_sft, cut):
             print(f"  {name:{width}}  {fmt(r)} {fmt(g_)} {lp:9.2f}  {text!r}{c}")

@@ -31,16 +31,18 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
+import ppo
 import report
 import reviews
 import vcb
-from config import STAGES, ConfigError, method_list, parse_args, stage_settings
+from config import ONLINE, STAGES, ConfigError, align_settings, method_list, parse_args, stage_settings
 from data import DataError
 from evaluate import beta_label, decode, evaluate, judge_name, sample_chunks, score_logps, score_rewards, real_mask
 from model import GPT, GPTConfig
-from runtime import (Task, TrainingError, barrier, batch_indices, command, encode_all, finite_weights, gather,
-                     load_candidates, load_checkpoint, load_data, load_model, load_tokenizer, log, lr_at, mark_done,
-                     model_args, note_progress, path, save_checkpoint, setup, up_to_date)
+from runtime import (Task, TrainingError, barrier, batch_indices, check_healthy, command, encode_all, gather,
+                     kept_checkpoint, load_candidates, load_checkpoint, load_data, load_model, load_tokenizer, log, lr_at, mark_done,
+                     model_args, note_progress, path, progress_file, resume, save_checkpoint, save_progress, setup,
+                     up_to_date)
 
 PAIR_LOSSES = {"dpo": vcb.dpo_loss, "ipo": vcb.ipo_loss, "slic": vcb.slic_loss}
 
@@ -59,24 +61,12 @@ def train(cfg, env, task, model, n_examples, steps, batch_size, lr, loss_fn, cou
     Resumable: every ckpt_interval steps the model, optimizer, step and random state go to
     <name>.ckpt.pt, and a run with the same settings continues from there. Every step's metrics are
     appended to curves.jsonl beside the task's output (report.plot_curves draws them)."""
-    name, settings = task.name, task.settings
+    name = task.name
     if batch_size < env.world * cfg.grad_accum:
         raise ConfigError(f"{name}: a batch of {batch_size} cannot feed {env.world} processes x {cfg.grad_accum} micro-batches")
     optimizer = model.configure_optimizers(cfg.weight_decay, lr, (0.9, 0.95), env.device_type)
     scaler = torch.amp.GradScaler(env.device_type, enabled=env.dtype == torch.float16)
-    ckpt_file, start = path(cfg, f"{name}.ckpt.pt"), 0
-    if os.path.exists(ckpt_file):
-        ck = load_checkpoint(ckpt_file)
-        if ck.get("settings") == settings:
-            model.load_state_dict(ck["model"])
-            optimizer.load_state_dict(ck["optimizer"])
-            torch.set_rng_state(ck["rng"])
-            if env.device_type == "cuda" and "cuda_rng" in ck:
-                torch.cuda.set_rng_state(ck["cuda_rng"], env.device)
-            start = ck["step"]
-            log(env, f"{name}: resuming from {ckpt_file} at step {start}")
-        else:
-            log(env, f"{name}: {ckpt_file} was made with other settings; starting over")
+    start, _ = resume(cfg, env, task, {"model": model, "optimizer": optimizer})
     raw = model
     if cfg.compile:
         model = torch.compile(model)
@@ -87,7 +77,7 @@ def train(cfg, env, task, model, n_examples, steps, batch_size, lr, loss_fn, cou
     curves = os.path.join(os.path.dirname(task.outputs[0]), "curves.jsonl")
     if env.master:
         report.curves_from(curves, name, start)  # a resumed run continues its curve, a new one starts afresh
-    bar = tqdm(range(start, steps), desc=name, initial=start, total=steps, disable=not env.master,
+    bar = tqdm(range(start, steps), desc=name, initial=start, total=steps, disable=not (env.master and env.bars),
                dynamic_ncols=True, leave=False)
     for step in bar:
         note_progress(f"{name} step {step + 1}/{steps}")
@@ -113,7 +103,7 @@ def train(cfg, env, task, model, n_examples, steps, batch_size, lr, loss_fn, cou
         if not torch.isfinite(step_loss):
             optimizer.zero_grad(set_to_none=True)
             raise TrainingError(f"{name}: the loss is {step_loss.item()} at step {step}; stopped, and "
-                                f"{kept_checkpoint(ckpt_file, last_good)}")
+                                f"{kept_checkpoint(cfg, task, last_good)}")
         if cfg.grad_clip > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
@@ -127,39 +117,13 @@ def train(cfg, env, task, model, n_examples, steps, batch_size, lr, loss_fn, cou
         if (step + 1) % cfg.log_interval == 0 or step + 1 == steps:
             log(env, f"{name} step {step + 1}/{steps}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         if (step + 1) % cfg.ckpt_interval == 0 and step + 1 < steps:
-            if not healthy(env, raw, loss_fn, micro[-1]):  # a divergence is never saved as a good checkpoint
-                raise TrainingError(f"{name}: the model is broken after step {step + 1} (non-finite weights or loss; "
-                                    f"learning rate too high?); stopped, and {kept_checkpoint(ckpt_file, last_good)}")
-            if env.master:
-                state = {"model": raw.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
-                         "step": step + 1, "settings": settings}
-                if env.device_type == "cuda":
-                    state["cuda_rng"] = torch.cuda.get_rng_state(env.device)
-                save_checkpoint(ckpt_file, state)
+            check_healthy(cfg, env, task, [raw], lambda: loss_fn(raw, micro[-1])[0], step + 1, last_good)
+            save_progress(cfg, env, task, step + 1, {"model": raw, "optimizer": optimizer})
             last_good = step + 1
     bar.close()
-    if steps > start and not healthy(env, raw, loss_fn, micro[-1]):
-        raise TrainingError(f"{name}: the model is broken after the last step (non-finite weights or loss; learning "
-                            f"rate too high?); nothing was saved as finished, and {kept_checkpoint(ckpt_file, last_good)}")
+    if steps > start:
+        check_healthy(cfg, env, task, [raw], lambda: loss_fn(raw, micro[-1])[0], None, last_good)
     return raw
-
-
-def healthy(env, model, loss_fn, idx):
-    """Finite weights, and a finite loss on the examples idx: weights can stay finite and still be so
-    large that every output overflows (one step at --align_lr=1e30), which only a forward pass shows."""
-    ok = finite_weights(model)
-    if ok:
-        with torch.no_grad(), env.autocast():
-            ok = bool(torch.isfinite(loss_fn(model, idx)[0]))
-    if env.world > 1:  # every process must agree, or the ones that stop leave the others waiting
-        flag = torch.tensor(float(ok), device=env.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        ok = bool(flag.item())
-    return ok
-
-
-def kept_checkpoint(ckpt_file, step):
-    return f"the last good checkpoint, {ckpt_file} (step {step}), is kept" if step else "no checkpoint was written yet"
 
 
 def finish(cfg, env, task, model, enc, **extra):
@@ -167,8 +131,8 @@ def finish(cfg, env, task, model, enc, **extra):
     if env.master:
         save_checkpoint(task.outputs[0], {"model": model.state_dict(), "model_args": dataclasses.asdict(model.config),
                                           "tokenizer": data.fingerprint(enc), "config": dataclasses.asdict(cfg), **extra})
-        if os.path.exists(path(cfg, f"{task.name}.ckpt.pt")):
-            os.remove(path(cfg, f"{task.name}.ckpt.pt"))
+        if os.path.exists(progress_file(cfg, task)):
+            os.remove(progress_file(cfg, task))
     barrier(env)
 
 
@@ -284,8 +248,9 @@ def stage_rm(cfg, env):
     model.eval()
     metrics = {}
     if held:
-        r_w = score_rewards(cfg, env, model, enc, [(r["prompt"], r["chosen"]) for r in held])
-        r_l = score_rewards(cfg, env, model, enc, [(r["prompt"], r["rejected"]) for r in held])
+        scores = score_rewards(cfg, env, model, enc, [data.encode_group(enc, r["prompt"], [r["chosen"], r["rejected"]])
+                                                      for r in held])
+        r_w, r_l = scores[0::2], scores[1::2]
         metrics["heldout_accuracy"] = sum(a > b for a, b in zip(r_w, r_l)) / len(held)
         if cfg.data == "builtin":
             gold = reviews.gold_reward([r["chosen"] for r in held] + [r["rejected"] for r in held])
@@ -315,23 +280,22 @@ def stage_sample(cfg, env):
         log(env, f"sample: {long} prompts are longer than block_size - max_new_tokens = {max_prompt} tokens and are cut from the left")
     # Every chunk is scored on its own, so the candidates file is the same whatever the number of
     # processes. Generation and SFT log-probs first, then the RM (one model at a time).
-    n, mine = cfg.n_candidates, []  # per chunk: (its first prompt's index, (prompt, response) pairs, SFT log-probs)
+    n, mine = cfg.n_candidates, []  # per chunk: its first prompt's index, prompts, responses, token ids, SFT log-probs
     for c, batch, _, outs in sample_chunks(cfg, env, enc, sft, prompts, cfg.seed, temperature=cfg.temperature,
                                            top_k=cfg.top_k or None, top_p=cfg.top_p, num_samples=n):
-        pairs = [(batch[k // n], decode(enc, o)) for k, o in enumerate(outs)]  # prompt-major, n per prompt
-        mine.append((c, pairs, score_logps(cfg, env, sft, enc, [data.encode_example(enc, p, y, cfg.block_size)[:2]
-                                                                 for p, y in pairs])))
+        texts = [[decode(enc, o) for o in outs[i * n:(i + 1) * n]] for i in range(len(batch))]
+        groups = [data.encode_group(enc, p, ys) for p, ys in zip(batch, texts)]  # the text, as alignment reads it
+        mine.append((c, batch, texts, groups, score_logps(cfg, env, sft, enc, groups)))
     del sft
     rm = load_model(path(cfg, "rm.pt"), env, enc, cfg).eval()
     records = []
-    for c, pairs, logps in mine:
-        rewards = score_rewards(cfg, env, rm, enc, pairs)
+    for c, batch, texts, groups, logps in mine:
+        rewards = score_rewards(cfg, env, rm, enc, groups)
         if not all(math.isfinite(v) for v in rewards + logps):
             raise TrainingError(f"sample: non-finite scores for the prompts from {c}; check rm.pt and sft.pt")
-        for i in range(len(pairs) // n):
+        for i, (prompt, ys) in enumerate(zip(batch, texts)):
             k = slice(i * n, (i + 1) * n)
-            records.append({"i": c + i, "prompt": pairs[i * n][0], "responses": [y for _, y in pairs[k]],
-                            "rewards": rewards[k], "ref_logps": logps[k]})
+            records.append({"i": c + i, "prompt": prompt, "responses": ys, "rewards": rewards[k], "ref_logps": logps[k]})
     records = sorted(gather(env, records), key=lambda r: r["i"])
     for r in records:
         del r["i"]
@@ -357,14 +321,28 @@ def stage_align(cfg, env):
             align(cfg, env, enc, cands, method, cfg.seed, task)
 
 
-def align_task(cfg, method, seed, name, file):
-    """Training one policy: what it depends on, for the stage records."""
-    inputs = [path(cfg, "candidates.jsonl"), path(cfg, "tokenizer.json"), path(cfg, "sft.pt")]
-    return Task(name, "align", stage_settings(cfg, "align", method=method, align_seed=seed), inputs, [file])
+def align_task(cfg, method, seed, name, file, candidates=None):
+    """Training one policy: what it depends on, for the stage records. candidates: the scored
+    candidates it learns from (default the sample stage's; experiments bring others)."""
+    inputs = [candidates or path(cfg, "candidates.jsonl"), path(cfg, "tokenizer.json"), path(cfg, "sft.pt")]
+    if method in ONLINE:  # the online methods sample their own responses: the prompts and the RM instead
+        inputs += [path(cfg, "data", "align_prompts.jsonl"), path(cfg, "rm.pt")]
+    return Task(name, "align", align_settings(cfg, method, seed), inputs, [file])
 
 
 def align(cfg, env, enc, cands, method, seed, task):
-    """Train one policy from the SFT weights with one method on the scored candidates."""
+    """Train one policy from the SFT weights with one method: an offline one on the scored candidates,
+    or an online one (ppo, rloo) on its own samples (ppo.py). Then save it and record it."""
+    if method in ONLINE:
+        model, _ = ppo.online(cfg, env, enc, method, seed, task, cands)
+    else:
+        model = offline(cfg, env, enc, cands, method, seed, task)
+    finish(cfg, env, task, model, enc)
+    mark_done(cfg, env, task)
+
+
+def offline(cfg, env, enc, cands, method, seed, task):
+    """VCB and the order-based methods: the loss of the candidates' log-probs and rewards, in train()."""
     name = task.name
     B, n = cands.rewards.shape
     sigma = vcb.reward_sigma(cands.rewards)
@@ -379,10 +357,10 @@ def align(cfg, env, enc, cands, method, seed, task):
     model = load_model(path(cfg, "sft.pt"), env, enc, cfg)
     ref, rewards = cands.ref_logps.to(env.device), cands.rewards.to(env.device)
 
-    def loss_fn(m, idx):
-        x, mask = data.collate([ex for i in idx for ex in cands.examples[i]], enc.eot_token)
-        x, mask = x.to(env.device), mask.to(env.device)
-        logps = vcb.sequence_logps(m(x), x, mask, average=method == "rrhf").view(len(idx), n)  # (b, n)
+    def loss_fn(m, idx):  # a prompt's n candidates packed after it: the prompt is read once, not n times
+        p = data.pack([cands.groups[i] for i in idx], cfg.block_size, enc.eot_token).to(env.device)
+        token_logps = m(p.idx, pos=p.pos, attn_mask=p.mask, at=(p.rows, p.cols), targets=p.targets)  # (N,) float32
+        logps = vcb.packed_logps(token_logps, p.seq, p.lengths, average=method == "rrhf").view(len(idx), n)  # (b, n)
         r, ref_b = rewards[idx], ref[idx]
         if method == "vcb":
             per_prompt, _ = vcb.vcb_prompt_losses(logps, ref_b, r, cfg.beta, cfg.lam, cfg.sigma_floor)
@@ -399,9 +377,7 @@ def align(cfg, env, enc, cands, method, seed, task):
             return int(calibrated[idx].sum())
         return int(n_pairs[idx].sum()) if method in PAIR_LOSSES else len(idx)
 
-    model = train(cfg, env, task, model, B, cfg.align_steps, cfg.align_batch, cfg.align_lr, loss_fn, count_fn, seed)
-    finish(cfg, env, task, model, enc)
-    mark_done(cfg, env, task)
+    return train(cfg, env, task, model, B, cfg.align_steps, cfg.align_batch, cfg.align_lr, loss_fn, count_fn, seed)
 
 
 def align_metrics(method, logps, ref, rewards, cfg):

@@ -11,6 +11,8 @@ paper (Mao et al., "Don't Forget Your Reward Values", EMNLP 2024; notation of PA
     IPO       (h - 1/(2 beta))^2
     SLiC      max(0, 1 - beta * h)
     RRHF      sum_{r_i < r_j} max(0, p_i - p_j) - p_best     (p: length-averaged log-prob under pi)
+    PPO       per-token rewards, GAE, whitening, the clipped policy and value losses (online, PPO.md)
+    RLOO      leave-one-out advantages, REINFORCE (online)
 
 Run it to see the walk-through's Figure 1 as numbers (about a second on a CPU):
 
@@ -45,6 +47,14 @@ def sequence_logps(logits, targets, mask, average=False):
     logp = -F.cross_entropy(f32(logits).flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)  # (B, T-1)
     total = (logp * mask).sum(-1)
     return total / mask.sum(-1).clamp(min=1) if average else total
+
+
+def packed_logps(token_logps, seq, lengths, average=False):
+    """Per-sequence log p(y|x) from the log-probs of packed response tokens (data.pack): token_logps
+    (N,) float32, seq (N,) the sequence of each token, lengths (S,) tokens per sequence. Returns (S,);
+    average=True divides by the length (RRHF's length-averaged p)."""
+    total = torch.zeros(len(lengths), dtype=torch.float32, device=token_logps.device).index_add(0, seq, f32(token_logps))
+    return total / lengths.clamp(min=1) if average else total
 
 
 # -----------------------------------------------------------------------------
@@ -167,6 +177,83 @@ def preference_pairs(rewards):
     wins = rewards[:, :, None] > rewards[:, None, :]               # (B, n, n): candidate w beats l
     b, w, l = wins.nonzero(as_tuple=True)
     return b, w, l
+
+
+# -----------------------------------------------------------------------------
+# online baselines: PPO and RLOO (PPO.md). Per-token tensors are (B, T): B sampled responses, right-
+# padded, mask (B, T) True on each response's tokens (its <|endoftext|> included: stopping is an action).
+
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def ppo_token_rewards(logp_pi, logp_ref, scores, mask, beta):
+    """The per-token reward of RLHF's PPO (Ziegler et al. 2019; Stiennon et al. 2020, eq. 2):
+        r_t = -beta * (log pi(y_t | .) - log pi_sft(y_t | .))      at every response token (the k1 KL estimate),
+    plus the sequence's score at its last token. logp_pi, logp_ref (B, T); scores (B,). Returns (B, T),
+    zero outside the mask."""
+    rewards = -beta * (f32(logp_pi) - f32(logp_ref)) * mask
+    last = mask.long().sum(-1) - 1                                   # (B,) each response's last token
+    return rewards.index_put((torch.arange(len(last), device=last.device), last), f32(scores), accumulate=True)
+
+
+def gae(rewards, values, mask, gamma=1.0, lam=0.95):
+    """Generalised advantage estimation (Schulman et al. 2016, eqs. 11-16), per response:
+        delta_t = r_t + gamma * V_{t+1} - V_t      (V after the last token is 0: the episode ends),
+        A_t = sum_l (gamma lam)^l delta_{t+l},    returns R_t = A_t + V_t (the value's target).
+    rewards, values, mask (B, T). Returns (advantages, returns), each (B, T), zero outside the mask."""
+    rewards, values = f32(rewards) * mask, f32(values) * mask
+    advantages, next_value, next_adv = torch.zeros_like(rewards), torch.zeros_like(rewards[:, 0]), torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.size(1))):                      # T is a response's length: a short loop
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_adv = (delta + gamma * lam * next_adv) * mask[:, t]
+        advantages[:, t] = next_adv
+        next_value = values[:, t]
+    return advantages, (advantages + values) * mask
+
+
+def whiten(x, mask, shift_mean=True):
+    """(x - mean) / std over the masked entries (PPO's advantage whitening): the same result for any
+    positive scale and shift of x. shift_mean=False keeps the mean (a reward's sign)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    return (out if shift_mean else out + mean) * mask
+
+
+def ppo_policy_loss(logp, old_logp, advantages, mask, clip=0.2):
+    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), as a loss over the response tokens:
+        ratio = exp(logp - old_logp),   L = mean_t max(-A_t ratio, -A_t clip(ratio, 1 - clip, 1 + clip)).
+    Returns (loss, stats): the share of clipped tokens, the approximate KL 0.5 (logp - old)^2 and the
+    mean ratio; on the first minibatch, before any update, the ratio is exactly 1."""
+    diff = f32(logp) - f32(old_logp)
+    ratio = torch.exp(diff)
+    losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip))
+    with torch.no_grad():
+        stats = {"clipfrac": masked_mean(((ratio - 1).abs() > clip).float(), mask).item(),
+                 "approx_kl": masked_mean(0.5 * diff ** 2, mask).item(), "ratio": masked_mean(ratio, mask).item()}
+    return masked_mean(losses, mask), stats
+
+
+def ppo_value_loss(values, old_values, returns, mask, clip=0.2):
+    """The clipped value loss of the PPO-for-LM references (PPO.md):
+        0.5 * mean_t max((V - R)^2, (clip(V, V_old - clip, V_old + clip) - R)^2)."""
+    clipped = old_values + (f32(values) - old_values).clamp(-clip, clip)
+    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+def rloo_advantages(scores, kl, beta):
+    """RLOO (Ahmadian et al. 2024, eq. 4): the whole response is one action with reward
+    R_i = score_i - beta * sum_t k1_t, and the baseline of sample i is the mean reward of the other
+    k - 1 samples of its prompt: A_i = R_i - mean_{j != i} R_j. scores, kl (P, k) -> (P, k)."""
+    R = f32(scores) - beta * f32(kl)
+    k = R.size(-1)
+    return R - (R.sum(-1, keepdim=True) - R) / (k - 1)
+
+
+def reinforce_loss(seq_logps, advantages):
+    """REINFORCE (Williams 1992): -A * log pi(y|x), mean over responses; A carries no gradient."""
+    return -(advantages.detach() * f32(seq_logps)).mean()
 
 
 # -----------------------------------------------------------------------------

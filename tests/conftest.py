@@ -31,7 +31,7 @@ TINY = ["--n_sft=200", "--n_prefs=64", "--n_align=12", "--n_eval=6", "--vocab_si
         "--n_head=2", "--n_embd=32", "--block_size=96", "--max_new_tokens=16", "--sft_steps=6", "--sft_batch=16",
         "--rm_steps=4", "--rm_batch=8", "--n_candidates=3", "--sample_batch=4", "--align_steps=3",
         "--align_batch=4", "--eval_samples=1", "--eval_batch=32", "--log_interval=2", "--ckpt_interval=2",
-        "--warmup_steps=2"]
+        "--warmup_steps=2", "--online_iters=2", "--online_prompts=4", "--online_k=2"]
 
 
 def run_train(out_dir, *args, tiny=True, env=None, timeout=300, script=("train.py",)):

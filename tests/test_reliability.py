@@ -96,7 +96,7 @@ def test_a_prompt_whose_candidates_tie_is_skipped_and_counted(tiny_copy, capsys)
 
 
 def test_command_line_errors_are_one_line_without_traceback(tmp_path):
-    for args, message in [(["--methods=vcb,ppo"], "error: --methods: unknown method 'ppo'"),
+    for args, message in [(["--methods=vcb,ppo2"], "error: --methods: unknown method 'ppo2'"),
                           (["--lr=3"], "error: unknown option --lr"),
                           (["--n_layer=two"], "error: --n_layer=two: expected int"),
                           (["--stage=rm"], "tokenizer.json: missing; run --stage=data first")]:

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import config
 import data
 import report
 from conftest import ROOT
@@ -21,7 +22,7 @@ def test_every_policy_samples_side_by_side_with_its_scores(tiny_run):
     lines = proc.stdout.splitlines()
     assert "prompt: 'I saw Night Train with my family.'" in lines[1] and "RM" in lines[2] and "logp_sft" in lines[2]
     rows = lines[3:]
-    assert [r.split()[0] for r in rows] == [m for m in ["sft", "vcb", "dpo", "ipo", "slic", "rrhf"] for _ in range(2)]
+    assert [r.split()[0] for r in rows] == [m for m in ["sft"] + config.METHODS for _ in range(2)]
     for row in rows:  # name, RM reward, gold reward, log-prob under SFT, then the text
         name, rm, gold, logp = row.split()[:4]
         assert -1 <= float(gold) <= 1 and float(logp) < 0 and math.isfinite(float(rm))
@@ -56,7 +57,7 @@ def test_every_training_task_logs_each_step_once_and_the_figure_is_drawn(tiny_ru
     steps = {}
     for r in records:
         steps.setdefault(r["task"], []).append(r["step"])
-    assert steps == {"sft": list(range(1, 7)), "rm": list(range(1, 5)),
+    assert steps == {"sft": list(range(1, 7)), "rm": list(range(1, 5)), "align-ppo": [1, 2], "align-rloo": [1, 2],
                      **{f"align-{m}": [1, 2, 3] for m in ("vcb", "dpo", "ipo", "slic", "rrhf")}}
     vcb = [r for r in records if r["task"] == "align-vcb"][0]
     assert {"loss", "lr", "margin", "acc", "gap_corr", "skipped"} <= vcb.keys()

@@ -25,7 +25,7 @@ def test_options_are_converted_to_their_field_types():
     (["--n_layer=2.5"], "--n_layer=2.5: expected int"),
     (["--beta=high"], "--beta=high: expected float"),
     (["--force=maybe"], "--force=maybe: expected bool"),
-    (["--methods=vcb,ppo"], "unknown method 'ppo'"),
+    (["--methods=vcb,ppo2"], "unknown method 'ppo2'"),
     (["--stage=train"], "--stage=train: expected one of"),
     (["n_layer=2"], "options look like --key=value"),
     (["--n_layer"], "--n_layer needs a value"),
