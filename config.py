@@ -29,8 +29,9 @@ class Config:
     stage: str = "all"               # data, sft, rm, sample, align, eval, or all (in that order)
     force: bool = False              # redo the chosen stages even when their outputs are up to date
     sweep_betas: str = "0.1,0.3,1,3"  # betas of experiments.py sweep
-    sweep_online_betas: str = "0.03,0.1,0.3,1"  # betas of ppo and rloo in the sweep (their beta moves KL otherwise)
+    sweep_online_betas: str = "0.01,0.03,0.1,0.3"  # betas of ppo and rloo in the sweep (the same KL range needs other numbers)
     sweep_seeds: str = "0,1,2"       # seeds of experiments.py: alignment batch order and evaluation samples
+    steps_factor: int = 4            # experiments.py steps: train this many times the usual steps, evaluating along the way
     seed: int = 0                    # seed of the data, initialisation, batch order and sampling
     device: str = "auto"             # auto (cuda when there is one, else cpu), cpu, cuda, cuda:1, ...
     dtype: str = "auto"              # auto (bfloat16 autocast on CUDA, float32 on CPU), float32, bfloat16, float16
@@ -79,6 +80,7 @@ class Config:
     beta: float = 1.0                # KL strength beta of every method (VCB: the reward gap / (beta sigma))
     lam: float = 0.1                 # VCB: LogSumExp temperature over a prompt's pairs (0: plain mean)
     sigma_floor: float = 1e-6        # VCB: prompts whose reward spread is under this are skipped
+    vcb_sigma: str = "prompt"        # VCB: sigma(x) per prompt (the paper's), or global: one for the whole candidate set
     align_steps: int = 60            # optimizer steps per method
     align_batch: int = 8             # prompts per step, each with all its candidates
     align_lr: float = 1e-3           # peak learning rate
@@ -112,7 +114,7 @@ STAGE_KEYS = {
             "grad_clip", "warmup_steps", "sft_steps", "sft_batch", "sft_lr"],
     "rm": ["rm_steps", "rm_batch", "rm_lr", "rm_holdout"],
     "sample": ["n_candidates", "max_new_tokens", "temperature", "top_k", "top_p", "sample_batch"],
-    "align": ["beta", "lam", "sigma_floor", "align_steps", "align_batch", "align_lr"],  # the online methods: ONLINE_KEYS
+    "align": ["beta", "lam", "sigma_floor", "vcb_sigma", "align_steps", "align_batch", "align_lr"],  # the online methods: ONLINE_KEYS
     "eval": ["methods", "eval_samples"],
 }
 
@@ -170,7 +172,7 @@ def convert(key, raw, kind):
 def validate(cfg):
     """Every option checked before anything runs, so that nothing fails late or does nonsense."""
     choices = dict(stage=STAGES + ["all"], data=["builtin", "hh", "tldr", "jsonl"], tokenizer=["bpe", "gpt2"],
-                   dtype=["auto", "float32", "bfloat16", "float16"])
+                   dtype=["auto", "float32", "bfloat16", "float16"], vcb_sigma=["prompt", "global"])
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise ConfigError(f"--{key}={getattr(cfg, key)}: expected one of {', '.join(allowed)}")

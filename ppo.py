@@ -31,7 +31,7 @@ import vcb
 from config import ConfigError
 from evaluate import decode, score_rewards
 from runtime import (TrainingError, batch_indices, check_healthy, kept_checkpoint, load_data, load_model, log, lr_at,
-                     note_progress, path, resume, save_progress)
+                     note_progress, path, resume, save_progress, save_snapshot)
 
 
 def online(cfg, env, enc, method, seed, task, cands):
@@ -78,6 +78,7 @@ def online(cfg, env, enc, method, seed, task, cands):
         report.curves_append(curves, {"task": task.name, "step": it + 1, "lr": optimizers[0].param_groups[0]["lr"], **metrics})
         if (it + 1) % cfg.log_interval == 0 or it + 1 == cfg.online_iters:
             log(env, f"{task.name} iteration {it + 1}/{cfg.online_iters}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        save_snapshot(cfg, env, task, it + 1, policy, enc)
         probe = lambda: sequence_logps(policy, cfg, enc, batch["groups"][:1], env)[0].sum()  # noqa: E731
         if (it + 1) % cfg.ckpt_interval == 0 and it + 1 < cfg.online_iters:
             check_healthy(cfg, env, task, models, probe, it + 1, last_good)

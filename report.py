@@ -12,7 +12,7 @@ import os
 import data
 
 COLORS = {"sft": "black", "rm": "tab:brown", "vcb": "tab:orange", "dpo": "tab:green", "ipo": "tab:blue", "slic": "tab:purple",
-          "rrhf": "tab:red"}
+          "rrhf": "tab:red", "ppo": "tab:cyan", "rloo": "tab:olive"}
 
 
 def reward_key(judge):
@@ -109,11 +109,14 @@ def plot_frontier(points, file, title, judge):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    variants = list(dict.fromkeys(m.partition(" ")[2] for m in (p["method"] for p in points) if " " in m))
     for method in dict.fromkeys(p["method"] for p in points):
         pts = sorted((p for p in points if p["method"] == method), key=lambda p: p["kl"])
+        base, _, variant = method.partition(" ")  # "vcb (gold)": VCB's colour, the variant's line style
+        style = ["-", "--", ":", "-."][variants.index(variant) % 4] if variant else "-"
         ax.errorbar([p["kl"] for p in pts], [p["reward"] for p in pts], xerr=[p.get("kl_std", 0) for p in pts],
-                    yerr=[p.get("reward_std", 0) for p in pts], marker="o", capsize=3, color=COLORS.get(method),
-                    label=method.upper(), linestyle="-" if len(pts) > 1 else "none")
+                    yerr=[p.get("reward_std", 0) for p in pts], marker="o", capsize=3, color=COLORS.get(base),
+                    label=base.upper() + (f" {variant}" if variant else ""), linestyle=style if len(pts) > 1 else "none")
         for p in pts:
             if p.get("beta") is not None and len(pts) > 1:
                 ax.annotate(f"{p['beta']:g}", (p["kl"], p["reward"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
@@ -266,3 +269,27 @@ def matched_kl_table(summary, judge, baseline="dpo"):
             row.append(f"{fmt(c['win'])} (KL {c['kl_self']:.1f} vs {c['kl_baseline']:.1f})" if "win" in c else "-")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def plot_steps(table, file, judge, factor):
+    """The steps ablation: reward and KL against the fraction of training, a line per method (mean ±
+    std over seeds). table {method: {multiple of the usual steps: [runs]}}."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, title in zip(axes, [reward_key(judge), "kl"], [f"{judge} reward", "KL(pi || pi_sft)"]):
+        for method, by_frac in table.items():
+            xs = sorted(by_frac)
+            stats = [spread([r["eval"][key] for r in by_frac[x]]) for x in xs]
+            ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o",
+                        markersize=3, capsize=2, color=COLORS.get(method), label=method.upper())
+        ax.axvline(1, color="grey", linewidth=0.8, linestyle=":")  # the usual number of steps
+        ax.set_xlabel("training, in multiples of the usual steps")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    with data.atomic_path(file) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)

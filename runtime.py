@@ -6,6 +6,7 @@ an interrupted run resume exactly.
 
 Nothing here knows the stages; train.py, experiments.py and sample.py build on it.
 """
+import dataclasses
 import hashlib
 import json
 import math
@@ -160,6 +161,18 @@ def finite_weights(model):
     return all(p.isfinite().all() for p in model.parameters())
 
 
+def save_model(cfg, env, file, model, enc, **extra):
+    """A trained model, with its shape, the fingerprint of its tokenizer and the run's config."""
+    if env.master:
+        save_checkpoint(file, {"model": model.state_dict(), "model_args": dataclasses.asdict(model.config),
+                               "tokenizer": data.fingerprint(enc), "config": dataclasses.asdict(cfg), **extra})
+
+
+def save_snapshot(cfg, env, task, step, model, enc):
+    if step in task.snapshots:
+        save_model(cfg, env, task.snapshots[step], model, enc, step=step)
+
+
 def progress_file(cfg, task):
     return path(cfg, f"{task.name}.ckpt.pt")
 
@@ -273,7 +286,8 @@ class Task:
     stage: str       # the pipeline stage it belongs to: which earlier stages' outputs it builds on
     settings: dict   # config.stage_settings(...), plus anything else its outputs depend on
     inputs: list     # files it reads
-    outputs: list    # files it writes
+    outputs: list    # files it writes: the first is the model, when it trains one
+    snapshots: dict = dataclasses.field(default_factory=dict)  # {step: file}: the model as it was then (experiments)
 
 
 _hashes = {}  # (path, size, mtime) -> content hash: each file is read once per process

@@ -41,7 +41,7 @@ from evaluate import beta_label, decode, evaluate, judge_name, sample_chunks, sc
 from model import GPT, GPTConfig
 from runtime import (Task, TrainingError, barrier, batch_indices, check_healthy, command, encode_all, gather,
                      kept_checkpoint, load_candidates, load_checkpoint, load_data, load_model, load_tokenizer, log, lr_at, mark_done,
-                     model_args, note_progress, path, progress_file, resume, save_checkpoint, save_progress, setup,
+                     model_args, note_progress, path, progress_file, resume, save_model, save_progress, save_snapshot, setup,
                      up_to_date)
 
 PAIR_LOSSES = {"dpo": vcb.dpo_loss, "ipo": vcb.ipo_loss, "slic": vcb.slic_loss}
@@ -50,7 +50,7 @@ PAIR_LOSSES = {"dpo": vcb.dpo_loss, "ipo": vcb.ipo_loss, "slic": vcb.slic_loss}
 # -----------------------------------------------------------------------------
 # the one training loop: SFT, reward model and alignment
 
-def train(cfg, env, task, model, n_examples, steps, batch_size, lr, loss_fn, count_fn, seed):
+def train(cfg, env, task, model, n_examples, steps, batch_size, lr, loss_fn, count_fn, seed, enc=None):
     """Optimise model for `steps` steps as task (a runtime.Task); returns the trained (unwrapped) model.
 
     Each step takes batch_size example indices (all processes together): this process takes every
@@ -60,7 +60,8 @@ def train(cfg, env, task, model, n_examples, steps, batch_size, lr, loss_fn, cou
     items whatever the number of processes and micro-batches.
     Resumable: every ckpt_interval steps the model, optimizer, step and random state go to
     <name>.ckpt.pt, and a run with the same settings continues from there. Every step's metrics are
-    appended to curves.jsonl beside the task's output (report.plot_curves draws them)."""
+    appended to curves.jsonl beside the task's output (report.plot_curves draws them). enc: the
+    tokenizer, for the snapshots an experiment may ask for (task.snapshots)."""
     name = task.name
     if batch_size < env.world * cfg.grad_accum:
         raise ConfigError(f"{name}: a batch of {batch_size} cannot feed {env.world} processes x {cfg.grad_accum} micro-batches")
@@ -116,6 +117,7 @@ def train(cfg, env, task, model, n_examples, steps, batch_size, lr, loss_fn, cou
             report.curves_append(curves, {"task": name, "step": step + 1, "lr": optimizer.param_groups[0]["lr"], **metrics})
         if (step + 1) % cfg.log_interval == 0 or step + 1 == steps:
             log(env, f"{name} step {step + 1}/{steps}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        save_snapshot(cfg, env, task, step + 1, raw, enc)
         if (step + 1) % cfg.ckpt_interval == 0 and step + 1 < steps:
             check_healthy(cfg, env, task, [raw], lambda: loss_fn(raw, micro[-1])[0], step + 1, last_good)
             save_progress(cfg, env, task, step + 1, {"model": raw, "optimizer": optimizer})
@@ -127,10 +129,9 @@ def train(cfg, env, task, model, n_examples, steps, batch_size, lr, loss_fn, cou
 
 
 def finish(cfg, env, task, model, enc, **extra):
-    """Write a trained model atomically, with the fingerprint of its tokenizer, then drop its resumable checkpoint."""
+    """Write a trained model atomically, then drop its resumable checkpoint."""
+    save_model(cfg, env, task.outputs[0], model, enc, **extra)
     if env.master:
-        save_checkpoint(task.outputs[0], {"model": model.state_dict(), "model_args": dataclasses.asdict(model.config),
-                                          "tokenizer": data.fingerprint(enc), "config": dataclasses.asdict(cfg), **extra})
         if os.path.exists(progress_file(cfg, task)):
             os.remove(progress_file(cfg, task))
     barrier(env)
@@ -229,7 +230,15 @@ def stage_rm(cfg, env):
     task = Task("rm", "rm", stage_settings(cfg, "rm"), inputs, [path(cfg, "rm.pt")])
     if up_to_date(cfg, env, task):
         return
-    enc, records = load_tokenizer(cfg), load_data(cfg, "prefs")
+    enc = load_tokenizer(cfg)
+    model, metrics = train_rm(cfg, env, enc, load_data(cfg, "prefs"), task)
+    finish(cfg, env, task, model, enc, metrics=metrics)
+    mark_done(cfg, env, task)
+
+
+def train_rm(cfg, env, enc, records, task):
+    """A reward model from the SFT weights on preference records; returns it and its held-out
+    accuracy (and, on the built-in task, its correlation with the gold reward)."""
     n_held = max(1, int(len(records) * cfg.rm_holdout)) if cfg.rm_holdout > 0 and len(records) > 1 else 0
     train_recs, held = records[:len(records) - n_held], records[len(records) - n_held:]
     chosen = encode_all(cfg, env, enc, [(r["prompt"], r["chosen"]) for r in train_recs], "rm chosen")
@@ -255,9 +264,8 @@ def stage_rm(cfg, env):
         if cfg.data == "builtin":
             gold = reviews.gold_reward([r["chosen"] for r in held] + [r["rejected"] for r in held])
             metrics["gold_correlation"] = report.pearson(r_w + r_l, gold)
-        log(env, "rm: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f" on {len(held)} held-out pairs")
-    finish(cfg, env, task, model, enc, metrics=metrics)
-    mark_done(cfg, env, task)
+        log(env, f"{task.name}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f" on {len(held)} held-out pairs")
+    return model, metrics
 
 
 # -----------------------------------------------------------------------------
@@ -272,7 +280,18 @@ def stage_sample(cfg, env):
     if up_to_date(cfg, env, task):
         return
     enc = load_tokenizer(cfg)
-    prompts = [r["prompt"] for r in load_data(cfg, "align_prompts")]
+    records = sample_candidates(cfg, env, enc, [r["prompt"] for r in load_data(cfg, "align_prompts")], cfg.n_candidates, cfg.seed)
+    if env.master:
+        data.write_jsonl(out_file, records)
+        n, spread = cfg.n_candidates, [vcb.reward_sigma(torch.tensor([r["rewards"]])).item() for r in records]
+        log(env, f"sample: {len(records)} prompts x {n} candidates; mean RM reward "
+                 f"{sum(sum(r['rewards']) for r in records) / (n * len(records)):.3f}, mean sigma(x) {sum(spread) / len(spread):.3f}")
+    barrier(env)
+    mark_done(cfg, env, task)
+
+
+def sample_candidates(cfg, env, enc, prompts, n, seed):
+    """n candidates per prompt from SFT, as records {prompt, responses, rewards, ref_logps}."""
     sft = load_model(path(cfg, "sft.pt"), env, enc, cfg).eval()
     max_prompt = cfg.block_size - cfg.max_new_tokens
     long = sum(len(enc.encode_ordinary(p)) + 1 > max_prompt for p in prompts)
@@ -280,8 +299,8 @@ def stage_sample(cfg, env):
         log(env, f"sample: {long} prompts are longer than block_size - max_new_tokens = {max_prompt} tokens and are cut from the left")
     # Every chunk is scored on its own, so the candidates file is the same whatever the number of
     # processes. Generation and SFT log-probs first, then the RM (one model at a time).
-    n, mine = cfg.n_candidates, []  # per chunk: its first prompt's index, prompts, responses, token ids, SFT log-probs
-    for c, batch, _, outs in sample_chunks(cfg, env, enc, sft, prompts, cfg.seed, temperature=cfg.temperature,
+    mine = []  # per chunk: its first prompt's index, prompts, responses, token ids, SFT log-probs
+    for c, batch, _, outs in sample_chunks(cfg, env, enc, sft, prompts, seed, temperature=cfg.temperature,
                                            top_k=cfg.top_k or None, top_p=cfg.top_p, num_samples=n):
         texts = [[decode(enc, o) for o in outs[i * n:(i + 1) * n]] for i in range(len(batch))]
         groups = [data.encode_group(enc, p, ys) for p, ys in zip(batch, texts)]  # the text, as alignment reads it
@@ -296,16 +315,7 @@ def stage_sample(cfg, env):
         for i, (prompt, ys) in enumerate(zip(batch, texts)):
             k = slice(i * n, (i + 1) * n)
             records.append({"i": c + i, "prompt": prompt, "responses": ys, "rewards": rewards[k], "ref_logps": logps[k]})
-    records = sorted(gather(env, records), key=lambda r: r["i"])
-    for r in records:
-        del r["i"]
-    if env.master:
-        data.write_jsonl(out_file, records)
-        spread = [vcb.reward_sigma(torch.tensor([r["rewards"]])).item() for r in records]
-        log(env, f"sample: {len(records)} prompts x {n} candidates; mean RM reward "
-                 f"{sum(sum(r['rewards']) for r in records) / (n * len(records)):.3f}, mean sigma(x) {sum(spread) / len(spread):.3f}")
-    barrier(env)
-    mark_done(cfg, env, task)
+    return [{k: v for k, v in r.items() if k != "i"} for r in sorted(gather(env, records), key=lambda r: r["i"])]
 
 
 # -----------------------------------------------------------------------------
@@ -347,6 +357,8 @@ def offline(cfg, env, enc, cands, method, seed, task):
     B, n = cands.rewards.shape
     sigma = vcb.reward_sigma(cands.rewards)
     calibrated = sigma > cfg.sigma_floor
+    # sigma(x) per prompt (PAPER.md), or one for the whole candidate set (--vcb_sigma=global, an ablation)
+    norm = vcb.reward_sigma(cands.rewards.flatten()[None]).to(env.device) if cfg.vcb_sigma == "global" else None
     n_pairs = (cands.rewards[:, :, None] > cands.rewards[:, None, :]).sum((1, 2))  # ordered pairs per prompt
     if method == "vcb" and not calibrated.all():
         log(env, f"{name}: {int((~calibrated).sum())} of {B} prompts have candidates of equal reward (sigma <= "
@@ -363,24 +375,24 @@ def offline(cfg, env, enc, cands, method, seed, task):
         logps = vcb.packed_logps(token_logps, p.seq, p.lengths, average=method == "rrhf").view(len(idx), n)  # (b, n)
         r, ref_b = rewards[idx], ref[idx]
         if method == "vcb":
-            per_prompt, _ = vcb.vcb_prompt_losses(logps, ref_b, r, cfg.beta, cfg.lam, cfg.sigma_floor)
+            per_prompt, _ = vcb.vcb_prompt_losses(logps, ref_b, r, cfg.beta, cfg.lam, cfg.sigma_floor, norm)
             loss = per_prompt.sum()
         elif method == "rrhf":
             loss = vcb.rrhf_loss(logps, r).sum()
         else:
             b, w, l = vcb.preference_pairs(r)
             loss = PAIR_LOSSES[method](logps[b, w], logps[b, l], ref_b[b, w], ref_b[b, l], cfg.beta).sum()
-        return loss, align_metrics(method, logps.detach(), ref_b, r, cfg)
+        return loss, align_metrics(method, logps.detach(), ref_b, r, cfg, norm)
 
     def count_fn(idx):  # what the method's loss averages over
         if method == "vcb":
             return int(calibrated[idx].sum())
         return int(n_pairs[idx].sum()) if method in PAIR_LOSSES else len(idx)
 
-    return train(cfg, env, task, model, B, cfg.align_steps, cfg.align_batch, cfg.align_lr, loss_fn, count_fn, seed)
+    return train(cfg, env, task, model, B, cfg.align_steps, cfg.align_batch, cfg.align_lr, loss_fn, count_fn, seed, enc)
 
 
-def align_metrics(method, logps, ref, rewards, cfg):
+def align_metrics(method, logps, ref, rewards, cfg, sigma=None):
     """What a user watches, for every method on the same footing: over the step's ordered pairs, the
     implicit reward margin beta * h and the pair accuracy (h > 0); for VCB also the gap correlation
     and the share of skipped prompts. RRHF has no reference: its h is the gap in length-averaged logp."""
@@ -390,7 +402,7 @@ def align_metrics(method, logps, ref, rewards, cfg):
     out = {"margin": (cfg.beta * h).mean().item() if len(h) else 0.0,
            "acc": (h > 0).float().mean().item() if len(h) else 0.0}
     if method == "vcb":
-        diag = vcb.vcb_diagnostics(logps, ref, rewards, cfg.beta, cfg.sigma_floor)
+        diag = vcb.vcb_diagnostics(logps, ref, rewards, cfg.beta, cfg.sigma_floor, sigma)
         out.update(gap_corr=diag["gap_corr"], skipped=diag["skipped"])
     return out
 

@@ -65,7 +65,7 @@ def reward_sigma(rewards):
     return f32(rewards).std(dim=-1, unbiased=False)
 
 
-def vcb_pair_terms(policy_logps, ref_logps, rewards, beta=1.0, sigma_floor=SIGMA_FLOOR):
+def vcb_pair_terms(policy_logps, ref_logps, rewards, beta=1.0, sigma_floor=SIGMA_FLOOR, sigma=None):
     """The per-pair squared errors l_ij of the difference method, for every unordered pair i < j.
 
     policy_logps, ref_logps, rewards: (B, n). Returns (l, learned_gap, target_gap, calibrated):
@@ -73,11 +73,14 @@ def vcb_pair_terms(policy_logps, ref_logps, rewards, beta=1.0, sigma_floor=SIGMA
         learned_gap = delta_i - delta_j                    (log Z(x) has cancelled out of it)
         target_gap  = (r_i - r_j) / (beta * sigma(x))      (the optimum's gap, up to sigma)
     and calibrated (B,) is False for prompts whose sigma(x) <= sigma_floor (no loss from them).
+    sigma (B,), optional: a normaliser to use in place of each prompt's own spread (the ablation of one
+    sigma for the whole data set); prompts whose own spread is under the floor are skipped all the same.
     """
     delta = f32(policy_logps) - f32(ref_logps)                     # (B, n)
     r = f32(rewards.detach())                                      # the reward model is not trained here
-    sigma = reward_sigma(r)                                        # (B,)
-    calibrated = sigma > sigma_floor
+    own = reward_sigma(r)                                          # (B,)
+    calibrated = own > sigma_floor
+    sigma = own if sigma is None else f32(sigma).expand_as(own)
     sigma = torch.where(calibrated, sigma, torch.ones_like(sigma))  # no 0/0 for skipped prompts
     i, j = torch.triu_indices(r.size(-1), r.size(-1), offset=1, device=r.device)
     learned_gap = delta[:, i] - delta[:, j]                        # (B, P)
@@ -85,14 +88,14 @@ def vcb_pair_terms(policy_logps, ref_logps, rewards, beta=1.0, sigma_floor=SIGMA
     return (learned_gap - target_gap) ** 2, learned_gap, target_gap, calibrated
 
 
-def vcb_prompt_losses(policy_logps, ref_logps, rewards, beta=1.0, lam=0.0, sigma_floor=SIGMA_FLOOR):
+def vcb_prompt_losses(policy_logps, ref_logps, rewards, beta=1.0, lam=0.0, sigma_floor=SIGMA_FLOOR, sigma=None):
     """L(x) for each prompt: (B,) losses and the (B,) calibrated mask.
 
     L(x) = (1/lam) * log(mean_{i<j} exp(lam * l_ij)), which moves the weight onto the pairs whose gap
     is most wrong as lam grows; lam = 0 is exactly the mean over pairs (its limit). Prompts that are
     not calibrated get loss 0.
     """
-    l, _, _, calibrated = vcb_pair_terms(policy_logps, ref_logps, rewards, beta, sigma_floor)
+    l, _, _, calibrated = vcb_pair_terms(policy_logps, ref_logps, rewards, beta, sigma_floor, sigma)
     if lam == 0:
         per_prompt = l.mean(-1)
     else:
@@ -118,11 +121,11 @@ def vcb_loss(policy_logps, ref_logps, rewards, beta=1.0, lam=0.0, sigma_floor=SI
 
 
 @torch.no_grad()
-def vcb_diagnostics(policy_logps, ref_logps, rewards, beta=1.0, sigma_floor=SIGMA_FLOOR):
+def vcb_diagnostics(policy_logps, ref_logps, rewards, beta=1.0, sigma_floor=SIGMA_FLOOR, sigma=None):
     """What to watch during VCB training: the fraction of prompts skipped for sigma(x) under the floor,
     and the Pearson correlation between learned gaps delta_i - delta_j and target gaps (r_i - r_j) /
     (beta sigma) over the calibrated prompts' pairs (1.0 when the policy is perfectly calibrated)."""
-    _, learned, target, calibrated = vcb_pair_terms(policy_logps, ref_logps, rewards, beta, sigma_floor)
+    _, learned, target, calibrated = vcb_pair_terms(policy_logps, ref_logps, rewards, beta, sigma_floor, sigma)
     a, b = learned[calibrated].flatten(), target[calibrated].flatten()
     a, b = a - a.mean(), b - b.mean()
     denom = (a.norm() * b.norm()).item()

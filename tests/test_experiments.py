@@ -1,0 +1,75 @@
+"""experiments.py: the matched-KL summary on hand-made curves, and every experiment on a tiny run."""
+import json
+
+import pytest
+
+import report
+from conftest import run_experiment
+
+JUDGE = "gold"
+
+
+def run(method, seed, points):
+    """Runs of one method and seed: points [(beta, kl, reward)]."""
+    return [{"method": method, "beta": b, "seed": seed, "eval": {"kl": kl, "gold_reward": r}} for b, kl, r in points]
+
+
+def test_interpolation_inside_at_a_knot_and_outside():
+    curve = [(1.0, 0.2), (3.0, 0.6), (5.0, 0.7)]
+    assert report.interpolate(curve, 2.0) == pytest.approx(0.4)      # halfway between the first two points
+    assert report.interpolate(curve, 3.0) == pytest.approx(0.6)      # at a knot
+    assert report.interpolate(curve[::-1], 4.0) == pytest.approx(0.65)  # the order of the points does not matter
+    assert report.interpolate(curve, 0.5) is None and report.interpolate(curve, 6.0) is None  # never extrapolated
+    assert report.interpolate([(2.0, 0.3)], 2.0) == 0.3 and report.interpolate([], 1.0) is None
+
+
+def test_matched_kl_reads_each_seed_then_averages_and_marks_what_is_outside():
+    runs = (run("vcb", 0, [(1.0, 2.0, 0.5), (0.3, 6.0, 0.9)]) + run("vcb", 1, [(1.0, 1.0, 0.3), (0.3, 5.0, 0.7)])
+            + run("dpo", 0, [(1.0, 3.0, 0.6), (0.3, 9.0, 0.8)]) + run("dpo", 1, [(1.0, 3.5, 0.6), (0.3, 10.0, 0.8)]))
+    summary = report.matched_kl(runs, JUDGE, kls=(2.0, 4.0, 6.0, 8.0))
+    vcb, dpo = summary["vcb"], summary["dpo"]
+    # KL 4: seed 0 halfway from 0.5 to 0.9 = 0.7; seed 1 at 3/4 from 0.3 to 0.7 = 0.6
+    assert vcb[4.0]["reward"][0] == pytest.approx(0.65) and vcb[4.0]["reward"][1] == pytest.approx(0.05)
+    assert vcb[4.0]["seeds"] == 2 and vcb[2.0]["seeds"] == 2 and vcb[2.0]["reward"][0] == pytest.approx((0.5 + 0.4) / 2)
+    assert vcb[6.0]["seeds"] == 1 and vcb[6.0]["of"] == 2  # seed 1 stops at KL 5: one seed covers it
+    assert vcb[8.0]["reward"] is None and dpo[2.0]["reward"] is None  # outside every seed's range
+    table = report.matched_kl_table(summary, JUDGE)
+    assert "outside its range" in table and "(1/2 seeds)" in table and "0.650 ± 0.050" in table
+
+
+def test_win_rates_at_matched_kl_compare_the_nearest_real_policies():
+    def rows(values):
+        return {"eval": [{"gold": v} for v in values]}
+    runs = run("vcb", 0, [(1.0, 2.0, 0.5), (0.3, 4.2, 0.9)]) + run("dpo", 0, [(1.0, 3.9, 0.6), (0.3, 9.0, 0.8)])
+    for r, values in zip(runs, ([0.1, 0.1], [0.9, 0.1], [0.5, 0.5], [0.0, 0.0])):
+        r["rows"] = rows(values)
+    cell = report.matched_kl(runs, JUDGE, kls=(4.0,))["vcb"][4.0]
+    assert cell["win"][0] == 0.5 and cell["kl_self"] == 4.2 and cell["kl_baseline"] == 3.9  # 0.9 > 0.5, 0.1 < 0.5
+
+
+@pytest.mark.slow
+def test_every_experiment_runs_on_a_tiny_run_and_writes_its_files(tiny_copy):
+    grid = ["--sweep_betas=0.5,2", "--sweep_seeds=0,1", "--sweep_online_betas=0.5", "--steps_factor=2", "--jobs=1"]
+    proc = run_experiment(tiny_copy, "all", *grid, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for folder in ["sweep"] + [f"ablations/{a}" for a in ("reward_source", "rm_quality", "n_candidates", "lam", "sigma",
+                                                             "steps", "ood")]:
+        for name in ("results.json", "results.md", "frontier.png"):
+            assert (tiny_copy / folder / name).exists(), (folder, name)
+    quality = json.loads((tiny_copy / "ablations/rm_quality/results.json").read_text())
+    assert {"default", "weak", "strong"} == quality["reward_models"].keys()
+    assert any(m.endswith("(gold)") for m in json.loads((tiny_copy / "ablations/reward_source/results.json").read_text())["summary"])
+    sweep = json.loads((tiny_copy / "sweep/results.json").read_text())
+    assert {"eval", "ood"} == sweep["matched_kl"].keys() and "vcb" in sweep["matched_kl"]["eval"]
+    steps = json.loads((tiny_copy / "ablations/steps/results.json").read_text())["runs"]
+    assert {(r["method"], r["step"]) for r in steps if r["seed"] == 0} >= {("vcb", s) for s in range(1, 7)}
+    assert "Reward at matched KL" in (tiny_copy / "sweep/results.md").read_text()
+
+
+@pytest.mark.slow
+def test_the_sweep_runs_in_worker_processes(tiny_copy):
+    proc = run_experiment(tiny_copy, "sweep", "--methods=vcb,dpo", "--sweep_betas=0.5,2", "--sweep_seeds=0", "--jobs=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "jobs on 2 worker processes" in proc.stdout
+    runs = json.loads((tiny_copy / "sweep/results.json").read_text())["runs"]
+    assert {(r["method"], r["beta"]) for r in runs} == {("sft", None), ("vcb", 0.5), ("vcb", 2.0), ("dpo", 0.5), ("dpo", 2.0)}
