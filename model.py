@@ -14,6 +14,7 @@ Padding conventions, which the whole project relies on:
   so that each row sees exactly what it would see alone in the batch.
 """
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -211,10 +212,13 @@ class GPT(nn.Module):
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
 
     @classmethod
-    def from_pretrained(cls, path, block_size=None, **overrides):
+    def from_pretrained(cls, path, block_size=None, log=print, **overrides):
         """A GPT initialised from a GPT-2 checkpoint in the common `model.safetensors` layout (the
-        layout of the public GPT-2 releases), read from a local file: nothing is downloaded. Every
-        key and shape is checked. block_size crops the positions; overrides: other GPTConfig fields
+        layout of the public GPT-2 releases), read from a local file: nothing is downloaded. The shape
+        comes from the config.json beside it (n_head cannot be read off the weights); without one,
+        n_head = n_embd / 64 as in the four OpenAI sizes, and log says so. What our GPT cannot
+        represent (another activation, LayerNorm epsilon or MLP width) is refused. Every key and
+        shape is checked. block_size crops the positions; overrides: other GPTConfig fields
         (dropout, reward_head)."""
         from safetensors.torch import load_file
         try:
@@ -231,6 +235,12 @@ class GPT(nn.Module):
         args = dict(block_size=sd_hf["wpe.weight"].shape[0], vocab_size=sd_hf["wte.weight"].shape[0],
                     n_layer=1 + max(int(k.split(".")[1]) for k in sd_hf if k.startswith("h.")),
                     n_head=max(1, n_embd // 64), n_embd=n_embd, bias=True)  # GPT-2's heads are 64 wide
+        config = read_gpt2_config(os.path.join(os.path.dirname(os.path.abspath(path)), "config.json"))
+        if config is not None:
+            args["n_head"] = gpt2_config(config, args)
+        else:
+            log(f"{path}: no GPT-2 config.json beside it; n_head = n_embd / 64 = {args['n_head']} as in OpenAI's GPT-2 "
+                f"sizes (a checkpoint with other heads needs its config.json)")
         model = cls(GPTConfig(**{**args, **overrides}))
         sd = model.state_dict()
         ours = {k for k in sd if not k.startswith(("lm_head.", "reward_head."))}
@@ -314,6 +324,45 @@ class GPT(nn.Module):
                 row = row[:row.index(stop_token) + 1]
             out.append(row)
         return (out, logps.tolist()) if return_logps else out
+
+
+def read_gpt2_config(file):
+    """(file, its dict) when file is a Hugging Face GPT-2 config.json (model_type gpt2), else None: a
+    missing file, or another program's config.json (a run folder of ours has one)."""
+    import json
+    try:
+        with open(file, encoding="utf-8") as f:
+            c = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{file}: not a readable config.json ({e})") from None
+    return (file, c) if isinstance(c, dict) and c.get("model_type") == "gpt2" else None
+
+
+def gpt2_config(config, args):
+    """The n_head of a GPT-2 config.json, (file, dict), after checking that the rest of it describes a
+    model our GPT is (args: the shape read off the weights); anything else is a one-line ValueError."""
+    file, c = config
+    checks = [("n_embd", args["n_embd"]), ("n_layer", args["n_layer"]), ("vocab_size", args["vocab_size"]),
+              ("n_positions", args["block_size"])]
+    for key, want in checks:
+        if key in c and c[key] != want:
+            raise ValueError(f"{file}: {key} is {c[key]} but the weights say {want}")
+    n_head = c.get("n_head", c.get("num_attention_heads"))
+    if not isinstance(n_head, int) or n_head < 1 or args["n_embd"] % n_head:
+        raise ValueError(f"{file}: n_head is {n_head!r}, not a whole divisor of n_embd={args['n_embd']}")
+    if c.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ValueError(f"{file}: activation_function {c['activation_function']!r} is not GPT-2's tanh GELU, "
+                         f"the only one this GPT has")
+    if abs(c.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
+        raise ValueError(f"{file}: layer_norm_epsilon {c['layer_norm_epsilon']} is not GPT-2's 1e-5, the only one this GPT has")
+    if c.get("n_inner") not in (None, 4 * args["n_embd"]):
+        raise ValueError(f"{file}: n_inner {c['n_inner']} is not 4 * n_embd, the only MLP width this GPT has")
+    for key, fine in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False), ("add_cross_attention", False)):
+        if c.get(key, fine) != fine:
+            raise ValueError(f"{file}: {key}={c[key]} is not what this GPT computes")
+    return n_head
 
 
 def filter_logits(logits, top_k=None, top_p=None):

@@ -189,7 +189,7 @@ def stage_sft(cfg, env):
         model = GPT(GPTConfig(**model_args(cfg, enc.n_vocab)))
     else:
         try:
-            model = GPT.from_pretrained(cfg.init_from, block_size=cfg.block_size, dropout=cfg.dropout)
+            model = GPT.from_pretrained(cfg.init_from, block_size=cfg.block_size, dropout=cfg.dropout, log=lambda m: log(env, m))
         except ValueError as e:
             raise DataError(str(e)) from None
         if model.config.vocab_size != enc.n_vocab:
@@ -460,9 +460,15 @@ def start(argv, doc=__doc__):
 def main(argv, then=None, doc=__doc__):
     """The stages (--stage, default all), then `then(cfg, env)` if given (experiments.py)."""
     cfg, env = start(argv, doc)
-    t0 = time.time()
+    t0, times = time.time(), []
     for stage in STAGES if cfg.stage == "all" else [cfg.stage]:
+        if env.device_type == "cuda":
+            torch.cuda.reset_peak_memory_stats(env.device)
+        t = time.time()
         STAGE_FNS[stage](cfg, env)
+        peak = f", peak GPU memory {torch.cuda.max_memory_allocated(env.device) / 2**30:.2f} GiB" if env.device_type == "cuda" else ""
+        times.append(f"{stage} {time.time() - t:.1f}s{peak}")
+    log(env, "stage times: " + "; ".join(times))
     if env.master:
         report.plot_curves(path(cfg, "curves.jsonl"), path(cfg, "curves.png"))
     if then is not None:

@@ -1,5 +1,8 @@
 """GPT-2 weights from a local model.safetensors, and the offline GPT-2 tokenizer. Tested on small
 random checkpoints that the tests write in GPT-2's layout; nothing is downloaded."""
+import json
+import re
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -70,6 +73,60 @@ def test_logits_match_transformers_gpt2(tmp_path):
     hf.save_pretrained(tmp_path, safe_serialization=True)
     ours = GPT.from_pretrained(tmp_path / "model.safetensors").eval()
     idx = torch.randint(97, (2, 30))
+    torch.testing.assert_close(ours(idx), hf(idx).logits, atol=1e-4, rtol=1e-4)
+
+
+def gpt2_config(model, **changes):
+    c = model.config
+    return {"model_type": "gpt2", "n_head": c.n_head, "n_embd": c.n_embd, "n_layer": c.n_layer, "n_positions": c.block_size,
+            "vocab_size": c.vocab_size, "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new", **changes}
+
+
+@pytest.fixture
+def narrow_heads():
+    """A GPT-2 whose heads are not 64 wide (4 heads of 16), as distilled and tiny GPT-2s are."""
+    torch.manual_seed(1)
+    return GPT(GPTConfig(block_size=64, vocab_size=97, n_layer=2, n_head=4, n_embd=64)).eval()
+
+
+def test_config_json_gives_heads_that_are_not_64_wide(narrow_heads, tmp_path):
+    save_file(gpt2_layout(narrow_heads), tmp_path / "model.safetensors")
+    said = []
+    guessed = GPT.from_pretrained(tmp_path / "model.safetensors", log=said.append).eval()
+    assert guessed.config.n_head == 1 and "no GPT-2 config.json" in said[0]  # the old inference, and it says so
+    idx = torch.randint(97, (2, 20))
+    assert not torch.allclose(guessed(idx), narrow_heads(idx), atol=1e-3)  # ... which is wrong for this model
+    (tmp_path / "config.json").write_text(json.dumps(gpt2_config(narrow_heads)))
+    loaded = GPT.from_pretrained(tmp_path / "model.safetensors", log=said.append).eval()
+    assert loaded.config.n_head == 4 and len(said) == 1
+    torch.testing.assert_close(loaded(idx), narrow_heads(idx))
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(activation_function="relu"), "activation_function 'relu' is not GPT-2's tanh GELU"),
+    (dict(layer_norm_epsilon=1e-6), "layer_norm_epsilon 1e-06 is not GPT-2's 1e-5"),
+    (dict(n_head=5), "n_head is 5, not a whole divisor of n_embd=64"),
+    (dict(n_inner=100), "n_inner 100 is not 4 * n_embd"),
+    (dict(n_embd=128), "n_embd is 128 but the weights say 64"),
+    (dict(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx=True is not what this GPT computes"),
+])
+def test_what_our_gpt_cannot_represent_is_refused(narrow_heads, tmp_path, change, message):
+    save_file(gpt2_layout(narrow_heads), tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(gpt2_config(narrow_heads, **change)))
+    with pytest.raises(ValueError, match=re.escape(message)) as e:
+        GPT.from_pretrained(tmp_path / "model.safetensors")
+    assert "\n" not in str(e.value)
+
+
+def test_logits_match_transformers_gpt2_with_narrow_heads(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=97, n_positions=64, n_embd=64, n_layer=2,
+                                                              n_head=4, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)).eval()
+    hf.save_pretrained(tmp_path, safe_serialization=True)  # writes config.json beside model.safetensors
+    ours = GPT.from_pretrained(tmp_path / "model.safetensors").eval()
+    idx = torch.randint(97, (2, 30))
+    assert ours.config.n_head == 4
     torch.testing.assert_close(ours(idx), hf(idx).logits, atol=1e-4, rtol=1e-4)
 
 
