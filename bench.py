@@ -7,44 +7,62 @@ bench.py: how fast the hot paths run on this machine, each comparison made withi
 
 It measures
   1. the device's matmul peak (the best of repeated large matmuls), in TFLOP/s;
-  2. training tokens/s, and model FLOPs utilisation (MFU) against that measured peak;
+  2. training tokens/s, and model FLOPs utilisation (MFU) against that measured peak (and on a GPU
+     against its datasheet's bfloat16 peak);
   3. sampling tokens/s at 128 new tokens, with and without the KV cache (same greedy tokens);
-  4. one alignment (VCB) step per response token against one SFT step per token, same sequences
-     (the reference log-probs are precomputed, so alignment needs one model: the target is <= 1.2x);
+  4. one alignment (VCB) step per response token against one SFT step per token, same sequences,
+     with the candidates packed after their prompt as the pipeline runs it, and padded (the
+     reference log-probs are precomputed, so alignment needs one model: the target is <= 1.2x);
 and then prints the estimated peak GPU memory and time per stage of the GPT-2-small HH preset.
 """
 import statistics
 import time
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
 
+import data
 import vcb
-from config import ConfigError, convert
+from config import ConfigError, parse_options
 from model import GPT, GPTConfig
 from runtime import command, setup
 
 PRESETS = {  # model shape and the batch of each measurement
+    "tiny": dict(n_layer=1, n_head=2, n_embd=32, vocab_size=64, block_size=64, batch=8, seq_len=16, sample_batch=2,
+                 prompt_len=4, steps=2),  # seconds on a CPU: that every measurement runs (tests, gpu_check.py --tiny)
     "small": dict(n_layer=4, n_head=4, n_embd=256, vocab_size=1024, block_size=256, batch=16, seq_len=128,
                   sample_batch=8, prompt_len=32, steps=6),
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024, batch=8, seq_len=1024,
                  sample_batch=16, prompt_len=64, steps=20),
 }
-OPTIONS = dict(preset="small", device="auto", dtype="auto", compile=False, new_tokens=128, n_candidates=8)
+# dense bfloat16 tensor-core peaks from the vendors' datasheets, TFLOP/s (matched in the device name, in order)
+DATASHEET_BF16 = [("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("GH200", 989), ("A100", 312), ("L40S", 362),
+                  ("L4", 121), ("A10G", 70), ("RTX 4090", 165), ("RTX 3090", 71)]
+
+
+@dataclass
+class BenchConfig:
+    preset: str = "small"            # tiny, small (4 layers x 256), gpt2 (GPT-2-small's shape: 12 x 768, 50257 tokens, 1024 positions)
+    device: str = "auto"             # auto, cpu, cuda, cuda:N
+    dtype: str = "auto"              # auto (bfloat16 autocast on CUDA, float32 on CPU), float32, bfloat16, float16
+    compile: bool = False            # torch.compile the model for the training measurements (CUDA)
+    new_tokens: int = 128            # tokens sampled in the KV-cache measurement
+    n_candidates: int = 8            # candidates per prompt in the alignment step
 
 
 def parse(argv):
-    opts = dict(OPTIONS)
-    for arg in argv:
-        key, _, raw = arg.removeprefix("--").partition("=")
-        if key not in opts or not arg.startswith("--"):
-            raise ConfigError(f"unknown option {arg}; bench.py takes " + ", ".join(f"--{k}" for k in opts))
-        opts[key] = convert(key, raw, type(OPTIONS[key]))
-    if opts["preset"] not in PRESETS:
-        raise ConfigError(f"--preset={opts['preset']}: expected one of {', '.join(PRESETS)}")
-    if opts["dtype"] not in ("auto", "float32", "bfloat16", "float16"):
-        raise ConfigError(f"--dtype={opts['dtype']}: expected auto, float32, bfloat16 or float16")
-    return opts
+    opts = parse_options(BenchConfig(), argv, __doc__)
+    if opts.preset not in PRESETS:
+        raise ConfigError(f"--preset={opts.preset}: expected one of {', '.join(PRESETS)}")
+    if opts.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ConfigError(f"--dtype={opts.dtype}: expected auto, float32, bfloat16 or float16")
+    return vars(opts)
+
+
+def datasheet_peak(name):
+    """The datasheet's dense bfloat16 peak of a GPU by its name, in FLOP/s, or None."""
+    return next((tflops * 1e12 for key, tflops in DATASHEET_BF16 if key in name), None)
 
 
 def sync(device):
@@ -105,8 +123,10 @@ def main(argv):
 
     dt = timed(train_step, device, p["steps"])
     tokens_per_s = B * T / dt
-    mfu = model.estimate_flops_per_token(T) * tokens_per_s / peak
-    print(f"train: {tokens_per_s:,.0f} tokens/s (batch {B} x {T}), MFU {100 * mfu:.1f}% of the measured peak")
+    flops = model.estimate_flops_per_token(T) * tokens_per_s
+    sheet = datasheet_peak(name) if device_type == "cuda" and dtype == torch.bfloat16 else None
+    print(f"train: {tokens_per_s:,.0f} tokens/s (batch {B} x {T}), MFU {100 * flops / peak:.1f}% of the measured peak"
+          + (f", {100 * flops / sheet:.1f}% of the datasheet's {sheet / 1e12:.0f} TFLOP/s" if sheet else ""))
 
     # 3. sampling with and without the KV cache
     model.eval()
@@ -122,15 +142,20 @@ def main(argv):
     print(f"sample {new} new tokens, batch {len(prompts)}: KV cache {speed[True]:,.0f} tokens/s, recomputing "
           f"the prefix {speed[False]:,.0f} tokens/s: {speed[True] / speed[False]:.1f}x ({same}; target >= 5x)")
 
-    # 4. an alignment step against an SFT step on the same sequences, per response token
+    # 4. an alignment step against an SFT step on the same sequences, per response token: n candidates
+    # share each prompt (a quarter of the tokens); the pipeline's step packs them after it (data.pack)
     model.train()
-    prompts_per_step = max(1, B // opts["n_candidates"])
-    rows = prompts_per_step * opts["n_candidates"]
-    seqs = torch.randint(cfg.vocab_size, (rows, T), device=device)
-    mask = torch.zeros(rows, T, dtype=torch.bool, device=device)
-    mask[:, T // 4:] = True  # the first quarter is the prompt
-    ref = torch.randn(prompts_per_step, opts["n_candidates"], device=device) - 50
-    rewards = torch.randn(prompts_per_step, opts["n_candidates"], device=device)
+    n = opts["n_candidates"]
+    prompts_per_step = max(1, B // n)
+    P = T // 4
+    tokens = torch.randint(cfg.vocab_size - 1, (prompts_per_step, n + 1, T - P)).tolist()
+    groups = [(g[0][:P], g[1:]) for g in tokens]  # (prompt, n responses)
+    seqs = torch.tensor([prompt + r for prompt, rs in groups for r in rs], device=device)   # (rows, T) padded
+    mask = torch.zeros_like(seqs, dtype=torch.bool)
+    mask[:, P:] = True
+    packed = data.pack(groups, cfg.block_size, cfg.vocab_size - 1).to(device)
+    ref = torch.randn(prompts_per_step, n, device=device) - 50
+    rewards = torch.randn(prompts_per_step, n, device=device)
 
     def sft_step():
         with env.autocast():
@@ -140,22 +165,28 @@ def main(argv):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def vcb_step():
+    def vcb_step(pack):
         with env.autocast():
-            logits = runner(seqs)
-        logps = vcb.sequence_logps(logits, seqs, mask).view(prompts_per_step, -1)
-        loss = vcb.vcb_loss(logps, ref, rewards, beta=1.0, lam=0.1)
+            if pack:
+                token_logps = runner(packed.idx, pos=packed.pos, attn_mask=packed.mask, at=(packed.rows, packed.cols),
+                                     targets=packed.targets)
+                logps = vcb.packed_logps(token_logps, packed.seq, packed.lengths)
+            else:
+                logps = vcb.sequence_logps(runner(seqs), seqs, mask)
+        loss = vcb.vcb_loss(logps.view(prompts_per_step, -1), ref, rewards, beta=1.0, lam=0.1)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    t_sft, t_vcb = [], []
-    for _ in range(max(3, p["steps"] // 2)):  # interleaved, so both see the same machine load
+    t_sft, t_packed, t_padded = [], [], []
+    for _ in range(max(3, p["steps"] // 2)):  # interleaved, so all see the same machine load
         t_sft.append(timed(sft_step, device, 1))
-        t_vcb.append(timed(vcb_step, device, 1))
-    ratio = statistics.median(t_vcb) / statistics.median(t_sft)
-    print(f"align (VCB) step vs SFT step, {rows} sequences x {T} tokens: {ratio:.2f}x the time per response token "
-          f"(target <= 1.2x)")
+        t_packed.append(timed(lambda: vcb_step(True), device, 1))
+        t_padded.append(timed(lambda: vcb_step(False), device, 1))
+    sft = statistics.median(t_sft)
+    print(f"align (VCB) step vs SFT step, {prompts_per_step * n} sequences x {T} tokens ({n} per prompt): "
+          f"{statistics.median(t_packed) / sft:.2f}x the time per response token with the candidates packed after "
+          f"their prompt (as the pipeline runs it), {statistics.median(t_padded) / sft:.2f}x padded (target <= 1.2x)")
     print_estimates(peak if device_type == "cuda" else None)
 
 

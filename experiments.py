@@ -9,6 +9,7 @@ results.json, results.md, frontier.png, curves.png and the matched-KL summary in
 its own. Options are train.py's (python train.py --help).
 """
 import dataclasses
+import json
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -21,8 +22,9 @@ import evaluate
 import report
 import reviews
 import train
-from config import ONLINE, Config, ConfigError, method_list, stage_settings, sweep_list
-from runtime import Task, command, file_hash, load_candidates, load_model, load_tokenizer, log, mark_done, path, setup, up_to_date
+from config import METHODS, ONLINE, Config, ConfigError, method_list, stage_settings, sweep_list
+from runtime import (Task, command, file_hash, fingerprints, load_candidates, load_model, load_tokenizer, log, mark_done, path,
+                     setup, up_to_date)
 
 
 # -----------------------------------------------------------------------------
@@ -66,7 +68,28 @@ def run_job(job, score=True):
             if key not in w["cands"]:
                 w["cands"][key] = load_candidates(job.cfg, env, enc, file)
             train.align(job.cfg, env, enc, w["cands"][key], job.method, job.seed, task)
-    return evaluate.score_policy(job.cfg, env, enc, job.method, job.file, job.seed, w["refs"]) if score else None
+    return scored(job, env, enc, w["refs"]) if score else None
+
+
+def scored(job, env, enc, refs):
+    """The policy's scored samples (evaluate.score_policy), kept beside it: an experiment that reads the
+    same policy again (the ablations read the sweep's) finds them, as long as the policy, the models
+    and prompts that judge it and the evaluation settings are the ones they were made with."""
+    cfg, file = job.cfg, os.path.splitext(job.file)[0] + f".seed{job.seed}.scored.json"
+    judges = [job.file, path(cfg, "sft.pt"), path(cfg, "rm.pt"), path(cfg, "tokenizer.json"),
+              path(cfg, "data", "eval_prompts.jsonl"), path(cfg, "data", "ood_prompts.jsonl")]
+    key = {"seed": job.seed, "inputs": fingerprints(cfg, judges),
+           "settings": {k: getattr(cfg, k) for k in ("eval_samples", "eval_batch", "max_new_tokens", "block_size", "data")}}
+    try:
+        with open(file, encoding="utf-8") as f:
+            kept = json.load(f)
+        if kept["key"] == key:
+            return kept["scored"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    result = evaluate.score_policy(cfg, env, enc, job.method, job.file, job.seed, refs)
+    data.write_json(file, {"key": key, "scored": result})
+    return result
 
 
 def run_jobs(cfg, env, jobs, score=True):
@@ -340,6 +363,8 @@ def write_results(cfg, env, folder, runs, plot_title, heading, split="eval", ext
         return
     judge, variants = evaluate.judge_name(cfg), list(dict.fromkeys(r.get("variant") for r in runs))
     label = lambda r: r["method"] if r.get("variant") is None or r["method"] == "sft" else f"{r['method']} ({r['variant']})"  # noqa: E731
+    order = ["sft"] + METHODS  # rows in the order of config.METHODS, each variant's after the other, betas rising
+    runs = sorted(runs, key=lambda r: (order.index(r["method"]), variants.index(r.get("variant")), r["beta"] or 0, r["seed"]))
     seen, labelled = set(), []
     for r in runs:  # SFT is the same model in every variant: once
         if (label(r), r["beta"], r["seed"]) not in seen:

@@ -173,7 +173,7 @@ def plot_curves(file, png):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     tasks = list(dict.fromkeys(r["task"] for r in records))
-    metrics = [k for k in dict.fromkeys(k for r in records for k in r) if k not in ("task", "step")]
+    metrics = [k for k in dict.fromkeys(["loss", "lr"] + [k for r in records for k in r]) if k not in ("task", "step")]
     cols = min(3, len(metrics))
     rows = math.ceil(len(metrics) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.9 * rows), squeeze=False)

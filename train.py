@@ -1,7 +1,7 @@
 """
 train.py: the VCB pipeline (PAPER.md, "The pipeline"), stage by stage, in flat PyTorch loops.
 
-    python train.py                         # every stage; about 3 minutes on a 2-core CPU
+    python train.py                         # every stage; about 2 minutes on a 2-core CPU
     python train.py --stage=align --force   # redo one stage
     python train.py --help                  # every option, with its default and meaning
     torchrun --nproc_per_node=2 train.py    # data parallel (GPUs with NCCL, or CPU processes with gloo)
@@ -13,11 +13,13 @@ and were made with the same settings (stages.json records them); --force redoes 
     sft     supervised fine-tuning on the demonstrations                      -> sft.pt
     rm      reward model from the SFT weights, Bradley-Terry loss on pairs      -> rm.pt
     sample  n candidates per prompt from SFT, RM scores, SFT log-probs          -> candidates.jsonl
-    align   VCB and every baseline, each from SFT, on the same candidates      -> policy_<method>.pt
+    align   VCB and every baseline, each from SFT: the offline ones on the same  -> policy_<method>.pt
+            candidates, PPO and RLOO on their own samples (ppo.py)
     eval    gold and RM reward, KL to SFT, win rates, diversity               -> results.json, frontier.png
 
 Read top to bottom: the one training loop, then the stages in pipeline order. The options are in
-config.py, devices and files in runtime.py, scoring and evaluation in evaluate.py.
+config.py, devices and files in runtime.py, scoring and evaluation in evaluate.py, the online loop
+of PPO and RLOO in ppo.py.
 """
 import dataclasses
 import math
@@ -131,9 +133,8 @@ def train(cfg, env, task, model, n_examples, steps, batch_size, lr, loss_fn, cou
 def finish(cfg, env, task, model, enc, **extra):
     """Write a trained model atomically, then drop its resumable checkpoint."""
     save_model(cfg, env, task.outputs[0], model, enc, **extra)
-    if env.master:
-        if os.path.exists(progress_file(cfg, task)):
-            os.remove(progress_file(cfg, task))
+    if env.master and os.path.exists(progress_file(cfg, task)):
+        os.remove(progress_file(cfg, task))
     barrier(env)
 
 

@@ -1,12 +1,42 @@
-"""bench.py runs and reports each measurement (speed targets are read from its output, not asserted)."""
+"""bench.py runs and reports each measurement (speed targets are read from its output, not asserted),
+and gpu_check.py runs every one of its steps at a tiny size on a CPU and writes its report."""
+import os
+import subprocess
+import sys
+
+import pytest
+
 import bench
+from conftest import ROOT
 
 
-def test_bench_runs_every_measurement_on_a_tiny_preset(monkeypatch, capsys):
-    monkeypatch.setitem(bench.PRESETS, "tiny", dict(n_layer=1, n_head=2, n_embd=32, vocab_size=64, block_size=64,
-                                                    batch=8, seq_len=16, sample_batch=2, prompt_len=4, steps=2))
+def test_bench_runs_every_measurement_on_a_tiny_preset(capsys):
     bench.main(["--preset=tiny", "--new_tokens=8", "--n_candidates=4"])
     out = capsys.readouterr().out
     for text in ("matmul peak (measured", "train:", "MFU", "KV cache", "same tokens", "align (VCB) step vs SFT step",
-                 "| sft |", "| eval |"):
+                 "with the candidates packed after their prompt", "| sft |", "| eval |"):
         assert text in out
+
+
+def test_datasheet_peaks_are_read_from_the_device_name():
+    assert bench.datasheet_peak("NVIDIA H100 80GB HBM3") == 989e12 and bench.datasheet_peak("NVIDIA H100 PCIe") == 756e12
+    assert bench.datasheet_peak("NVIDIA L40S") == 362e12 and bench.datasheet_peak("NVIDIA L4") == 121e12
+    assert bench.datasheet_peak("Some Future GPU") is None
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_every_step_at_a_tiny_size_and_writes_one_report(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "gpu_check.py"), "--tiny", f"--out={tmp_path / 'check'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    report = (tmp_path / "check" / "gpu_check.md").read_text()
+    for text in ("# gpu_check on", "| tests that need CUDA |", "| bench.py |", "| pipeline, default settings |",
+                 "| pipeline, GPT-2-small shape |", "matmul peak", "stage times: data", "| vcb |"):
+        assert text in report, text
+
+
+def test_gpu_check_says_what_to_do_without_a_gpu():
+    if __import__("torch").cuda.is_available():
+        pytest.skip("there is a GPU here")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "gpu_check.py")], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "PyTorch sees no CUDA GPU" in proc.stderr and "--tiny" in proc.stderr
