@@ -29,7 +29,7 @@ from model import GPT, GPTConfig
 from runtime import command, setup
 
 PRESETS = {  # model shape and the batch of each measurement
-    "tiny": dict(n_layer=1, n_head=2, n_embd=32, vocab_size=64, block_size=64, batch=8, seq_len=16, sample_batch=2,
+    "tiny": dict(n_layer=1, n_head=2, n_embd=32, vocab_size=64, block_size=160, batch=8, seq_len=16, sample_batch=2,
                  prompt_len=4, steps=2),  # seconds on a CPU: that every measurement runs (tests, gpu_check.py --tiny)
     "small": dict(n_layer=4, n_head=4, n_embd=256, vocab_size=1024, block_size=256, batch=16, seq_len=128,
                   sample_batch=8, prompt_len=32, steps=6),
