@@ -97,6 +97,7 @@ class Config:
     ppo_gamma: float = 1.0           # PPO: GAE discount
     ppo_lambda: float = 0.95         # PPO: GAE lambda
     ppo_target_kl: float = 0.0       # PPO and RLOO: adapt beta towards this KL in nats (0: beta stays fixed)
+    ppo_kl_horizon: int = 10000      # PPO and RLOO: the controller's horizon in rollouts (smaller: beta moves faster)
     eos_penalty: float = 1.0         # subtracted from the normalised score of a response cut at max_new_tokens
     # ---- eval
     eval_samples: int = 2            # samples per prompt and policy, at temperature 1 with no top-k/top-p
@@ -120,7 +121,8 @@ STAGE_KEYS = {
 
 
 ONLINE_KEYS = ["beta", "online_iters", "online_prompts", "online_k", "online_lr", "critic_lr", "ppo_epochs", "ppo_minibatches",
-               "ppo_clip", "ppo_vf_coef", "ppo_gamma", "ppo_lambda", "ppo_target_kl", "eos_penalty", "max_new_tokens"]
+               "ppo_clip", "ppo_vf_coef", "ppo_gamma", "ppo_lambda", "ppo_target_kl", "ppo_kl_horizon", "eos_penalty",
+               "max_new_tokens"]
 
 
 class ConfigError(ValueError):

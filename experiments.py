@@ -141,8 +141,9 @@ def policy_grid(cfg, env, prefix, folder, methods, betas, seeds, online_betas=()
                 tag = f"{method}-beta{beta:g}-seed{seed}" if beta is not None else f"{method}-seed{seed}"
                 if not (candidates or overrides) and seed == cfg.seed and sub.beta == cfg.beta and method in method_list(cfg):
                     jobs.append(Job(sub, method, seed, f"align-{method}", path(cfg, f"policy_{method}.pt")))
-                else:
-                    jobs.append(Job(sub, method, seed, f"{prefix}-{tag}", path(cfg, folder, f"policy_{tag}.pt"), candidates))
+                else:  # the variants of an ablation share its folder: their files carry the variant's prefix
+                    stem = tag if variant is None else f"{prefix}-{tag}"
+                    jobs.append(Job(sub, method, seed, f"{prefix}-{tag}", path(cfg, folder, f"policy_{stem}.pt"), candidates))
     scored = dict(zip([(j.method, j.cfg.beta if j.method not in ("sft", "rrhf") else None, j.seed) for j in jobs],
                       run_jobs(cfg, env, jobs)))
     runs, all_betas = [], sorted(set(betas) | set(online_betas))
@@ -250,7 +251,7 @@ def lam(cfg, env):
     """VCB's LogSumExp temperature over a prompt's pairs: lambda = 0 (the mean), 0.1 (the default,
     the sweep), 1 and 10 (towards the worst pair)."""
     betas, seeds, folder = sweep_list(cfg, "sweep_betas", float), sweep_list(cfg, "sweep_seeds", int), "ablations/lam"
-    runs = [{**r, "variant": f"lam={cfg.lam:g}"} for r in main_grid(cfg, env, ["vcb", "dpo"])]
+    runs = [{**r, "variant": f"lam={cfg.lam:g}" if r["method"] == "vcb" else None} for r in main_grid(cfg, env, ["vcb", "dpo"])]
     for value in (0.0, 1.0, 10.0):
         runs += [r for r in policy_grid(cfg, env, f"lam{value:g}", folder, ["vcb"], betas, seeds, variant=f"lam={value:g}",
                                         lam=value) if r["method"] == "vcb"]
@@ -261,7 +262,7 @@ def sigma(cfg, env):
     """VCB's sigma(x) per prompt (the paper's normalisation) against one sigma for the whole candidate
     set: the reward/KL optimum has one beta for every prompt, and a per-prompt sigma spends KL unevenly."""
     betas, seeds, folder = sweep_list(cfg, "sweep_betas", float), sweep_list(cfg, "sweep_seeds", int), "ablations/sigma"
-    runs = [{**r, "variant": "per prompt"} for r in main_grid(cfg, env, ["vcb", "dpo"])]
+    runs = [{**r, "variant": "per prompt" if r["method"] == "vcb" else None} for r in main_grid(cfg, env, ["vcb", "dpo"])]
     runs += [r for r in policy_grid(cfg, env, "sigma-global", folder, ["vcb"], betas, seeds, variant="global",
                                     vcb_sigma="global") if r["method"] == "vcb"]
     write_results(cfg, env, folder, runs, "VCB's sigma: per prompt or global", "VCB's sigma(x) (DPO, from the sweep, for reference)")
@@ -319,7 +320,7 @@ def write_steps(cfg, folder, rows, judge, factor):
     data.write_json(path(cfg, folder, "results.json"), {"judge": judge, "runs": rows, "config": dataclasses.asdict(cfg)})
     data.write_text(path(cfg, folder, "results.md"), text)
     print("\n" + text)
-    report.plot_steps(table, path(cfg, folder, "frontier.png"), judge, factor)
+    report.plot_steps(table, path(cfg, folder, "steps.png"), judge, factor)
     report.plot_curves(path(cfg, folder, "curves.jsonl"), path(cfg, folder, "curves.png"))
 
 
@@ -376,8 +377,11 @@ def write_results(cfg, env, folder, runs, plot_title, heading, split="eval", ext
     for s in ("eval", "ood"):
         for v in variants:
             mine = [{**r, "method": r["base"]} for r in labelled if r.get("variant") == v and r["base"] != "sft"]
-            for method, cells in report.matched_kl(mine, judge, split=s).items():
-                matched.setdefault(s, {})[label({"method": method, "variant": v})] = cells
+            borrowed = [] if any(r["method"] == "dpo" for r in mine) else \
+                [{**r, "method": r["base"]} for r in labelled if r.get("variant") is None and r["base"] == "dpo"]
+            for method, cells in report.matched_kl(mine + borrowed, judge, split=s).items():
+                if not (borrowed and method == "dpo"):  # a variant without DPO of its own is matched against the plain one
+                    matched.setdefault(s, {})[label({"method": method, "variant": v})] = cells
     data.write_json(path(cfg, folder, "results.json"), {
         "judge": judge, "runs": plain, "summary": summary, **(extra or {}),
         "matched_kl": {s: {m: {f"{kl:g}": c for kl, c in cells.items()} for m, cells in by.items()} for s, by in matched.items()},

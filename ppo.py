@@ -70,8 +70,8 @@ def online(cfg, env, enc, method, seed, task, cands):
         except FloatingPointError as e:
             raise TrainingError(f"{task.name}: {e} at iteration {it}; stopped, and {kept_checkpoint(cfg, task, last_good)}") from None
         kl = batch["kl"].mean().item()
-        if cfg.ppo_target_kl > 0:  # Ziegler et al. 2019: beta *= 1 + clip(KL / target - 1, +-0.2) * n / horizon
-            beta *= 1 + min(max(kl / cfg.ppo_target_kl - 1, -0.2), 0.2) * len(batch["groups"]) * cfg.online_k / 10_000
+        if cfg.ppo_target_kl > 0:
+            beta = vcb.adaptive_beta(beta, kl, cfg.ppo_target_kl, len(batch["eos"]), cfg.ppo_kl_horizon)
         metrics = {"score": batch["raw_scores"].mean().item(), "kl": kl, "eos_rate": batch["eos"].float().mean().item(),
                    "beta": beta, **metrics}
         bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items()})

@@ -245,6 +245,13 @@ def ppo_value_loss(values, old_values, returns, mask, clip=0.2):
     return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
 
 
+def adaptive_beta(beta, kl, target, n, horizon=10_000):
+    """The adaptive KL controller of Ziegler et al. 2019 (sec. 2.2), as lm-human-preferences runs it:
+        beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon,
+    n the rollouts just seen: beta grows while the KL is above its target and shrinks below it."""
+    return beta * (1 + min(max(kl / target - 1, -0.2), 0.2) * n / horizon)
+
+
 def rloo_advantages(scores, kl, beta):
     """RLOO (Ahmadian et al. 2024, eq. 4): the whole response is one action with reward
     R_i = score_i - beta * sum_t k1_t, and the baseline of sample i is the mean reward of the other

@@ -54,13 +54,15 @@ def test_every_experiment_runs_on_a_tiny_run_and_writes_its_files(tiny_copy):
     assert proc.returncode == 0, proc.stderr[-3000:]
     for folder in ["sweep"] + [f"ablations/{a}" for a in ("reward_source", "rm_quality", "n_candidates", "lam", "sigma",
                                                              "steps", "ood")]:
-        for name in ("results.json", "results.md", "frontier.png"):
+        for name in ("results.json", "results.md", "steps.png" if folder.endswith("steps") else "frontier.png"):
             assert (tiny_copy / folder / name).exists(), (folder, name)
     quality = json.loads((tiny_copy / "ablations/rm_quality/results.json").read_text())
     assert {"default", "weak", "strong"} == quality["reward_models"].keys()
     assert any(m.endswith("(gold)") for m in json.loads((tiny_copy / "ablations/reward_source/results.json").read_text())["summary"])
     sweep = json.loads((tiny_copy / "sweep/results.json").read_text())
     assert {"eval", "ood"} == sweep["matched_kl"].keys() and "vcb" in sweep["matched_kl"]["eval"]
+    lam_files = sorted(p.name for p in (tiny_copy / "ablations/lam").glob("policy_*.pt"))
+    assert len(lam_files) == 3 * 2 * 2 and "policy_lam0-vcb-beta0.5-seed0.pt" in lam_files  # no variant overwrites another
     steps = json.loads((tiny_copy / "ablations/steps/results.json").read_text())["runs"]
     assert {(r["method"], r["step"]) for r in steps if r["seed"] == 0} >= {("vcb", s) for s in range(1, 7)}
     assert "Reward at matched KL" in (tiny_copy / "sweep/results.md").read_text()

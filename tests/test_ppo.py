@@ -135,6 +135,12 @@ def test_rloo_baseline_never_includes_the_sample_itself(P, k, seed, beta):
     torch.testing.assert_close(adv.sum(-1), torch.zeros(P, dtype=torch.float64), atol=1e-9, rtol=0)  # zero mean per prompt
 
 
+def test_the_adaptive_kl_controller_moves_beta_towards_the_target():
+    assert vcb.adaptive_beta(0.1, kl=8.0, target=4.0, n=64) > 0.1 > vcb.adaptive_beta(0.1, kl=2.0, target=4.0, n=64)
+    assert vcb.adaptive_beta(0.1, kl=4.0, target=4.0, n=64) == 0.1
+    assert vcb.adaptive_beta(1.0, kl=1e6, target=1.0, n=100, horizon=100) == pytest.approx(1.2)  # the step is clipped
+
+
 def test_reinforce_pushes_up_what_beats_its_baseline():
     logps = torch.zeros(3, requires_grad=True)
     vcb.reinforce_loss(logps, torch.tensor([1.0, -1.0, 0.0])).backward()
@@ -145,7 +151,8 @@ def test_reinforce_pushes_up_what_beats_its_baseline():
 @pytest.mark.parametrize("method", ["ppo", "rloo"])
 def test_a_few_iterations_move_policy_and_critic_and_log_a_sane_kl(tiny_copy, method):
     cfg = config.parse_args([f"--out_dir={tiny_copy}", *TINY, f"--methods={method}", "--online_iters=4", "--online_prompts=4",
-                             "--online_k=2", "--online_lr=3e-3", "--critic_lr=3e-3", "--beta=0.1"])
+                             "--online_k=2", "--online_lr=3e-3", "--critic_lr=3e-3", "--beta=0.1", "--ppo_target_kl=1e-4",
+                             "--ppo_kl_horizon=8"])
     env = runtime.setup(cfg)
     enc = runtime.load_tokenizer(cfg)
     task = train.align_task(cfg, method, 0, f"align-{method}", str(tiny_copy / f"policy_{method}.pt"))
@@ -161,6 +168,10 @@ def test_a_few_iterations_move_policy_and_critic_and_log_a_sane_kl(tiny_copy, me
     kls = [r["kl"] for r in curve]
     assert all(abs(k) < 1e3 for k in kls) and sum(kls) / len(kls) >= -0.05  # the k1 estimate is >= 0 on average
     assert all(0 <= r["eos_rate"] <= 1 for r in curve)
+    prev = 0.1
+    for r in curve:  # the adaptive controller: beta rises while the KL is above its target, falls below it
+        assert (r["beta"] > prev) == (r["kl"] > 1e-4) and r["beta"] != prev
+        prev = r["beta"]
     if method == "ppo":
         assert all(r["first_approx_kl"] < 1e-10 for r in curve)  # the first minibatch sees its own old log-probs
         assert {"clipfrac", "approx_kl", "ratio", "value_loss", "score"} <= curve[0].keys()
