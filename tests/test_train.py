@@ -31,6 +31,20 @@ def test_options_are_converted_to_their_field_types():
     (["--n_layer"], "--n_layer needs a value"),
     (["--n_embd=100", "--n_head=3"], "must be a multiple"),
     (["--data=hh"], "needs --data_dir"),
+    (["--align_lr=nan"], "--align_lr=nan: must be a finite number"),
+    (["--beta=inf"], "--beta=inf: must be a finite number"),
+    (["--grad_clip=nan"], "--grad_clip=nan: must be a finite number"),
+    (["--pref_tau=nan"], "--pref_tau=nan: must be a finite number"),
+    (["--temperature=nan"], "--temperature=nan: must be a finite number"),
+    (["--sweep_betas=-1"], "--sweep_betas=-1: -1.0 is not a positive finite number"),
+    (["--sweep_betas=1,nan"], "is not a positive finite number"),
+    (["--sweep_seeds=0,1.5"], "--sweep_seeds=0,1.5: expected comma-separated whole numbers"),
+    (["--device=mps"], "--device=mps: expected auto, cpu, cuda or cuda:N"),
+    (["--device=foo"], "--device=foo: expected auto, cpu, cuda or cuda:N"),
+    (["--n_candidates=1"], "--n_candidates=1: VCB and the baselines compare candidates, they need at least 2"),
+    (["--data_dir=X"], "--data_dir=X is read only with --data=hh, tldr or jsonl"),
+    (["--grad_accum=4", "--align_batch=2"], "--align_batch=2 cannot be split into --grad_accum=4 micro-batches"),
+    (["--methods=,"], "--methods is empty"),
 ])
 def test_bad_options_are_one_line_errors(argv, message):
     with pytest.raises(config.ConfigError) as e:
