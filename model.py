@@ -13,6 +13,7 @@ Padding conventions, which the whole project relies on:
 - `generate` LEFT-pads prompts of different lengths, and then needs an explicit mask and positions
   so that each row sees exactly what it would see alone in the batch.
 """
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -329,7 +330,6 @@ class GPT(nn.Module):
 def read_gpt2_config(file):
     """(file, its dict) when file is a Hugging Face GPT-2 config.json (model_type gpt2), else None: a
     missing file, or another program's config.json (a run folder of ours has one)."""
-    import json
     try:
         with open(file, encoding="utf-8") as f:
             c = json.load(f)
