@@ -185,20 +185,16 @@ def validate(cfg):
             raise ConfigError(f"--methods: unknown method {m!r}; known: {', '.join(METHODS)}")
     if not method_list(cfg):
         raise ConfigError("--methods is empty: name at least one of " + ", ".join(METHODS))
+    may_be_zero = ("seed", "lam", "top_k", "grad_clip", "warmup_steps", "sigma_floor", "dropout", "rm_holdout",
+                   "weight_decay", "jobs", "ppo_target_kl", "eos_penalty", "ppo_lambda")
+    if cfg.data != "builtin":
+        may_be_zero += ("n_sft", "n_prefs", "n_align", "n_eval")  # 0: every record
     for f in dataclasses.fields(Config):
         v = getattr(cfg, f.name)
         if f.type is float and not math.isfinite(v):
             raise ConfigError(f"--{f.name}={v}: must be a finite number")
-        may_be_zero = ("seed", "lam", "top_k", "grad_clip", "warmup_steps", "sigma_floor", "dropout", "rm_holdout",
-                       "weight_decay", "jobs", "ppo_target_kl", "eos_penalty", "ppo_lambda")
-        if cfg.data != "builtin":
-            may_be_zero += ("n_sft", "n_prefs", "n_align", "n_eval")  # 0: every record
-        if f.type in (int, float) and f.name not in may_be_zero and v <= 0:
-            raise ConfigError(f"--{f.name}={v}: must be positive")
-    for key in ("lam", "top_k", "grad_clip", "warmup_steps", "sigma_floor", "seed", "weight_decay", "jobs",
-                "ppo_target_kl", "eos_penalty"):
-        if getattr(cfg, key) < 0:
-            raise ConfigError(f"--{key}={getattr(cfg, key)}: must be >= 0")
+        if f.type in (int, float) and (v < 0 or (v == 0 and f.name not in may_be_zero)):
+            raise ConfigError(f"--{f.name}={v}: must be " + (">= 0" if f.name in may_be_zero else "positive"))
     if not 0 <= cfg.dropout < 1 or not 0 < cfg.top_p <= 1 or not 0 <= cfg.rm_holdout < 1:
         raise ConfigError("--dropout and --rm_holdout must be in [0, 1), --top_p in (0, 1]")
     if cfg.n_embd % cfg.n_head:

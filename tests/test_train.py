@@ -45,6 +45,8 @@ def test_options_are_converted_to_their_field_types():
     (["--data_dir=X"], "--data_dir=X is read only with --data=hh, tldr or jsonl"),
     (["--grad_accum=4", "--align_batch=2"], "--align_batch=2 cannot be split into --grad_accum=4 micro-batches"),
     (["--methods=,"], "--methods is empty"),
+    (["--ppo_lambda=-0.5"], "--ppo_lambda=-0.5: must be >= 0"),
+    (["--n_layer=0"], "--n_layer=0: must be positive"),
 ])
 def test_bad_options_are_one_line_errors(argv, message):
     with pytest.raises(config.ConfigError) as e:
