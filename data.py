@@ -147,6 +147,9 @@ def parse_json_line(line, where):
         raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(rec, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    bad = not_unicode(rec)
+    if bad:
+        raise DataError(f"{where}: field '{bad}' is not valid Unicode text (a lone surrogate such as \\ud800)")
     return rec
 
 
@@ -177,6 +180,19 @@ def valid_unicode(text):
         return False
 
 
+def not_unicode(value, name=""):
+    """The name of the first string inside a decoded JSON value that is not valid Unicode
+    ('prompt', 'summaries[1].text'), or None: every reader refuses or skips such a record whole."""
+    if isinstance(value, str):
+        return None if valid_unicode(value) else name
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        bad = not_unicode(v, f"{name}[{k}]" if isinstance(k, int) else f"{name}.{k}" if name else k)
+        if bad is not None:
+            return bad
+    return None
+
+
 def check_field(rec, field, kind, where, nonempty=True):
     """One field of a record: present, of its type, finite if a number, non-empty if a string (list
     items may be empty strings: a sampled response can be empty)."""
@@ -196,8 +212,6 @@ def check_field(rec, field, kind, where, nonempty=True):
             check_field({f"{field}[{k}]": v}, f"{field}[{k}]", item, where, nonempty=False)
     if kind is str and nonempty and not value.strip():
         raise DataError(f"{where}: field '{field}' is empty")
-    if kind is str and not valid_unicode(value):
-        raise DataError(f"{where}: field '{field}' is not valid Unicode text (a lone surrogate such as \\ud800)")
     if kind is float and not math.isfinite(value):
         raise DataError(f"{where}: field '{field}' is {value}, not a finite number")
 
@@ -513,8 +527,6 @@ def hh_pair(rec, where):
     """(prompt, chosen response, rejected response) of one HH record, or a reason it is malformed."""
     if not isinstance(rec.get("chosen"), str) or not isinstance(rec.get("rejected"), str):
         return f"{where}: fields 'chosen' and 'rejected' must be strings"
-    if not valid_unicode(rec["chosen"] + rec["rejected"]):
-        return f"{where}: not valid Unicode text (a lone surrogate such as \\ud800)"
     chosen = split_hh(rec["chosen"])
     if chosen is None:
         return f"{where}: field 'chosen' has no '\\n\\nAssistant:' turn"
@@ -559,9 +571,8 @@ def load_tldr(folder):
     for split, names in (("train", ["train.jsonl"]), ("test", ["test.jsonl", "valid.jsonl"])):
         file = first_file(folder, names)
         for n, rec in json_lines(file, bad):
-            if not all(isinstance(rec.get(k), str) and valid_unicode(rec[k]) for k in fields + ("summary",)) \
-                    or not rec["summary"].strip():
-                bad.append(f"{file}:{n}: needs string fields subreddit, title, post and a non-empty summary, in valid Unicode")
+            if not all(isinstance(rec.get(k), str) for k in fields + ("summary",)) or not rec["summary"].strip():
+                bad.append(f"{file}:{n}: needs string fields subreddit, title, post and a non-empty summary")
             elif split == "train":
                 task["sft"].append({"prompt": tldr_prompt(rec), "response": " " + rec["summary"].strip()})
             else:
@@ -576,12 +587,11 @@ def load_tldr(folder):
     for file in files:
         for n, rec in json_lines(file, bad):
             info, summaries, choice = rec.get("info"), rec.get("summaries"), rec.get("choice")
-            ok = (isinstance(info, dict) and all(isinstance(info.get(k), str) and valid_unicode(info[k]) for k in fields)
+            ok = (isinstance(info, dict) and all(isinstance(info.get(k), str) for k in fields)
                   and isinstance(summaries, list) and len(summaries) == 2 and choice in (0, 1)
-                  and all(isinstance(s, dict) and isinstance(s.get("text"), str) and s["text"].strip()
-                          and valid_unicode(s["text"]) for s in summaries))
+                  and all(isinstance(s, dict) and isinstance(s.get("text"), str) and s["text"].strip() for s in summaries))
             if not ok:
-                bad.append(f"{file}:{n}: needs info.subreddit/title/post, two summaries with text and choice 0 or 1, in valid Unicode")
+                bad.append(f"{file}:{n}: needs info.subreddit/title/post, two summaries with text and choice 0 or 1")
             elif str(rec.get("split", "train")).startswith("train"):
                 texts = [" " + s["text"].strip() for s in summaries]
                 task["prefs"].append({"prompt": tldr_prompt(info), "chosen": texts[choice], "rejected": texts[1 - choice]})

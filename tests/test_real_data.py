@@ -42,6 +42,13 @@ def test_hh_prompt_is_everything_up_to_the_last_assistant_turn(tmp_path):
     assert "train.jsonl.gz:62: field 'rejected' does not continue the prompt of 'chosen'" in notes[0]
 
 
+def test_a_record_with_a_lone_surrogate_is_skipped_and_named(tmp_path):
+    write_hh(tmp_path / "hh", ['{"chosen": "\\n\\nHuman: Hi \\ud800\\n\\nAssistant: Yes.", "rejected": "x"}'])
+    task, notes = data.load_task("hh", str(tmp_path / "hh"), {"sft": 0, "prefs": 0}, seed=0)
+    assert len(task["prefs"]) == 60 and "skipped 1 malformed records" in notes[0]
+    assert "train.jsonl.gz:61: field 'chosen' is not valid Unicode text" in notes[0]
+
+
 def write_tldr(folder):
     posts = [dict(subreddit="cooking", title=f"Soup question {i}", post=f"My soup number {i} is too salty. What do I do?",
                   summary=f"soup {i} too salty, help") for i in range(12)]
