@@ -194,7 +194,7 @@ def rm_quality(cfg, env):
     held-out preference pairs, beside each method's matched-KL reward."""
     need_gold(cfg, "rm_quality")
     enc, folder = load_tokenizer(cfg), "ablations/rm_quality"
-    held = data.read_jsonl(path(cfg, "data", "prefs.jsonl"))[-max(1, int(cfg.n_prefs * cfg.rm_holdout)):]
+    _, held = train.split_holdout(cfg, data.read_jsonl(path(cfg, "data", "prefs.jsonl")))  # the run's RM's held-out pairs
     quality = {"default": rm_scores_on(cfg, env, enc, path(cfg, "rm.pt"), held)}
     betas, seeds = sweep_list(cfg, "sweep_betas", float), sweep_list(cfg, "sweep_seeds", int)
     runs = [{**r, "variant": "default RM"} for r in main_grid(cfg, env, OFFLINE)]
@@ -420,7 +420,6 @@ EXPERIMENTS["all"] = every
 def main(argv):
     if not argv or argv[0] not in EXPERIMENTS:
         raise ConfigError(f"usage: python experiments.py NAME [--key=value ...], NAME one of {', '.join(EXPERIMENTS)}")
-
     train.main(argv[1:], then=EXPERIMENTS[argv[0]], doc=__doc__)
 
 

@@ -36,9 +36,8 @@ from runtime import (TrainingError, batch_indices, check_healthy, kept_checkpoin
 
 def online(cfg, env, enc, method, seed, task, cands):
     """Train one policy with PPO or RLOO from the SFT weights; returns it and the critic (PPO's; None for
-    RLOO). cands: the SFT candidates,
-    whose reward spread normalises the reward model's scores (so that beta means the same thing as
-    for the other methods, whatever the reward model's scale)."""
+    RLOO). cands: the SFT candidates, whose reward spread normalises the reward model's scores (so that
+    beta means the same thing as for the other methods, whatever the reward model's scale)."""
     if env.world > 1:
         raise ConfigError(f"{task.name}: ppo and rloo run in one process (run them without torchrun)")
     torch.manual_seed(seed)

@@ -240,8 +240,7 @@ def stage_rm(cfg, env):
 def train_rm(cfg, env, enc, records, task):
     """A reward model from the SFT weights on preference records; returns it and its held-out
     accuracy (and, on the built-in task, its correlation with the gold reward)."""
-    n_held = max(1, int(len(records) * cfg.rm_holdout)) if cfg.rm_holdout > 0 and len(records) > 1 else 0
-    train_recs, held = records[:len(records) - n_held], records[len(records) - n_held:]
+    train_recs, held = split_holdout(cfg, records)
     chosen = encode_all(cfg, env, enc, [(r["prompt"], r["chosen"]) for r in train_recs], "rm chosen")
     rejected = encode_all(cfg, env, enc, [(r["prompt"], r["rejected"]) for r in train_recs], "rm rejected")
     torch.manual_seed(cfg.seed)
@@ -267,6 +266,13 @@ def train_rm(cfg, env, enc, records, task):
             metrics["gold_correlation"] = report.pearson(r_w + r_l, gold)
         log(env, f"{task.name}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f" on {len(held)} held-out pairs")
     return model, metrics
+
+
+def split_holdout(cfg, records):
+    """(training pairs, held-out pairs): the last rm_holdout share of the preference pairs is kept out
+    of training, to measure the reward model on."""
+    n_held = max(1, int(len(records) * cfg.rm_holdout)) if cfg.rm_holdout > 0 and len(records) > 1 else 0
+    return records[:len(records) - n_held], records[len(records) - n_held:]
 
 
 # -----------------------------------------------------------------------------
