@@ -189,10 +189,9 @@ def validate(cfg):
                    "weight_decay", "jobs", "ppo_target_kl", "eos_penalty", "ppo_lambda")
     if cfg.data != "builtin":
         may_be_zero += ("n_sft", "n_prefs", "n_align", "n_eval")  # 0: every record
+    check_finite(cfg)
     for f in dataclasses.fields(Config):
         v = getattr(cfg, f.name)
-        if f.type is float and not math.isfinite(v):
-            raise ConfigError(f"--{f.name}={v}: must be a finite number")
         if f.type in (int, float) and (v < 0 or (v == 0 and f.name not in may_be_zero)):
             raise ConfigError(f"--{f.name}={v}: must be " + (">= 0" if f.name in may_be_zero else "positive"))
     if not 0 <= cfg.dropout < 1 or not 0 < cfg.top_p <= 1 or not 0 <= cfg.rm_holdout < 1:
@@ -220,6 +219,13 @@ def validate(cfg):
     sweep_list(cfg, "sweep_betas", float)
     sweep_list(cfg, "sweep_online_betas", float)
     sweep_list(cfg, "sweep_seeds", int)
+
+
+def check_finite(opts):
+    """Every float option of a dataclass instance must be finite: a NaN passes every comparison."""
+    for f in dataclasses.fields(opts):
+        if f.type is float and not math.isfinite(getattr(opts, f.name)):
+            raise ConfigError(f"--{f.name}={getattr(opts, f.name)}: must be a finite number")
 
 
 def sweep_list(cfg, key, kind):

@@ -21,7 +21,7 @@ import torch
 
 import data
 import reviews
-from config import METHODS, Config, ConfigError, parse_options
+from config import METHODS, Config, ConfigError, check_finite, parse_options
 from data import DataError
 from evaluate import decode, score_logps, score_rewards
 from runtime import command, load_model, load_tokenizer, path, setup
@@ -88,6 +88,7 @@ def read_prompts(opts):
 
 def main(argv):
     opts = parse_options(SampleConfig(), argv, __doc__)
+    check_finite(opts)
     if opts.num_samples < 1 or opts.max_new_tokens < 0 or opts.temperature < 0 or opts.top_k < 0 or not 0 < opts.top_p <= 1:
         raise ConfigError("--num_samples must be >= 1, --max_new_tokens, --temperature and --top_k >= 0, --top_p in (0, 1]")
     cfg = run_config(opts.out_dir)
