@@ -1,8 +1,9 @@
 """
-report.py: from scored samples to the numbers, tables and the reward/KL plot of train.py's eval
-stage and --sweep. No models here: plain Python on lists of dicts, and matplotlib for the plot.
+report.py: from scored samples to the numbers, tables and figures of train.py's eval stage and of
+experiments.py: metrics, results tables, the reward/KL plot, the training curves, the reward at
+matched KL. No models here: plain Python on lists of dicts, and matplotlib for the figures.
 
-A scored sample (train.sample_and_score) is a dict with the prompt, the response text, logp_pi and
+A scored sample (evaluate.sample_and_score) is a dict with the prompt, the response text, logp_pi and
 logp_sft on its exact tokens, the RM score `rm` and, on the built-in task, the `gold` reward.
 """
 import json
@@ -22,6 +23,14 @@ def reward_key(judge):
 
 def mean(values):
     return sum(values) / len(values) if values else float("nan")
+
+
+def spread(values):
+    """(mean, population std) of values, or None when there are none: a cell's spread over seeds."""
+    if not values:
+        return None
+    m = mean(values)
+    return (m, math.sqrt(mean([(v - m) ** 2 for v in values])))
 
 
 def pearson(a, b):
@@ -69,9 +78,7 @@ def summarise(runs):
                 if s in group[0]:
                     out[s] = {}
                     for key in group[0][s]:
-                        vals = [g[s][key] for g in group if g[s][key] is not None]
-                        m = mean(vals)
-                        out[s][key] = (m, math.sqrt(mean([(v - m) ** 2 for v in vals]))) if vals else None
+                        out[s][key] = spread([g[s][key] for g in group if g[s][key] is not None])
     return summary
 
 
@@ -101,13 +108,26 @@ def results_table(results, judge):
     return "\n".join(lines)
 
 
+def pyplot():
+    """matplotlib.pyplot on its file-only backend, imported when a figure is drawn (nothing else needs it)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(plt, fig, file, dpi=120):
+    """The figure as a PNG, written whole or not at all (data.atomic_path)."""
+    with data.atomic_path(file) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    plt.close(fig)
+
+
 def plot_frontier(points, file, title, judge):
     """Reward (gold, or the RM's without a gold one) against KL(pi || pi_sft), one colour per method,
     like the paper's reward/KL figure. points: dicts of method, beta, kl, reward and optional
     kl_std, reward_std (error bars over seeds); a method with several betas is drawn as a curve."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     variants = list(dict.fromkeys(m.partition(" ")[2] for m in (p["method"] for p in points) if " " in m))
     for method in dict.fromkeys(p["method"] for p in points):
@@ -126,9 +146,7 @@ def plot_frontier(points, file, title, judge):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with data.atomic_path(file) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_figure(plt, fig, file)
 
 
 # -----------------------------------------------------------------------------
@@ -169,9 +187,7 @@ def plot_curves(file, png):
     records = read_curves(file)
     if not records:
         return
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     tasks = list(dict.fromkeys(r["task"] for r in records))
     metrics = [k for k in dict.fromkeys(["loss", "lr"] + [k for r in records for k in r]) if k not in ("task", "step")]
     cols = min(3, len(metrics))
@@ -194,9 +210,7 @@ def plot_curves(file, png):
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
-    with data.atomic_path(png) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(plt, fig, png, dpi=110)
 
 
 # -----------------------------------------------------------------------------
@@ -245,13 +259,6 @@ def matched_kl(runs, judge, kls=(2.0, 4.0, 8.0), split="eval", baseline="dpo"):
     return out
 
 
-def spread(values):
-    if not values:
-        return None
-    m = mean(values)
-    return (m, math.sqrt(mean([(v - m) ** 2 for v in values])))
-
-
 def matched_kl_table(summary, judge, baseline="dpo"):
     """The matched-KL summary as markdown: a row per method, a reward column per KL, then the win rate
     against the baseline between the policies nearest each KL (their mean KLs in brackets)."""
@@ -274,9 +281,7 @@ def matched_kl_table(summary, judge, baseline="dpo"):
 def plot_steps(table, file, judge, factor):
     """The steps ablation: reward and KL against the fraction of training, a line per method (mean ±
     std over seeds). table {method: {multiple of the usual steps: [runs]}}."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, title in zip(axes, [reward_key(judge), "kl"], [f"{judge} reward", "KL(pi || pi_sft)"]):
         for method, by_frac in table.items():
@@ -290,6 +295,4 @@ def plot_steps(table, file, judge, factor):
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    with data.atomic_path(file) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_figure(plt, fig, file)
