@@ -1,6 +1,7 @@
 """
-gpu_check.py: see that everything works on one GPU, and how fast, with one command (about 5 to 8
-minutes on an H100-class GPU); what it measured goes into one markdown file, ready for the README.
+gpu_check.py: see that everything works on one GPU, and how fast, with one command (sized for 5 to
+8 minutes on an H100-class GPU, each step stopped after --limit seconds); what it measured goes into
+one markdown file, ready for the README.
 
     python gpu_check.py                        # on a machine with a CUDA GPU -> gpu_check/gpu_check.md
     python gpu_check.py --tiny --out=check     # the same steps at a tiny size, on a CPU (the tests run it)
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+import data
 from config import ConfigError, parse_options
 from runtime import command
 
@@ -87,8 +89,7 @@ def main(argv):
               "## The pipeline at the default settings", "", "```", lines_with(default, "stage times", "| "), "```", "",
               "## The pipeline with a GPT-2-small-shaped model (a few steps of every stage)", "", "```",
               lines_with(shaped, "sft:", "stage times", "| "), "```", ""]
-    with open(os.path.join(opts.out, "gpu_check.md"), "w", encoding="utf-8") as f:
-        f.write("\n".join(report))
+    data.write_text(os.path.join(opts.out, "gpu_check.md"), "\n".join(report))  # whole, or not at all
     print(f"\nwrote {os.path.join(opts.out, 'gpu_check.md')}")
     failed = [n for n, _, rc in log if rc != 0]
     if failed:
