@@ -1,5 +1,5 @@
 """
-data.py: the tokenizer, the data files, and the built-in task with its gold reward.
+data.py: the tokenizer, the data files and the sequences the models read.
 
 - Tokenizer: a byte-level BPE the project trains itself (deterministic, seconds on 1 MB), served
   through tiktoken.Encoding and saved as a JSON rank file that we write and parse ourselves. A plain
@@ -7,8 +7,9 @@ data.py: the tokenizer, the data files, and the built-in task with its gold rewa
 - Files: JSON lines, read with a one-line error naming the file, line and field; every output is
   written to a temporary file and renamed into place, so a crash never leaves half a file.
 - Sequences: <|endoftext|> + prompt + response + <|endoftext|>, right-padded into batches.
-- The paper's data sets (Anthropic HH-RLHF, Reddit TL;DR) from local files, converted into the
-  pipeline's files. The built-in task, whose text is generated, is in reviews.py.
+- Packed candidates: a prompt's responses read after one copy of it (pack).
+The task's records come from reviews.py (the built-in task, generated) or corpora.py (the paper's
+data sets and your own files).
 """
 import base64
 import contextlib
@@ -19,7 +20,6 @@ import heapq
 import json
 import math
 import os
-import random
 import re
 import stat
 import tempfile
@@ -214,6 +214,15 @@ def check_field(rec, field, kind, where, nonempty=True):
         raise DataError(f"{where}: field '{field}' is empty")
     if kind is float and not math.isfinite(value):
         raise DataError(f"{where}: field '{field}' is {value}, not a finite number")
+
+
+# the pipeline's files: one JSON object per line, the usual preference-data convention
+SCHEMAS = {"sft": {"prompt": str, "response": str},
+           "prefs": {"prompt": str, "chosen": str, "rejected": str},
+           "align_prompts": {"prompt": str}, "eval_prompts": {"prompt": str}, "ood_prompts": {"prompt": str},
+           # written by the sample stage, or brought by the user: n scored candidates per prompt
+           "candidates": {"prompt": str, "responses": (list, str), "rewards": (list, float), "ref_logps": (list, float)}}
+TASK_FILES = ["sft", "prefs", "align_prompts", "eval_prompts", "ood_prompts"]  # what the data stage writes
 
 
 # -----------------------------------------------------------------------------
@@ -451,158 +460,3 @@ def encode_prompt(enc, prompt, max_len):
     """<|endoftext|> + prompt, cut from the left to max_len tokens, for generation."""
     return ([enc.eot_token] + enc.encode_ordinary(prompt))[-max_len:]
 
-
-# -----------------------------------------------------------------------------
-# the pipeline's files, and the paper's data sets converted into them
-
-# one JSON object per line: the usual preference-data convention
-SCHEMAS = {"sft": {"prompt": str, "response": str},
-           "prefs": {"prompt": str, "chosen": str, "rejected": str},
-           "align_prompts": {"prompt": str}, "eval_prompts": {"prompt": str}, "ood_prompts": {"prompt": str},
-           # written by the sample stage, or brought by the user: n scored candidates per prompt
-           "candidates": {"prompt": str, "responses": (list, str), "rewards": (list, float), "ref_logps": (list, float)}}
-TASK_FILES = ["sft", "prefs", "align_prompts", "eval_prompts", "ood_prompts"]  # what the data stage writes
-
-
-def load_task(kind, folder, limits, seed=0):
-    """The pipeline's records from local files. kind: jsonl (our files, checked strictly: any bad line
-    is an error), hh (Anthropic HH-RLHF) or tldr (Reddit TL;DR with human comparisons); malformed
-    records of hh and tldr are skipped and reported. limits {name: n} keeps at most n records of
-    each file (0: all); prompts are shuffled with the seed first. Returns (task, notes to log)."""
-    if not os.path.isdir(folder):
-        raise DataError(f"{folder}: no such folder (--data_dir)")
-    if kind == "jsonl":
-        task = {n: read_jsonl(os.path.join(folder, f"{n}.jsonl"), SCHEMAS[n]) for n in TASK_FILES if n != "ood_prompts"}
-        notes = []
-    else:
-        task, bad = load_hh(folder) if kind == "hh" else load_tldr(folder)
-        notes = [f"{kind}: skipped {len(bad)} malformed records, e.g. " + "; ".join(bad[:3])] if bad else []
-    ood = os.path.join(folder, "ood_prompts.jsonl")
-    task["ood_prompts"] = read_jsonl(ood, SCHEMAS["ood_prompts"]) if os.path.exists(ood) else []
-    rng = random.Random(seed)
-    for name, n in limits.items():
-        if name.endswith("prompts"):
-            rng.shuffle(task[name])
-        if n:
-            task[name] = task[name][:n]
-    return task, notes
-
-
-def first_file(folder, names):
-    """The first of names that is a regular file in folder (a folder of that name does not count)."""
-    for name in names:
-        if os.path.isfile(os.path.join(folder, name)):
-            return os.path.join(folder, name)
-    others = [n for n in names if os.path.exists(os.path.join(folder, n))]
-    raise DataError(f"{folder}: none of {', '.join(names)} found" + (f" ({others[0]} is not a regular file)" if others else ""))
-
-
-def json_lines(file, bad):
-    """(line number, record) of each readable line of a JSON-lines file, leniently: the reason for
-    each unreadable line goes to `bad` as 'file:line: why' and the line is skipped; a file cut short
-    (a truncated download) gives the records before the cut and one entry in `bad`."""
-    try:
-        for n, line in text_lines(file):
-            try:
-                if isinstance(line, DataError):
-                    raise line
-                yield n, parse_json_line(line, f"{file}:{n}")
-            except DataError as e:
-                bad.append(str(e))
-    except DataError as e:
-        bad.append(str(e))
-
-
-HH_ASSISTANT = "\n\nAssistant:"
-
-
-def split_hh(transcript):
-    """A '\\n\\nHuman: ... \\n\\nAssistant: ...' transcript -> (prompt up to and including the last
-    '\\n\\nAssistant:', the final response), or None if it has no assistant turn."""
-    k = transcript.rfind(HH_ASSISTANT)
-    return None if k < 0 else (transcript[:k + len(HH_ASSISTANT)], transcript[k + len(HH_ASSISTANT):])
-
-
-def hh_pair(rec, where):
-    """(prompt, chosen response, rejected response) of one HH record, or a reason it is malformed."""
-    if not isinstance(rec.get("chosen"), str) or not isinstance(rec.get("rejected"), str):
-        return f"{where}: fields 'chosen' and 'rejected' must be strings"
-    chosen = split_hh(rec["chosen"])
-    if chosen is None:
-        return f"{where}: field 'chosen' has no '\\n\\nAssistant:' turn"
-    prompt, good = chosen
-    if not rec["rejected"].startswith(prompt):
-        return f"{where}: field 'rejected' does not continue the prompt of 'chosen'"
-    bad = rec["rejected"][len(prompt):]
-    if not good.strip() or not bad.strip():
-        return f"{where}: empty response in 'chosen' or 'rejected'"
-    return prompt, good, bad
-
-
-def load_hh(folder):
-    """Anthropic HH-RLHF: train.jsonl(.gz) and test.jsonl(.gz) of {"chosen", "rejected"} transcripts.
-    SFT on the chosen responses, preferences from the train pairs, prompts from train and test."""
-    bad, task = [], {n: [] for n in TASK_FILES}
-    for split, names in (("train", ["train.jsonl.gz", "train.jsonl"]), ("test", ["test.jsonl.gz", "test.jsonl"])):
-        file = first_file(folder, names)
-        for n, rec in json_lines(file, bad):
-            pair = hh_pair(rec, f"{file}:{n}")
-            if isinstance(pair, str):
-                bad.append(pair)
-            elif split == "train":
-                task["sft"].append({"prompt": pair[0], "response": pair[1]})
-                task["prefs"].append({"prompt": pair[0], "chosen": pair[1], "rejected": pair[2]})
-            else:
-                task["eval_prompts"].append({"prompt": pair[0]})
-    return finish_task(task, folder, bad), bad
-
-
-def tldr_prompt(info):
-    """The TL;DR prompt format of Stiennon et al. (2020), as DPO used it."""
-    return f"SUBREDDIT: r/{info['subreddit']}\nTITLE: {info['title']}\nPOST: {info['post']}\nTL;DR:"
-
-
-def load_tldr(folder):
-    """Reddit TL;DR as released with "Learning to summarize from human feedback": train.jsonl and
-    test.jsonl (or valid.jsonl) of {"subreddit", "title", "post", "summary"}, and comparisons/*.json of
-    {"info": {"subreddit", "title", "post"}, "summaries": [{"text"}, {"text"}], "choice": 0 or 1}."""
-    bad, task = [], {n: [] for n in TASK_FILES}
-    fields = ("subreddit", "title", "post")
-    for split, names in (("train", ["train.jsonl"]), ("test", ["test.jsonl", "valid.jsonl"])):
-        file = first_file(folder, names)
-        for n, rec in json_lines(file, bad):
-            if not all(isinstance(rec.get(k), str) for k in fields + ("summary",)) or not rec["summary"].strip():
-                bad.append(f"{file}:{n}: needs string fields subreddit, title, post and a non-empty summary")
-            elif split == "train":
-                task["sft"].append({"prompt": tldr_prompt(rec), "response": " " + rec["summary"].strip()})
-            else:
-                task["eval_prompts"].append({"prompt": tldr_prompt(rec)})
-    comparisons = os.path.join(folder, "comparisons")
-    files = sorted(os.path.join(comparisons, f) for f in os.listdir(comparisons)) if os.path.isdir(comparisons) else []
-    bad += [f"{f}: not a comparisons file (*.json or *.jsonl), ignored" for f in files
-            if not (os.path.isfile(f) and f.endswith((".json", ".jsonl")))]  # .DS_Store, a subfolder...
-    files = [f for f in files if os.path.isfile(f) and f.endswith((".json", ".jsonl"))]
-    if not files:
-        raise DataError(f"{comparisons}: no comparison files (comparisons/*.json from summarize-from-feedback)")
-    for file in files:
-        for n, rec in json_lines(file, bad):
-            info, summaries, choice = rec.get("info"), rec.get("summaries"), rec.get("choice")
-            ok = (isinstance(info, dict) and all(isinstance(info.get(k), str) for k in fields)
-                  and isinstance(summaries, list) and len(summaries) == 2 and choice in (0, 1)
-                  and all(isinstance(s, dict) and isinstance(s.get("text"), str) and s["text"].strip() for s in summaries))
-            if not ok:
-                bad.append(f"{file}:{n}: needs info.subreddit/title/post, two summaries with text and choice 0 or 1")
-            elif str(rec.get("split", "train")).startswith("train"):
-                texts = [" " + s["text"].strip() for s in summaries]
-                task["prefs"].append({"prompt": tldr_prompt(info), "chosen": texts[choice], "rejected": texts[1 - choice]})
-    return finish_task(task, folder, bad), bad
-
-
-def finish_task(task, folder, bad):
-    """Alignment prompts: the distinct training prompts. Every file must have records."""
-    task["align_prompts"] = [{"prompt": p} for p in dict.fromkeys(r["prompt"] for r in task["sft"])]
-    task["eval_prompts"] = [{"prompt": p} for p in dict.fromkeys(r["prompt"] for r in task["eval_prompts"])]
-    for name in ("sft", "prefs", "eval_prompts"):
-        if not task[name]:
-            raise DataError(f"{folder}: no usable records for {name}" + (f" (first problem: {bad[0]})" if bad else ""))
-    return task

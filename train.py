@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import corpora
 import data
 import ppo
 import report
@@ -153,7 +154,7 @@ def stage_data(cfg, env):
         else:
             limits = dict(sft=cfg.n_sft, prefs=cfg.n_prefs, align_prompts=cfg.n_align, eval_prompts=cfg.n_eval,
                           ood_prompts=cfg.n_eval)
-            records, notes = data.load_task(cfg.data, cfg.data_dir, limits, cfg.seed)
+            records, notes = corpora.load_task(cfg.data, cfg.data_dir, limits, cfg.seed)
             for note in notes:
                 log(env, note)
         t0 = time.time()  # the tokenizer first: a failure there (or Ctrl-C in BPE training) leaves no file changed

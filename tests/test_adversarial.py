@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import config
+import corpora
 import data
 import reviews
 import runtime
@@ -129,7 +130,7 @@ def test_a_truncated_gzip_keeps_the_records_before_the_cut(tmp_path):
     write_hh(tmp_path / "hh")
     blob = (tmp_path / "hh" / "train.jsonl.gz").read_bytes()
     (tmp_path / "hh" / "train.jsonl.gz").write_bytes(blob[:len(blob) * 2 // 3])
-    task, notes = data.load_task("hh", str(tmp_path / "hh"), {}, seed=0)
+    task, notes = corpora.load_task("hh", str(tmp_path / "hh"), {}, seed=0)
     assert 0 < len(task["prefs"]) < 60
     assert "train.jsonl.gz: unreadable after line" in notes[0] and "truncated" in notes[0]
 
@@ -140,11 +141,11 @@ def test_a_plain_file_named_gz_and_a_non_utf8_line(tmp_path):
     (folder / "train.jsonl.gz").write_text("\n".join(json.dumps({"chosen": c, "rejected": r}) for c, r in HH) + "\n")
     with pytest.raises(data.DataError, match=r"no usable records for sft \(first problem: .*train.jsonl.gz: unreadable "
                                              r"after line 0: truncated or not what its name says"):
-        data.load_task("hh", str(folder), {}, seed=0)
+        corpora.load_task("hh", str(folder), {}, seed=0)
     (folder / "train.jsonl.gz").unlink()
     lines = [json.dumps({"chosen": c, "rejected": r}).encode() for c, r in HH]
     (folder / "train.jsonl").write_bytes(b"\n".join(lines[:1] + [b'{"chosen": "\xff\xfe"}'] + lines[1:]) + b"\n")
-    task, notes = data.load_task("hh", str(folder), {}, seed=0)
+    task, notes = corpora.load_task("hh", str(folder), {}, seed=0)
     assert len(task["prefs"]) == 3 and "train.jsonl:2: not UTF-8 text" in notes[0]
 
 
@@ -155,11 +156,11 @@ def test_a_folder_where_a_file_is_expected(tmp_path):
         (folder / "train.jsonl").write_bytes(f.read())
     (folder / "train.jsonl.gz").unlink()
     (folder / "train.jsonl.gz").mkdir()  # a folder of the preferred name: the file beside it is read
-    task, _ = data.load_task("hh", str(folder), {}, seed=0)
+    task, _ = corpora.load_task("hh", str(folder), {}, seed=0)
     assert len(task["prefs"]) == 60
     (folder / "train.jsonl").unlink()
     with pytest.raises(data.DataError, match=r"none of train.jsonl.gz, train.jsonl found \(train.jsonl.gz is not a regular file\)"):
-        data.load_task("hh", str(folder), {}, seed=0)
+        corpora.load_task("hh", str(folder), {}, seed=0)
 
 
 def test_stray_files_in_tldr_comparisons_are_skipped_and_counted(tmp_path):
@@ -168,7 +169,7 @@ def test_stray_files_in_tldr_comparisons_are_skipped_and_counted(tmp_path):
     (folder / "comparisons" / ".DS_Store").write_bytes(bytes(range(256)) * 4)
     (folder / "comparisons" / "old").mkdir()
     (folder / "comparisons" / "batch2.json").write_bytes(b"\x00\x01\xff\n")  # binary under a .json name
-    task, notes = data.load_task("tldr", str(folder), {}, seed=0)
+    task, notes = corpora.load_task("tldr", str(folder), {}, seed=0)
     assert len(task["prefs"]) == 12
     assert ".DS_Store: not a comparisons file" in notes[0] and "skipped 4 malformed records" in notes[0]
 

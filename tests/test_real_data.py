@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-import data
+import corpora
 from conftest import run_train
 
 HH = [  # (chosen, rejected) transcripts, as in hh-rlhf's train.jsonl.gz
@@ -30,7 +30,7 @@ def test_hh_prompt_is_everything_up_to_the_last_assistant_turn(tmp_path):
                  json.dumps({"chosen": HH[0][0], "rejected": "\n\nHuman: other\n\nAssistant: no"}),
                  "{broken"]
     write_hh(tmp_path / "hh", bad_lines)
-    task, notes = data.load_task("hh", str(tmp_path / "hh"), {"sft": 0, "prefs": 0}, seed=0)
+    task, notes = corpora.load_task("hh", str(tmp_path / "hh"), {"sft": 0, "prefs": 0}, seed=0)
     pref = task["prefs"][1]
     assert pref == {"prompt": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Name a color.\n\nAssistant:",
                     "chosen": " Blue.", "rejected": " I will not."}
@@ -44,7 +44,7 @@ def test_hh_prompt_is_everything_up_to_the_last_assistant_turn(tmp_path):
 
 def test_a_record_with_a_lone_surrogate_is_skipped_and_named(tmp_path):
     write_hh(tmp_path / "hh", ['{"chosen": "\\n\\nHuman: Hi \\ud800\\n\\nAssistant: Yes.", "rejected": "x"}'])
-    task, notes = data.load_task("hh", str(tmp_path / "hh"), {"sft": 0, "prefs": 0}, seed=0)
+    task, notes = corpora.load_task("hh", str(tmp_path / "hh"), {"sft": 0, "prefs": 0}, seed=0)
     assert len(task["prefs"]) == 60 and "skipped 1 malformed records" in notes[0]
     assert "train.jsonl.gz:61: field 'chosen' is not valid Unicode text" in notes[0]
 
@@ -67,7 +67,7 @@ def write_tldr(folder):
 
 def test_tldr_posts_and_human_comparisons(tmp_path):
     write_tldr(tmp_path / "tldr")
-    task, notes = data.load_task("tldr", str(tmp_path / "tldr"), {}, seed=0)
+    task, notes = corpora.load_task("tldr", str(tmp_path / "tldr"), {}, seed=0)
     assert task["sft"][0] == {"prompt": "SUBREDDIT: r/cooking\nTITLE: Soup question 0\nPOST: My soup number 0 is too "
                                         "salty. What do I do?\nTL;DR:", "response": " soup 0 too salty, help"}
     assert task["prefs"][0]["chosen"] == " add potato" and task["prefs"][1]["chosen"] == " soup"  # choice 0, then 1
