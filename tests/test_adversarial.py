@@ -234,8 +234,11 @@ def test_ctrl_c_prints_one_line_and_the_same_command_resumes(tiny_run, tmp_path)
     out = tmp_path / "out"
     shutil.copytree(tiny_run[0], out)
     args = [f"--out_dir={out}", *TINY, "--stage=sft", "--force", "--sft_steps=400", "--ckpt_interval=5"]
+    # A job started in the background of a script inherits SIGINT ignored, and Python keeps it so: the child
+    # gets the default disposition back, as a program in a terminal has, wherever the tests are run from.
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not (out / "sft.ckpt.pt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
