@@ -53,6 +53,17 @@ class KVCache:
         self.v[layer, :, :, self.len:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def keep(self, rows):
+        """Keep these batch rows (B',), in this order: generation drops the rows that have finished,
+        and repeats a prompt's row for each of its samples."""
+        self.shape = (self.shape[0], len(rows)) + self.shape[2:]
+        if self.k is not None:  # copy the filled positions only; the rest is written later
+            k, v = self.k, self.v
+            self.k = torch.empty(self.shape, dtype=k.dtype, device=k.device)
+            self.v = torch.empty(self.shape, dtype=v.dtype, device=v.device)
+            self.k[:, :, :, :self.len] = k[:, rows, :, :self.len]
+            self.v[:, :, :, :self.len] = v[:, rows, :, :self.len]
+
 
 class CausalSelfAttention(nn.Module):
 
@@ -273,6 +284,8 @@ class GPT(nn.Module):
         whose probability reaches top_p. generator: a seeded torch.Generator on the model's device.
         return_logps=True also returns, per row, the summed float32 log-probability of its tokens
         under the model itself (temperature 1, no top-k/top-p): log pi(y|x), for free.
+        Each prompt is read once for all its samples, and finished rows leave the batch; neither
+        changes what any row gets.
         """
         device = self.lm_head.weight.device
         rows = [list(p) for p in prompts for _ in range(num_samples)]
@@ -297,28 +310,46 @@ class GPT(nn.Module):
         eye = torch.eye(T_max, dtype=torch.bool, device=device)
         mask = ((causal & real[:, None, :]) | eye)[:, None]
 
-        cache = KVCache(self.config, B, T_max) if use_cache else None
+        cache = KVCache(self.config, len(prompts), T_max) if use_cache else None  # grows to B after the prompts
+        live = torch.arange(B, device=device)  # the rows still in the batch: finished ones leave it
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         logps = torch.zeros(B, dtype=torch.float32, device=device)
         t = L  # tokens so far in every row (padding included)
         for _ in range(max_new_tokens):
-            if cache is None or cache.len == 0:  # the whole prefix (the prompt, with a cache)
-                h = self.hidden(idx[:, :t], pos=pos[:, :t], attn_mask=mask[:, :, :t, :t], cache=cache)
+            if cache is not None and cache.len == 0:  # the prompts, each once: their samples share its cache
+                first = torch.arange(0, B, num_samples, device=device)
+                h = self.hidden(idx[first, :t], pos=pos[first, :t], attn_mask=mask[first, :, :t, :t], cache=cache)
+                h = h.repeat_interleave(num_samples, 0)
+                cache.keep(torch.arange(B, device=device) // num_samples)
+            elif cache is None:                  # no cache: the whole prefix, every step
+                h = self.hidden(idx[live, :t], pos=pos[live, :t], attn_mask=mask[live, :, :t, :t])
             else:                                # only the newest token, reading the cache
-                h = self.hidden(idx[:, t - 1:t], pos=pos[:, t - 1:t], attn_mask=mask[:, :, t - 1:t, :t], cache=cache)
-            logits = self.lm_head(h[:, -1]).float()  # (B, V): only the last position predicts
-            next_token = sample_next(logits, temperature, top_k, top_p, generator)
+                h = self.hidden(idx[live, t - 1:t], pos=pos[live, t - 1:t], attn_mask=mask[live, :, t - 1:t, :t], cache=cache)
+            logits = self.lm_head(h[:, -1]).float()  # (B', V): only the last position predicts
+            # a uniform draw for every row of the whole batch at every step, used or not: what a row
+            # samples does not depend on which rows are still in the batch
+            u = None if temperature == 0 else torch.rand(B, 1, generator=generator, device=device, dtype=torch.float64)[live]
+            next_token = sample_next(logits, temperature, top_k, top_p, u=u)
+            done = finished[live]
             if stop_token is not None:
-                next_token = torch.where(finished, stop_token, next_token)
+                next_token = torch.where(done, stop_token, next_token)
             if return_logps:  # a finished row adds nothing more
                 token_logp = torch.log_softmax(logits, -1).gather(1, next_token[:, None]).squeeze(1)
-                logps += torch.where(finished, 0.0, token_logp)
+                logps[live] += torch.where(done, 0.0, token_logp)
             if stop_token is not None:
-                finished |= next_token == stop_token
-            idx[:, t] = next_token
+                finished[live] = done | (next_token == stop_token)
+            idx[live, t] = next_token
             t += 1
             if finished.all():
                 break
+            # Responses end at very different lengths. Computing the finished rows until the longest
+            # is done wastes most of the steps, so they leave the batch once they are a quarter of
+            # it (not every step: dropping rows copies the cache).
+            going = ~finished[live]
+            if (~going).sum() * 4 >= len(live):
+                live = live[going]
+                if cache is not None:
+                    cache.keep(going.nonzero().squeeze(1))
         out = []
         for row in idx[:, L:t].tolist():
             if stop_token is not None and stop_token in row:
@@ -381,8 +412,9 @@ def filter_logits(logits, top_k=None, top_p=None):
     return logits
 
 
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """logits (B, V) float32 -> next token ids (B,). temperature 0 is argmax.
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None, u=None):
+    """logits (B, V) float32 -> next token ids (B,). temperature 0 is argmax. u (B, 1) float64: the
+    uniform draws to use, in place of drawing them from generator.
 
     Inverse-CDF sampling: one uniform number per row, the first token whose cumulative probability
     exceeds it. torch.multinomial draws one exponential number per token of the vocabulary for the
@@ -395,5 +427,6 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     if not torch.isfinite(probs).all():  # else the draw fails with a bare error, or a device assert on CUDA
         raise ValueError("the model's next-token probabilities are not finite: its weights are broken")
     cdf = probs.double().cumsum(-1)                                                   # (B, V)
-    u = torch.rand(probs.size(0), 1, generator=generator, device=probs.device, dtype=torch.float64) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.size(-1) - 1)
+    if u is None:
+        u = torch.rand(probs.size(0), 1, generator=generator, device=probs.device, dtype=torch.float64)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1).clamp(max=probs.size(-1) - 1)

@@ -88,6 +88,22 @@ def test_stop_token_ends_each_row_and_nothing_follows(gpt):
     assert out[0][-1] == stop and len(out[0]) <= 6
 
 
+def test_finished_rows_leave_the_batch_without_changing_any_row(gpt):
+    """generate drops finished rows from the batch and reads each prompt once for all its samples:
+    every row still gets the draws, tokens and log-probs it gets without either."""
+    kw = dict(temperature=1.0, num_samples=3, return_logps=True)
+    free, _ = gpt.generate(PROMPTS, 20, generator=torch.Generator().manual_seed(3), **kw)
+    stop = free[0][2]
+    cached, logps = gpt.generate(PROMPTS, 20, generator=torch.Generator().manual_seed(3), stop_token=stop, **kw)
+    plain, plain_logps = gpt.generate(PROMPTS, 20, generator=torch.Generator().manual_seed(3), stop_token=stop,
+                                      use_cache=False, **kw)
+    assert cached == plain
+    torch.testing.assert_close(torch.tensor(logps), torch.tensor(plain_logps))
+    assert len({len(row) for row in cached}) > 2  # rows ended at different steps, some early
+    for row_free, row in zip(free, cached):
+        assert row == (row_free[:row_free.index(stop) + 1] if stop in row_free else row_free)
+
+
 def test_several_samples_per_prompt_and_a_seeded_generator(gpt):
     out = gpt.generate(PROMPTS, 8, temperature=1.0, num_samples=4, generator=torch.Generator().manual_seed(0))
     assert len(out) == 12
