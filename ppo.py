@@ -78,7 +78,7 @@ def online(cfg, env, enc, method, seed, task, cands):
         if (it + 1) % cfg.log_interval == 0 or it + 1 == cfg.online_iters:
             log(env, f"{task.name} iteration {it + 1}/{cfg.online_iters}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         save_snapshot(cfg, env, task, it + 1, policy, enc)
-        probe = lambda: sequence_logps(policy, cfg, enc, batch["groups"][:1], env)[0].sum()  # noqa: E731
+        probe = lambda: sequence_logps(policy, packed(cfg, enc, batch["groups"][:1], env), env)[0].sum()  # noqa: E731
         if (it + 1) % cfg.ckpt_interval == 0 and it + 1 < cfg.online_iters:
             check_healthy(cfg, env, task, models, probe, it + 1, last_good)
             save_progress(cfg, env, task, it + 1, state, beta=beta)
@@ -108,18 +108,23 @@ def rollout(cfg, env, enc, policy, ref, rm, critic, prompts, seed, it, mu, sd):
     eos = torch.tensor([o[-1] == enc.eot_token for o in outs], device=env.device)
     scores = (raw - mu) / sd - cfg.eos_penalty * (~eos).float()  # a response cut short is penalised (PPO.md)
     batch = {"groups": groups, "raw_scores": raw, "scores": scores, "eos": eos}
-    batch["old_logp"], batch["mask"] = token_values(policy, cfg, enc, groups, env)
-    batch["ref_logp"], _ = token_values(ref, cfg, enc, groups, env)
+    p = packed(cfg, enc, groups, env)  # packed once, read by each model
+    batch["old_logp"], batch["mask"] = token_values(policy, p, env)
+    batch["ref_logp"], _ = token_values(ref, p, env)
     if critic is not None:
-        batch["old_values"], _ = token_values(critic, cfg, enc, groups, env, values=True)
+        batch["old_values"], _ = token_values(critic, p, env, values=True)
     batch["kl"] = ((batch["old_logp"] - batch["ref_logp"]) * batch["mask"]).sum(-1)  # (S,) sum of k1 per response
     return batch
 
 
-def token_values(model, cfg, enc, groups, env, values=False):
-    """Per response token, padded (S, T): the model's log-prob of the token (values=False) or the
-    critic's value of the state before it (values=True), with the (S, T) mask of real tokens."""
-    p = data.pack(groups, cfg.block_size, enc.eot_token).to(env.device)
+def packed(cfg, enc, groups, env):  # the responses packed after their prompts (data.pack), on the device
+    return data.pack(groups, cfg.block_size, enc.eot_token).to(env.device)
+
+
+def token_values(model, p, env, values=False):
+    """Per response token of packed groups p, padded (S, T): the model's log-prob of the token
+    (values=False) or the critic's value of the state before it (values=True), with the (S, T)
+    mask of real tokens."""
     with env.autocast():
         flat = model(p.idx, pos=p.pos, attn_mask=p.mask, at=(p.rows, p.cols), targets=None if values else p.targets)
     padded = pad_sequence(flat.split(p.lengths.tolist()), batch_first=True)                 # (S, T)
@@ -127,8 +132,8 @@ def token_values(model, cfg, enc, groups, env, values=False):
     return padded, mask.float()
 
 
-def sequence_logps(model, cfg, enc, groups, env):
-    logp, mask = token_values(model, cfg, enc, groups, env)
+def sequence_logps(model, p, env):
+    logp, mask = token_values(model, p, env)
     return (logp * mask).sum(-1), logp, mask
 
 
@@ -159,8 +164,9 @@ def ppo_update(cfg, env, enc, policy, critic, optimizers, batch, beta, seed, it)
         for mb in minibatches(len(batch["groups"]), cfg.ppo_minibatches, g):
             rows, groups = rows_of(mb, k), [batch["groups"][i] for i in mb]
             with env.autocast():
-                _, logp, m = sequence_logps(policy, cfg, enc, groups, env)
-                values, _ = token_values(critic, cfg, enc, groups, env, values=True)
+                p = packed(cfg, enc, groups, env)
+                _, logp, m = sequence_logps(policy, p, env)
+                values, _ = token_values(critic, p, env, values=True)
             T = m.size(1)
             pg_loss, s = vcb.ppo_policy_loss(logp, batch["old_logp"][rows, :T], advantages[rows, :T], m, cfg.ppo_clip)
             vf_loss = vcb.ppo_value_loss(values, batch["old_values"][rows, :T], returns[rows, :T], m, cfg.ppo_clip)
@@ -181,7 +187,7 @@ def rloo_update(cfg, env, enc, policy, optimizer, batch, beta, it):
     set_lr(cfg, [optimizer], it)
     policy.train()
     with env.autocast():
-        seq_logps, _, _ = sequence_logps(policy, cfg, enc, batch["groups"], env)
+        seq_logps, _, _ = sequence_logps(policy, packed(cfg, enc, batch["groups"], env), env)
     loss = vcb.reinforce_loss(seq_logps, advantages)
     step(cfg, [optimizer], [policy], loss)
     return {"loss": loss.item(), "advantage_std": advantages.std().item()}
