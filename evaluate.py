@@ -8,9 +8,14 @@ evaluate.py: models reading text in batches, and the evaluation of policies.
   temperature 1 with no top-k/top-p (samples from pi itself, which the KL estimate needs); each
   sample is scored by the gold reward (built-in task), the reward model and both log-probs, and
   report.metrics turns the scored samples into rewards, KL(pi || pi_sft), win rates and diversity.
+  The scored samples are kept beside the policy, so a policy is sampled once however many tables
+  read it (the eval stage, the sweep, the ablations).
 
 Used by train.py (the sample and eval stages) and experiments.py.
 """
+import json
+import os
+
 import torch
 from tqdm import tqdm
 
@@ -18,7 +23,7 @@ import data
 import report
 import reviews
 import vcb
-from runtime import TrainingError, gather, load_data, load_model, log, path
+from runtime import TrainingError, fingerprints, gather, load_data, load_model, log, path
 
 
 def real_mask(ids_list, T):
@@ -112,11 +117,28 @@ def reference_models(cfg, env, enc):
 
 def score_policy(cfg, env, enc, name, file, seed, refs):
     """One policy's samples on each prompt set at temperature 1 with no top-k/top-p (samples from pi
-    itself, which the KL estimate needs), scored by the gold reward, the RM and both log-probs."""
+    itself, which the KL estimate needs), scored by the gold reward, the RM and both log-probs.
+    They are kept beside the policy (<policy>.seed<seed>.scored.json) and read back while the policy,
+    the models and prompts that judge it and the evaluation settings are the ones they were made with."""
+    kept = os.path.splitext(file)[0] + f".seed{seed}.scored.json"
+    judges = [file, path(cfg, "sft.pt"), path(cfg, "rm.pt"), path(cfg, "tokenizer.json"),
+              path(cfg, "data", "eval_prompts.jsonl"), path(cfg, "data", "ood_prompts.jsonl")]
+    key = {"seed": seed, "inputs": fingerprints(cfg, judges),
+           "settings": {k: getattr(cfg, k) for k in ("eval_samples", "eval_batch", "max_new_tokens", "block_size", "data")}}
+    try:
+        with open(kept, encoding="utf-8") as f:
+            found = json.load(f)
+        if found["key"] == key:
+            return found["scored"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # none yet, or unreadable: sample again
     pi = refs["sft"] if file == path(cfg, "sft.pt") else load_model(file, env, enc, cfg).eval()
     sets = {"eval": load_data(cfg, "eval_prompts"), "ood": load_data(cfg, "ood_prompts")}
-    return {s: sample_and_score(cfg, env, enc, name, pi, refs["sft"], refs["rm"], [r["prompt"] for r in records], seed, s)
-            for s, records in sets.items() if records}
+    result = {s: sample_and_score(cfg, env, enc, name, pi, refs["sft"], refs["rm"], [r["prompt"] for r in records], seed, s)
+              for s, records in sets.items() if records}
+    if env.master:  # every process has the same gathered result
+        data.write_json(kept, {"key": key, "scored": result})
+    return result
 
 
 def compare(cfg, env, scored):

@@ -9,7 +9,6 @@ results.json, results.md, frontier.png, curves.png and the matched-KL summary in
 its own. Options are train.py's (python train.py --help).
 """
 import dataclasses
-import json
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ import report
 import reviews
 import train
 from config import METHODS, ONLINE, Config, ConfigError, method_list, stage_settings, sweep_list
-from runtime import (Task, command, file_hash, fingerprints, load_candidates, load_model, load_tokenizer, log, mark_done, path,
+from runtime import (Task, command, file_hash, load_candidates, load_model, load_tokenizer, log, mark_done, path,
                      setup, up_to_date)
 
 
@@ -68,28 +67,7 @@ def run_job(job, score=True):
             if key not in w["cands"]:
                 w["cands"][key] = load_candidates(job.cfg, env, enc, file)
             train.align(job.cfg, env, enc, w["cands"][key], job.method, job.seed, task)
-    return scored(job, env, enc, w["refs"]) if score else None
-
-
-def scored(job, env, enc, refs):
-    """The policy's scored samples (evaluate.score_policy), kept beside it: an experiment that reads the
-    same policy again (the ablations read the sweep's) finds them, as long as the policy, the models
-    and prompts that judge it and the evaluation settings are the ones they were made with."""
-    cfg, file = job.cfg, os.path.splitext(job.file)[0] + f".seed{job.seed}.scored.json"
-    judges = [job.file, path(cfg, "sft.pt"), path(cfg, "rm.pt"), path(cfg, "tokenizer.json"),
-              path(cfg, "data", "eval_prompts.jsonl"), path(cfg, "data", "ood_prompts.jsonl")]
-    key = {"seed": job.seed, "inputs": fingerprints(cfg, judges),
-           "settings": {k: getattr(cfg, k) for k in ("eval_samples", "eval_batch", "max_new_tokens", "block_size", "data")}}
-    try:
-        with open(file, encoding="utf-8") as f:
-            kept = json.load(f)
-        if kept["key"] == key:
-            return kept["scored"]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    result = evaluate.score_policy(cfg, env, enc, job.method, job.file, job.seed, refs)
-    data.write_json(file, {"key": key, "scored": result})
-    return result
+    return evaluate.score_policy(job.cfg, env, enc, job.method, job.file, job.seed, w["refs"]) if score else None
 
 
 def run_jobs(cfg, env, jobs, score=True):

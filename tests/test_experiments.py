@@ -1,10 +1,15 @@
-"""experiments.py: the matched-KL summary on hand-made curves, and every experiment on a tiny run."""
+"""experiments.py: the matched-KL summary on hand-made curves, the scored samples every experiment
+reuses, and every experiment on a tiny run."""
 import json
+import shutil
 
 import pytest
 
+import config
+import evaluate
 import report
-from conftest import run_experiment
+import runtime
+from conftest import TINY, run_experiment
 
 JUDGE = "gold"
 
@@ -45,6 +50,24 @@ def test_win_rates_at_matched_kl_compare_the_nearest_real_policies():
         r["rows"] = rows(values)
     cell = report.matched_kl(runs, JUDGE, kls=(4.0,))["vcb"][4.0]
     assert cell["win"][0] == 0.5 and cell["kl_self"] == 4.2 and cell["kl_baseline"] == 3.9  # 0.9 > 0.5, 0.1 < 0.5
+
+
+def test_a_policy_is_sampled_once_and_again_when_it_changes(tiny_copy, monkeypatch):
+    """The eval stage keeps each policy's scored samples beside it; a later evaluation of the same policy
+    (the sweep's, an ablation's) reads them back, and a policy that changed is sampled again."""
+    cfg = config.parse_args([f"--out_dir={tiny_copy}", *TINY])
+    env = runtime.setup(cfg)
+    enc = runtime.load_tokenizer(cfg)
+    refs = evaluate.reference_models(cfg, env, enc)
+    sampled, sample_and_score = [], evaluate.sample_and_score
+    monkeypatch.setattr(evaluate, "sample_and_score", lambda *a: sampled.append(a[-1]) or sample_and_score(*a))
+    file = str(tiny_copy / "policy_vcb.pt")
+    kept = evaluate.score_policy(cfg, env, enc, "vcb", file, 0, refs)
+    assert sampled == [] and kept == json.loads((tiny_copy / "policy_vcb.seed0.scored.json").read_text())["scored"]
+    shutil.copy(tiny_copy / "policy_dpo.pt", file)  # another policy under the same name
+    again = evaluate.score_policy(cfg, env, enc, "vcb", file, 0, refs)
+    assert sampled == ["eval", "ood"] and again != kept
+    assert evaluate.score_policy(cfg, env, enc, "vcb", file, 1, refs) != again  # another seed: other samples
 
 
 @pytest.mark.slow
