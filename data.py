@@ -457,6 +457,9 @@ def pack(groups, block_size, pad_id):
 
 
 def encode_prompt(enc, prompt, max_len):
-    """<|endoftext|> + prompt, cut from the left to max_len tokens, for generation."""
-    return ([enc.eot_token] + enc.encode_ordinary(prompt))[-max_len:]
+    """<|endoftext|> + prompt as token ids for generation, at most max_len of them: a longer prompt
+    loses tokens from the left after the <|endoftext|>, which stays first, as in every training
+    sequence (encode_example, fit), so the model never sees a context it was not trained on."""
+    ids = enc.encode_ordinary(prompt)
+    return [enc.eot_token] + ids[max(0, len(ids) - (max_len - 1)):]
 

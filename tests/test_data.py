@@ -96,6 +96,17 @@ def test_encode_example_marks_the_response_and_truncates_prompts_from_the_left()
     assert mask.tolist() == [[False, False, True, True], [False, True, False, False]]
 
 
+def test_a_prompt_for_generation_starts_with_the_end_of_text_token_even_when_cut():
+    """Every training sequence starts with <|endoftext|> (encode_example, fit); a prompt cut to fit the
+    context for generation must too, or the model samples after a context it never saw in training."""
+    enc = data.byte_tokenizer()
+    assert data.encode_prompt(enc, "abc", 10) == [256, 97, 98, 99]
+    assert data.encode_prompt(enc, "0123456789", 4) == [256, 55, 56, 57]  # the last 3 characters, after it
+    assert data.encode_prompt(enc, "0123456789", 1) == [256]
+    ids, start, _ = data.encode_example(enc, "0123456789", "xy", block_size=8)
+    assert data.encode_prompt(enc, "0123456789", start) == ids[:start]  # what training saw before the response
+
+
 def test_builtin_task_is_seeded_graded_and_keeps_eval_prompts_out_of_training():
     a = reviews.builtin_task(seed=3, n_sft=300, n_prefs=100, n_align=50, n_eval=40, n_ood=20)
     b = reviews.builtin_task(seed=3, n_sft=300, n_prefs=100, n_align=50, n_eval=40, n_ood=20)
