@@ -17,6 +17,8 @@ import re
 import sys
 from dataclasses import dataclass
 
+import vcb
+
 STAGES = ["data", "sft", "rm", "sample", "align", "eval"]
 METHODS = ["vcb", "dpo", "ipo", "slic", "rrhf", "ppo", "rloo"]
 ONLINE = ["ppo", "rloo"]  # they sample from the policy as it learns (ppo.py); the others learn from the candidates
@@ -69,7 +71,7 @@ class Config:
     rm_lr: float = 1e-3              # peak learning rate
     rm_holdout: float = 0.1          # share of the pairs kept out of training to measure accuracy
     # ---- sample
-    n_candidates: int = 8            # candidates per prompt (n in PAPER.md)
+    n_candidates: int = 8            # candidates per prompt (n in docs/method.md)
     max_new_tokens: int = 48         # longest response
     temperature: float = 1.0         # sampling temperature of the candidates
     top_k: int = 0                   # top-k of the candidates (0: off)
@@ -79,7 +81,7 @@ class Config:
     methods: str = "vcb,dpo,ipo,slic,rrhf,ppo,rloo"  # comma-separated, from vcb, dpo, ipo, slic, rrhf, ppo, rloo
     beta: float = 1.0                # KL strength beta of every method (VCB: the reward gap / (beta sigma))
     lam: float = 0.1                 # VCB: LogSumExp temperature over a prompt's pairs (0: plain mean)
-    sigma_floor: float = 1e-6        # VCB: prompts whose reward spread is under this are skipped
+    sigma_floor: float = vcb.SIGMA_FLOOR  # VCB: prompts whose reward spread is at or under this are skipped
     vcb_sigma: str = "prompt"        # VCB: sigma(x) per prompt (the paper's), or global: one for the whole candidate set
     align_steps: int = 60            # optimizer steps per method
     align_batch: int = 8             # prompts per step, each with all its candidates
@@ -248,10 +250,11 @@ def method_list(cfg):
 def usage(doc="", cls=Config):
     """The program's docstring, then every option with its default and the comment beside it in cls."""
     lines = ([doc.strip(), ""] if doc else []) + ["Options (--key=value):"]
+    defaults = cls()
     for line in inspect.getsource(cls).splitlines()[2:]:
-        m = re.match(r"\s+(\w+): \w+ = (.+?)\s+# (.*)", line)
+        m = re.match(r"\s+(\w+): \w+ = .+?\s+# (.*)", line)
         if m:
-            lines.append(f"  --{m[1]}={m[2].strip(chr(34))}".ljust(40) + m[3])
+            lines.append(f"  --{m[1]}={getattr(defaults, m[1])}".ljust(39) + " " + m[2])
         elif line.strip().startswith("# ----"):
             lines.append(" " + line.strip()[6:])
     return "\n".join(lines)

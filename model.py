@@ -32,7 +32,7 @@ class GPTConfig:
     n_embd: int = 128         # width of the residual stream
     dropout: float = 0.0      # keep 0 for alignment: dropout makes log pi(y|x) noisy
     bias: bool = True         # biases in Linear and LayerNorm, as GPT-2 has
-    reward_head: bool = False  # add a linear head to one scalar: the reward model (PAPER.md, step 1)
+    reward_head: bool = False  # add a linear head to one scalar: the reward model (docs/method.md, "The pipeline")
 
 
 class KVCache:

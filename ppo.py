@@ -1,7 +1,7 @@
 """
 ppo.py: the online baselines the paper sets out to replace, PPO and RLOO. The policy samples, the
-reward model scores, the policy learns, again and again (PPO.md); the losses are pure functions in
-vcb.py, this file is the loop. train.py's align stage runs it for --methods=ppo,rloo:
+reward model scores, the policy learns, again and again (docs/method.md, "PPO and RLOO"); the
+losses are pure functions in vcb.py, this file is the loop. train.py's align stage runs it for --methods=ppo,rloo:
 
     python train.py --methods=vcb,ppo,rloo
     python train.py --stage=align --methods=ppo --beta=0.1 --ppo_target_kl=4
@@ -106,7 +106,7 @@ def rollout(cfg, env, enc, policy, ref, rm, critic, prompts, seed, it, mu, sd):
     raw = torch.tensor(score_rewards(cfg, env, rm, enc, [data.encode_group(enc, p, texts[i * k:(i + 1) * k])
                                                           for i, p in enumerate(chosen)]), device=env.device)
     eos = torch.tensor([o[-1] == enc.eot_token for o in outs], device=env.device)
-    scores = (raw - mu) / sd - cfg.eos_penalty * (~eos).float()  # a response cut short is penalised (PPO.md)
+    scores = (raw - mu) / sd - cfg.eos_penalty * (~eos).float()  # a response cut short is penalised (docs/method.md)
     batch = {"groups": groups, "raw_scores": raw, "scores": scores, "eos": eos}
     p = packed(cfg, enc, groups, env)  # packed once, read by each model
     batch["old_logp"], batch["mask"] = token_values(policy, p, env)

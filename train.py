@@ -1,5 +1,5 @@
 """
-train.py: the VCB pipeline (PAPER.md, "The pipeline"), stage by stage, in flat PyTorch loops.
+train.py: the VCB pipeline (docs/method.md, "The pipeline"), stage by stage, in flat PyTorch loops.
 
     python train.py                         # every stage; about 2 minutes on a 2-core CPU
     python train.py --stage=align --force   # redo one stage
@@ -247,12 +247,12 @@ def train_rm(cfg, env, enc, records, task):
     torch.manual_seed(cfg.seed)
     model = load_model(path(cfg, "sft.pt"), env, enc, cfg, reward_head=True, dropout=cfg.dropout)
 
-    def loss_fn(m, idx):  # Bradley-Terry: -log sigmoid(r(x, y_w) - r(x, y_l)), both in one forward
+    def loss_fn(m, idx):  # Bradley-Terry on the chosen and rejected responses, both in one forward
         seqs = [chosen[i] for i in idx] + [rejected[i] for i in idx]
         x, _ = data.collate(seqs, enc.eot_token)
         r = m(x.to(env.device), reward_mask=real_mask([ids for ids, _ in seqs], x.size(1)).to(env.device))
         r_w, r_l = r[:len(idx)], r[len(idx):]
-        return -torch.nn.functional.logsigmoid(r_w - r_l).sum(), {"acc": (r_w > r_l).float().mean().item()}
+        return vcb.bradley_terry_loss(r_w, r_l).sum(), {"acc": (r_w > r_l).float().mean().item()}
 
     model = train(cfg, env, task, model, len(chosen), cfg.rm_steps, cfg.rm_batch, cfg.rm_lr, loss_fn, len, cfg.seed)
     model.eval()
@@ -281,7 +281,7 @@ def split_holdout(cfg, records):
 
 def stage_sample(cfg, env):
     """n candidates per prompt from the SFT model, each scored by the RM, with its SFT log-prob
-    (PAPER.md step 2): alignment then needs one model in memory."""
+    (docs/method.md, "The pipeline", step 2): alignment then needs one model in memory."""
     out_file = path(cfg, "candidates.jsonl")
     inputs = [path(cfg, "data", "align_prompts.jsonl"), path(cfg, "tokenizer.json"), path(cfg, "sft.pt"), path(cfg, "rm.pt")]
     task = Task("sample", "sample", stage_settings(cfg, "sample"), inputs, [out_file])
@@ -360,44 +360,61 @@ def align(cfg, env, enc, cands, method, seed, task):
 
 
 def offline(cfg, env, enc, cands, method, seed, task):
-    """VCB and the order-based methods: the loss of the candidates' log-probs and rewards, in train()."""
+    """VCB and the order-based methods: their loss of the candidates' log-probs and rewards, in train()."""
     name = task.name
-    B, n = cands.rewards.shape
-    sigma = vcb.reward_sigma(cands.rewards)
-    calibrated = sigma > cfg.sigma_floor
-    # sigma(x) per prompt (PAPER.md), or one for the whole candidate set (--vcb_sigma=global, an ablation)
-    norm = vcb.reward_sigma(cands.rewards.flatten()[None]).to(env.device) if cfg.vcb_sigma == "global" else None
-    n_pairs = (cands.rewards[:, :, None] > cands.rewards[:, None, :]).sum((1, 2))  # ordered pairs per prompt
-    if method == "vcb" and not calibrated.all():
-        log(env, f"{name}: {int((~calibrated).sum())} of {B} prompts have candidates of equal reward (sigma <= "
-                 f"{cfg.sigma_floor:g}) and are skipped")
-    if method in PAIR_LOSSES and (n_pairs == 0).any():
-        log(env, f"{name}: {int((n_pairs == 0).sum())} of {B} prompts have no strictly ordered pair and give no loss")
+    B = len(cands.groups)
+    if method == "vcb" and vcb.vcb_count(cands.rewards, cfg.sigma_floor) < B:
+        log(env, f"{name}: {B - vcb.vcb_count(cands.rewards, cfg.sigma_floor)} of {B} prompts have candidates of equal "
+                 f"reward (sigma <= {cfg.sigma_floor:g}) and are skipped")
+    no_pair = sum(vcb.pair_count(r[None]) == 0 for r in cands.rewards)
+    if method in PAIR_LOSSES and no_pair:
+        log(env, f"{name}: {no_pair} of {B} prompts have no strictly ordered pair and give no loss")
     torch.manual_seed(seed)
     model = load_model(path(cfg, "sft.pt"), env, enc, cfg)
-    ref, rewards = cands.ref_logps.to(env.device), cands.rewards.to(env.device)
+    sigma = candidate_sigma(cfg, cands.rewards)
+    return train(cfg, env, task, model, B, cfg.align_steps, cfg.align_batch, cfg.align_lr,
+                 lambda m, idx: align_loss(cfg, env, enc, m, cands, method, idx, sigma),
+                 lambda idx: loss_count(cfg, method, cands.rewards[idx]), seed, enc)
 
-    def loss_fn(m, idx):  # a prompt's n candidates packed after it: the prompt is read once, not n times
-        p = data.pack([cands.groups[i] for i in idx], cfg.block_size, enc.eot_token).to(env.device)
-        token_logps = m(p.idx, pos=p.pos, attn_mask=p.mask, at=(p.rows, p.cols), targets=p.targets)  # (N,) float32
-        logps = vcb.packed_logps(token_logps, p.seq, p.lengths, average=method == "rrhf").view(len(idx), n)  # (b, n)
-        r, ref_b = rewards[idx], ref[idx]
-        if method == "vcb":
-            per_prompt, _ = vcb.vcb_prompt_losses(logps, ref_b, r, cfg.beta, cfg.lam, cfg.sigma_floor, norm)
-            loss = per_prompt.sum()
-        elif method == "rrhf":
-            loss = vcb.rrhf_loss(logps, r).sum()
-        else:
-            b, w, l = vcb.preference_pairs(r)
-            loss = PAIR_LOSSES[method](logps[b, w], logps[b, l], ref_b[b, w], ref_b[b, l], cfg.beta).sum()
-        return loss, align_metrics(method, logps.detach(), ref_b, r, cfg, norm)
 
-    def count_fn(idx):  # what the method's loss averages over
-        if method == "vcb":
-            return int(calibrated[idx].sum())
-        return int(n_pairs[idx].sum()) if method in PAIR_LOSSES else len(idx)
+def candidate_sigma(cfg, rewards):
+    """The spread VCB divides each prompt's reward gaps by: None for each prompt's own sigma(x) (the
+    paper's), or with --vcb_sigma=global one sigma, that of every candidate reward of the set."""
+    return vcb.reward_sigma(rewards.flatten()[None]) if cfg.vcb_sigma == "global" else None
 
-    return train(cfg, env, task, model, B, cfg.align_steps, cfg.align_batch, cfg.align_lr, loss_fn, count_fn, seed, enc)
+
+def candidate_logps(model, p, n, average=False):
+    """(b, n) log p(y|x) of each of b prompts' n candidates, packed after their prompts (data.pack):
+    summed over the response tokens, or averaged (RRHF)."""
+    token_logps = model(p.idx, pos=p.pos, attn_mask=p.mask, at=(p.rows, p.cols), targets=p.targets)  # (N,) float32
+    return vcb.packed_logps(token_logps, p.seq, p.lengths, average).view(-1, n)
+
+
+def offline_loss(cfg, method, logps, ref_logps, rewards, sigma=None, reduction="sum"):
+    """An offline method's loss from vcb.py on b prompts' n candidates (b, n); sigma: candidate_sigma."""
+    if method == "vcb":
+        return vcb.vcb_loss(logps, ref_logps, rewards, cfg.beta, cfg.lam, cfg.sigma_floor, sigma, reduction)
+    if method == "rrhf":
+        return vcb.rrhf_loss(logps, rewards, reduction=reduction)
+    return vcb.pairwise_loss(PAIR_LOSSES[method], logps, ref_logps, rewards, cfg.beta, reduction)
+
+
+def loss_count(cfg, method, rewards):
+    """What a method's mean divides its summed loss by, for these prompts' rewards (b, n)."""
+    if method == "vcb":
+        return vcb.vcb_count(rewards, cfg.sigma_floor)
+    return vcb.pair_count(rewards) if method in PAIR_LOSSES else len(rewards)
+
+
+def align_loss(cfg, env, enc, model, cands, method, idx, sigma=None):
+    """One micro-batch of an offline method: the prompts idx with their candidates packed after them
+    (the prompt is read once, not n times). Returns (the summed loss, metrics)."""
+    n = cands.rewards.size(1)
+    p = data.pack([cands.groups[i] for i in idx], cfg.block_size, enc.eot_token).to(env.device)
+    logps = candidate_logps(model, p, n, average=method == "rrhf")                         # (b, n)
+    ref, rewards = cands.ref_logps[idx].to(env.device), cands.rewards[idx].to(env.device)
+    loss = offline_loss(cfg, method, logps, ref, rewards, sigma)
+    return loss, align_metrics(method, logps.detach(), ref, rewards, cfg, sigma)
 
 
 def align_metrics(method, logps, ref, rewards, cfg, sigma=None):

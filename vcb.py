@@ -1,8 +1,12 @@
 """
-vcb.py: the Value-based Calibration loss, the order-based baselines, and the closed-form theory.
+vcb.py: the Value-based Calibration loss, the order-based baselines, PPO's and RLOO's losses, and the
+closed-form theory.
 
-Each loss is one pure function of per-sequence log-probabilities (float32 tensors), named after the
-paper (Mao et al., "Don't Forget Your Reward Values", EMNLP 2024; notation of PAPER.md):
+VCB is the method of Mao et al., "Don't Forget Your Reward Values" (EMNLP 2024, arXiv 2402.16030).
+The paper's code is not public and its body was not available here: the loss is reconstructed from
+its abstract and a public walk-through, and where they are silent this project chose (docs/method.md
+says which is which). Each loss is one pure function of per-sequence log-probabilities (float32),
+named after the paper:
 
     delta(y)  = logp_pi(y|x) - logp_sft(y|x)                 how far training moved response y
     VCB       l_ij = ([delta_i - delta_j] - (r_i - r_j) / (beta * sigma(x)))^2   (difference method)
@@ -11,8 +15,14 @@ paper (Mao et al., "Don't Forget Your Reward Values", EMNLP 2024; notation of PA
     IPO       (h - 1/(2 beta))^2
     SLiC      max(0, 1 - beta * h)
     RRHF      sum_{r_i < r_j} max(0, p_i - p_j) - p_best     (p: length-averaged log-prob under pi)
-    PPO       per-token rewards, GAE, whitening, the clipped policy and value losses (online, PPO.md)
+    BT        -log sigmoid(r(x, y_w) - r(x, y_l))            (the reward model's Bradley-Terry loss)
+    PPO       per-token rewards, GAE, whitening, the clipped policy and value losses (online)
     RLOO      leave-one-out advantages, REINFORCE (online)
+
+The candidate-set losses take a `reduction` like PyTorch's losses: "mean" is the loss of
+docs/method.md; "sum" is what training adds up over micro-batches before dividing by the whole
+step's count (vcb_count, pair_count, or the number of prompts), so that the step's gradient is the
+same mean whatever the number of micro-batches and processes.
 
 Run it to see the walk-through's Figure 1 as numbers (about a second on a CPU):
 
@@ -58,14 +68,25 @@ def packed_logps(token_logps, seq, lengths, average=False):
 
 
 # -----------------------------------------------------------------------------
-# VCB (PAPER.md, "VCB: the difference method keeps the reward")
+# VCB (docs/method.md, "VCB: the difference method keeps the reward")
 
 def reward_sigma(rewards):
     """sigma(x): population standard deviation of each prompt's n candidate rewards. (B, n) -> (B,)."""
     return f32(rewards).std(dim=-1, unbiased=False)
 
 
-def vcb_pair_terms(policy_logps, ref_logps, rewards, beta=1.0, sigma_floor=SIGMA_FLOOR, sigma=None):
+def calibrated(rewards, sigma_floor=SIGMA_FLOOR):
+    """(B,) True for the prompts whose candidates' rewards spread more than the floor: the others are
+    equally good, have nothing to calibrate and give no loss."""
+    return reward_sigma(rewards) > sigma_floor
+
+
+def vcb_count(rewards, sigma_floor=SIGMA_FLOOR):
+    """How many prompts VCB's mean is over: the calibrated ones. rewards (B, n) -> int."""
+    return int(calibrated(rewards, sigma_floor).sum())
+
+
+def vcb_pair_terms(policy_logps, ref_logps, rewards, beta, sigma_floor=SIGMA_FLOOR, sigma=None):
     """The per-pair squared errors l_ij of the difference method, for every unordered pair i < j.
 
     policy_logps, ref_logps, rewards: (B, n). Returns (l, learned_gap, target_gap, calibrated):
@@ -73,29 +94,29 @@ def vcb_pair_terms(policy_logps, ref_logps, rewards, beta=1.0, sigma_floor=SIGMA
         learned_gap = delta_i - delta_j                    (log Z(x) has cancelled out of it)
         target_gap  = (r_i - r_j) / (beta * sigma(x))      (the optimum's gap, up to sigma)
     and calibrated (B,) is False for prompts whose sigma(x) <= sigma_floor (no loss from them).
-    sigma (B,), optional: a normaliser to use in place of each prompt's own spread (the ablation of one
-    sigma for the whole data set); prompts whose own spread is under the floor are skipped all the same.
+    sigma (B,) or a scalar, optional: a spread to use in place of each prompt's own (--vcb_sigma=global:
+    one for the whole candidate set); prompts whose own spread is under the floor are skipped all the same.
     """
     delta = f32(policy_logps) - f32(ref_logps)                     # (B, n)
     r = f32(rewards.detach())                                      # the reward model is not trained here
     own = reward_sigma(r)                                          # (B,)
-    calibrated = own > sigma_floor
-    sigma = own if sigma is None else f32(sigma).expand_as(own)
-    sigma = torch.where(calibrated, sigma, torch.ones_like(sigma))  # no 0/0 for skipped prompts
+    ok = own > sigma_floor
+    sigma = own if sigma is None else f32(torch.as_tensor(sigma, device=r.device)).expand_as(own)
+    sigma = torch.where(ok, sigma, torch.ones_like(sigma))         # no 0/0 for skipped prompts
     i, j = torch.triu_indices(r.size(-1), r.size(-1), offset=1, device=r.device)
     learned_gap = delta[:, i] - delta[:, j]                        # (B, P)
     target_gap = (r[:, i] - r[:, j]) / (beta * sigma[:, None])     # (B, P)
-    return (learned_gap - target_gap) ** 2, learned_gap, target_gap, calibrated
+    return (learned_gap - target_gap) ** 2, learned_gap, target_gap, ok
 
 
-def vcb_prompt_losses(policy_logps, ref_logps, rewards, beta=1.0, lam=0.0, sigma_floor=SIGMA_FLOOR, sigma=None):
+def vcb_prompt_losses(policy_logps, ref_logps, rewards, beta, lam, sigma_floor=SIGMA_FLOOR, sigma=None):
     """L(x) for each prompt: (B,) losses and the (B,) calibrated mask.
 
     L(x) = (1/lam) * log(mean_{i<j} exp(lam * l_ij)), which moves the weight onto the pairs whose gap
     is most wrong as lam grows; lam = 0 is exactly the mean over pairs (its limit). Prompts that are
     not calibrated get loss 0.
     """
-    l, _, _, calibrated = vcb_pair_terms(policy_logps, ref_logps, rewards, beta, sigma_floor, sigma)
+    l, _, _, ok = vcb_pair_terms(policy_logps, ref_logps, rewards, beta, sigma_floor, sigma)
     if lam == 0:
         per_prompt = l.mean(-1)
     else:
@@ -107,30 +128,39 @@ def vcb_prompt_losses(policy_logps, ref_logps, rewards, beta=1.0, lam=0.0, sigma
         # m carries no gradient: L(x) does not depend on it.
         m = l.detach().max(dim=-1, keepdim=True).values           # (B, 1)
         per_prompt = m.squeeze(-1) + torch.log1p(torch.expm1(lam * (l - m)).mean(-1)) / lam
-    return torch.where(calibrated, per_prompt, torch.zeros_like(per_prompt)), calibrated
+    return torch.where(ok, per_prompt, torch.zeros_like(per_prompt)), ok
 
 
-def vcb_loss(policy_logps, ref_logps, rewards, beta=1.0, lam=0.0, sigma_floor=SIGMA_FLOOR):
-    """The VCB loss: mean of L(x) over the prompts that have something to calibrate.
+def vcb_loss(policy_logps, ref_logps, rewards, beta, lam, sigma_floor=SIGMA_FLOOR, sigma=None, reduction="mean"):
+    """The VCB loss of B prompts with n scored candidates each (B, n); policy_logps carries the gradient.
 
-    Inputs (B, n): B prompts with n scored candidates each; policy_logps carries the gradient.
-    Returns a scalar (0, still attached to the graph, when every prompt is skipped).
+    reduction "mean": the mean of L(x) over the calibrated prompts (0, still attached to the graph,
+    when every prompt is skipped); "sum": their sum (training divides it by the step's vcb_count);
+    "none": L(x) per prompt (B,), 0 for the skipped ones.
     """
-    per_prompt, calibrated = vcb_prompt_losses(policy_logps, ref_logps, rewards, beta, lam, sigma_floor)
-    return per_prompt.sum() / calibrated.sum().clamp(min=1)
+    per_prompt, ok = vcb_prompt_losses(policy_logps, ref_logps, rewards, beta, lam, sigma_floor, sigma)
+    return reduce(per_prompt, reduction, ok.sum())
+
+
+def reduce(losses, reduction, count):
+    """losses as a mean over `count` items, their sum, or as they are ("none")."""
+    if reduction == "none":
+        return losses
+    total = losses.sum()
+    return total if reduction == "sum" else total / max(int(count), 1)
 
 
 @torch.no_grad()
-def vcb_diagnostics(policy_logps, ref_logps, rewards, beta=1.0, sigma_floor=SIGMA_FLOOR, sigma=None):
+def vcb_diagnostics(policy_logps, ref_logps, rewards, beta, sigma_floor=SIGMA_FLOOR, sigma=None):
     """What to watch during VCB training: the fraction of prompts skipped for sigma(x) under the floor,
     and the Pearson correlation between learned gaps delta_i - delta_j and target gaps (r_i - r_j) /
     (beta sigma) over the calibrated prompts' pairs (1.0 when the policy is perfectly calibrated)."""
-    _, learned, target, calibrated = vcb_pair_terms(policy_logps, ref_logps, rewards, beta, sigma_floor, sigma)
-    a, b = learned[calibrated].flatten(), target[calibrated].flatten()
+    _, learned, target, ok = vcb_pair_terms(policy_logps, ref_logps, rewards, beta, sigma_floor, sigma)
+    a, b = learned[ok].flatten(), target[ok].flatten()
     a, b = a - a.mean(), b - b.mean()
     denom = (a.norm() * b.norm()).item()
     corr = (a @ b).item() / denom if denom > 0 else float("nan")
-    return {"skipped": 1.0 - calibrated.float().mean().item(), "gap_corr": corr}
+    return {"skipped": 1.0 - ok.float().mean().item(), "gap_corr": corr}
 
 
 # -----------------------------------------------------------------------------
@@ -155,23 +185,23 @@ def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 
 
 def slic_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
-    """SLiC, hinge form with the reference log-ratio (Zhao et al. 2023; PAPER.md):
+    """SLiC, hinge form with the reference log-ratio (Zhao et al. 2023; docs/method.md):
     max(0, 1 - beta * h), zero once beta * h >= 1. Returns (P,)."""
     h = margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     return F.relu(1 - beta * h)
 
 
-def rrhf_loss(policy_avg_logps, rewards, nll_weight=1.0):
+def rrhf_loss(policy_avg_logps, rewards, nll_weight=1.0, reduction="mean"):
     """RRHF (Yuan et al. 2023, eqs. 2-4), in its own form: no reference model, length-averaged
     log-probs p_i (B, n). Rank term: sum over pairs with r_i < r_j of max(0, p_i - p_j), zero exactly
     when every better response is at least as likely. Plus nll_weight times the token-averaged NLL
-    of the best response, -p_best. Returns (B,) per-prompt losses."""
+    of the best response, -p_best. reduction: "mean" over the B prompts, "sum", or "none" (B,)."""
     p, r = f32(policy_avg_logps), f32(rewards)
     worse = r[:, :, None] < r[:, None, :]                          # (B, n, n): r_i < r_j
     rank = (F.relu(p[:, :, None] - p[:, None, :]) * worse).sum((1, 2))
     best = r.argmax(-1)
     nll = -p.gather(1, best[:, None]).squeeze(1)
-    return rank + nll_weight * nll
+    return reduce(rank + nll_weight * nll, reduction, len(p))
 
 
 def preference_pairs(rewards):
@@ -182,8 +212,27 @@ def preference_pairs(rewards):
     return b, w, l
 
 
+def pair_count(rewards):
+    """How many ordered pairs the order-based losses average over: rewards (B, n) -> int."""
+    return int((rewards[:, :, None] > rewards[:, None, :]).sum())
+
+
+def pairwise_loss(loss_fn, policy_logps, ref_logps, rewards, beta, reduction="mean"):
+    """An order-based per-pair loss (dpo_loss, ipo_loss, slic_loss) on every ordered pair of B prompts'
+    n candidates (B, n): the mean over the pairs (0 if there are none), their sum, or each ("none")."""
+    b, w, l = preference_pairs(rewards)
+    losses = loss_fn(policy_logps[b, w], policy_logps[b, l], ref_logps[b, w], ref_logps[b, l], beta)
+    return reduce(losses, reduction, len(losses))
+
+
+def bradley_terry_loss(chosen_rewards, rejected_rewards):
+    """The reward model's loss (Bradley and Terry 1952; docs/method.md, "The pipeline"), per pair:
+    -log sigmoid(r(x, y_w) - r(x, y_l)). (P,) -> (P,)."""
+    return -F.logsigmoid(f32(chosen_rewards) - f32(rejected_rewards))
+
+
 # -----------------------------------------------------------------------------
-# online baselines: PPO and RLOO (PPO.md). Per-token tensors are (B, T): B sampled responses, right-
+# online baselines: PPO and RLOO (docs/method.md, "PPO and RLOO"). Per-token tensors are (B, T): B sampled responses, right-
 # padded, mask (B, T) True on each response's tokens (its <|endoftext|> included: stopping is an action).
 
 def masked_mean(x, mask):
@@ -200,16 +249,16 @@ def ppo_token_rewards(logp_pi, logp_ref, scores, mask, beta):
     return rewards.index_put((torch.arange(len(last), device=last.device), last), f32(scores), accumulate=True)
 
 
-def gae(rewards, values, mask, gamma=1.0, lam=0.95):
+def gae(rewards, values, mask, gamma, gae_lambda):
     """Generalised advantage estimation (Schulman et al. 2016, eqs. 11-16), per response:
-        delta_t = r_t + gamma * V_{t+1} - V_t      (V after the last token is 0: the episode ends),
-        A_t = sum_l (gamma lam)^l delta_{t+l},    returns R_t = A_t + V_t (the value's target).
+        td_t = r_t + gamma * V_{t+1} - V_t               (V after the last token is 0: the episode ends),
+        A_t = sum_l (gamma gae_lambda)^l td_{t+l},    returns R_t = A_t + V_t (the value's target).
     rewards, values, mask (B, T). Returns (advantages, returns), each (B, T), zero outside the mask."""
     rewards, values = f32(rewards) * mask, f32(values) * mask
     advantages, next_value, next_adv = torch.zeros_like(rewards), torch.zeros_like(rewards[:, 0]), torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.size(1))):                      # T is a response's length: a short loop
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        next_adv = (delta + gamma * lam * next_adv) * mask[:, t]
+        td = rewards[:, t] + gamma * next_value - values[:, t]
+        next_adv = (td + gamma * gae_lambda * next_adv) * mask[:, t]
         advantages[:, t] = next_adv
         next_value = values[:, t]
     return advantages, (advantages + values) * mask
@@ -224,7 +273,7 @@ def whiten(x, mask, shift_mean=True):
     return (out if shift_mean else out + mean) * mask
 
 
-def ppo_policy_loss(logp, old_logp, advantages, mask, clip=0.2):
+def ppo_policy_loss(logp, old_logp, advantages, mask, clip):
     """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), as a loss over the response tokens:
         ratio = exp(logp - old_logp),   L = mean_t max(-A_t ratio, -A_t clip(ratio, 1 - clip, 1 + clip)).
     Returns (loss, stats): the share of clipped tokens, the approximate KL 0.5 (logp - old)^2 and the
@@ -238,14 +287,14 @@ def ppo_policy_loss(logp, old_logp, advantages, mask, clip=0.2):
     return masked_mean(losses, mask), stats
 
 
-def ppo_value_loss(values, old_values, returns, mask, clip=0.2):
-    """The clipped value loss of the PPO-for-LM references (PPO.md):
+def ppo_value_loss(values, old_values, returns, mask, clip):
+    """The clipped value loss of the PPO-for-LM references (docs/method.md, "PPO and RLOO"):
         0.5 * mean_t max((V - R)^2, (clip(V, V_old - clip, V_old + clip) - R)^2)."""
     clipped = old_values + (f32(values) - old_values).clamp(-clip, clip)
     return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
 
 
-def adaptive_beta(beta, kl, target, n, horizon=10_000):
+def adaptive_beta(beta, kl, target, n, horizon):
     """The adaptive KL controller of Ziegler et al. 2019 (sec. 2.2), as lm-human-preferences runs it:
         beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon,
     n the rollouts just seen: beta grows while the KL is above its target and shrinks below it."""
@@ -269,9 +318,9 @@ def reinforce_loss(seq_logps, advantages):
 # -----------------------------------------------------------------------------
 # the theory: the KL-regularised optimum on a finite candidate set
 
-def optimal_policy(ref_logps, rewards, beta=1.0, sigma_floor=SIGMA_FLOOR):
+def optimal_policy(ref_logps, rewards, beta, sigma_floor=SIGMA_FLOOR):
     """log pi*(y|x) over each prompt's n candidates: the optimum of E[r] - beta KL(pi || pi_sft)
-    restricted to the set, with VCB's sigma normalisation (PAPER.md):
+    restricted to the set, with VCB's sigma normalisation (docs/method.md, "The objective and its optimum"):
 
         log pi*(y_i) = log pi_sft(y_i) + r_i / (beta sigma(x)) - log Z(x),  Z(x) summed over the n.
 
@@ -298,31 +347,24 @@ def train_free_softmax(loss_fn, ref_logps, steps=500, lr=0.25):
     return torch.log_softmax(theta.detach(), dim=-1)
 
 
-def pairwise_loss(loss_fn, policy_logps, ref_logps, rewards, beta):
-    """Mean of an order-based per-pair loss over every ordered pair of every prompt (0 if none)."""
-    b, w, l = preference_pairs(rewards)
-    losses = loss_fn(policy_logps[b, w], policy_logps[b, l], ref_logps[b, w], ref_logps[b, l], beta)
-    return losses.sum() / max(len(losses), 1)
-
-
-def figure1(beta=1.0, steps=500):
+def figure1(beta, lam, steps):
     """Three responses with rewards 0.1, 0.85, 0.9 under a uniform SFT model, trained on all pairs."""
     rewards = torch.tensor([[0.1, 0.85, 0.9]])
     ref = torch.full((1, 3), -math.log(3.0))
     rows = {
         "SFT (uniform)": ref,
         "DPO, all pairs": train_free_softmax(lambda lp: pairwise_loss(dpo_loss, lp, ref, rewards, beta), ref, steps),
-        "VCB, all pairs": train_free_softmax(lambda lp: vcb_loss(lp, ref, rewards, beta), ref, steps),
+        "VCB, all pairs": train_free_softmax(lambda lp: vcb_loss(lp, ref, rewards, beta, lam), ref, steps),
         "closed-form optimum": optimal_policy(ref, rewards, beta),
     }
     return {name: lp.exp()[0].tolist() for name, lp in rows.items()}
 
 
 if __name__ == "__main__":
-    beta, steps = 1.0, 500
-    print(f"Figure 1: rewards r = 0.1, 0.85, 0.9; uniform SFT; beta = {beta}; {steps} gradient steps")
+    beta, lam, steps = 1.0, 0.1, 500  # the pipeline's beta and lam (config.py); the optimum is the same for every lam
+    print(f"Figure 1: rewards r = 0.1, 0.85, 0.9; uniform SFT; beta = {beta}, lam = {lam}; {steps} gradient steps")
     print(f"{'':22s} {'p(y1) r=0.1':>12s} {'p(y2) r=0.85':>13s} {'p(y3) r=0.9':>12s}")
-    for name, p in figure1(beta, steps).items():
+    for name, p in figure1(beta, lam, steps).items():
         print(f"{name:22s} {p[0]:12.3f} {p[1]:13.3f} {p[2]:12.3f}")
     print("DPO sees only the order y3 > y2 > y1 and pushes y2 towards y1; VCB keeps the reward gaps:\n"
           "y2 and y3 end nearly equal, at the optimum pi_sft * exp(r / (beta * sigma)) / Z.")

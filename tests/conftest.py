@@ -42,6 +42,28 @@ def run_train(out_dir, *args, tiny=True, env=None, timeout=300, script=("train.p
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=full_env, timeout=timeout)
 
 
+# a little more than TINY: enough SFT and reward-model steps that the reward model's score is something
+# a policy can learn to raise (the learning tests), still seconds on a CPU
+SMALL = ["--n_sft=1000", "--n_prefs=600", "--n_align=32", "--n_eval=6", "--vocab_size=300", "--n_layer=2", "--n_head=2",
+         "--n_embd=48", "--block_size=96", "--max_new_tokens=24", "--sft_steps=80", "--sft_batch=32", "--sft_lr=3e-3",
+         "--rm_steps=60", "--rm_batch=32", "--n_candidates=4", "--sample_batch=16", "--eval_samples=1", "--log_interval=20",
+         "--ckpt_interval=1000", "--warmup_steps=5", "--device=cpu"]
+
+
+def sharp_gpt(seed=0, **shape):
+    """A small GPT with large random weights: unlike a freshly initialised one, its outputs depend
+    strongly on every earlier token and position, so a wrong mask, position, column or cache entry
+    changes them. shape: GPTConfig fields."""
+    from model import GPT, GPTConfig
+    torch.manual_seed(seed)
+    m = GPT(GPTConfig(**{**dict(block_size=64, vocab_size=257, n_layer=2, n_head=2, n_embd=32), **shape})).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)
+    return m
+
+
 def run(out, *args):
     """train.main in this process, at the tiny size."""
     train.main([f"--out_dir={out}", *TINY, *args])
@@ -63,6 +85,16 @@ def tiny_run(tmp_path_factory):
     proc = run_train(out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory):
+    """The stages before alignment at the SMALL size, shared: the learning tests train policies on it."""
+    out = tmp_path_factory.mktemp("small") / "out"
+    for stage in ("data", "sft", "rm", "sample"):
+        proc = run_train(out, f"--stage={stage}", *SMALL, tiny=False)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
 
 
 @pytest.fixture

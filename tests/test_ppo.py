@@ -1,4 +1,4 @@
-"""PPO and RLOO (PPO.md): the pure functions of vcb.py against their definitions, and a few iterations
+"""PPO and RLOO (docs/method.md, "PPO and RLOO"): the pure functions of vcb.py against their definitions, and a few iterations
 of each through train.py."""
 import json
 
@@ -47,7 +47,7 @@ def test_gae_is_the_discounted_sum_of_td_errors(ep, gamma, lam):
 @given(episodes())
 def test_with_gamma_and_lambda_one_the_return_is_the_plain_sum_of_rewards(ep):
     rewards, values, mask = ep
-    _, ret = vcb.gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    _, ret = vcb.gae(rewards, values, mask, gamma=1.0, gae_lambda=1.0)
     future = (rewards * mask).flip(1).cumsum(1).flip(1) * mask  # sum_{l >= t} r_l, whatever the values
     torch.testing.assert_close(ret, future)
 
@@ -59,10 +59,10 @@ def test_tokens_after_the_end_change_nothing(ep):
     logp, old = torch.randn_like(rewards) - 2, torch.randn_like(rewards) - 2
     scores = torch.randn(len(rewards), dtype=torch.float64)
     for a, b in [(vcb.ppo_token_rewards(logp, old, scores, mask, 0.1), vcb.ppo_token_rewards(logp + junk, old - junk, scores, mask, 0.1)),
-                 (vcb.gae(rewards, values, mask)[0], vcb.gae(rewards + junk, values + junk, mask)[0]),
+                 (vcb.gae(rewards, values, mask, 1.0, 0.95)[0], vcb.gae(rewards + junk, values + junk, mask, 1.0, 0.95)[0]),
                  (vcb.whiten(rewards, mask), vcb.whiten(rewards + junk, mask)),
-                 (vcb.ppo_policy_loss(logp, old, rewards, mask)[0], vcb.ppo_policy_loss(logp + junk, old, rewards + junk, mask)[0]),
-                 (vcb.ppo_value_loss(values, rewards, old, mask), vcb.ppo_value_loss(values + junk, rewards - junk, old + junk, mask))]:
+                 (vcb.ppo_policy_loss(logp, old, rewards, mask, 0.2)[0], vcb.ppo_policy_loss(logp + junk, old, rewards + junk, mask, 0.2)[0]),
+                 (vcb.ppo_value_loss(values, rewards, old, mask, 0.2), vcb.ppo_value_loss(values + junk, rewards - junk, old + junk, mask, 0.2))]:
         torch.testing.assert_close(a * mask if a.dim() else a, b * mask if b.dim() else b)
 
 
@@ -136,8 +136,8 @@ def test_rloo_baseline_never_includes_the_sample_itself(P, k, seed, beta):
 
 
 def test_the_adaptive_kl_controller_moves_beta_towards_the_target():
-    assert vcb.adaptive_beta(0.1, kl=8.0, target=4.0, n=64) > 0.1 > vcb.adaptive_beta(0.1, kl=2.0, target=4.0, n=64)
-    assert vcb.adaptive_beta(0.1, kl=4.0, target=4.0, n=64) == 0.1
+    assert vcb.adaptive_beta(0.1, kl=8.0, target=4.0, n=64, horizon=10_000) > 0.1 > vcb.adaptive_beta(0.1, kl=2.0, target=4.0, n=64, horizon=10_000)
+    assert vcb.adaptive_beta(0.1, kl=4.0, target=4.0, n=64, horizon=10_000) == 0.1
     assert vcb.adaptive_beta(1.0, kl=1e6, target=1.0, n=100, horizon=100) == pytest.approx(1.2)  # the step is clipped
 
 

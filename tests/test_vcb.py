@@ -1,4 +1,4 @@
-"""The losses' invariants (PAPER.md, "Properties that hold whatever the paper's exact constants"),
+"""The losses' invariants (docs/method.md, "Properties that hold whatever the paper's exact constants"),
 their exact values, and the closed-form theory. Property tests run in float64 so that equalities
 can be checked tightly; the losses keep float64 and upcast anything narrower to float32."""
 import math
@@ -38,7 +38,7 @@ def close(a, b, tol=1e-7):
     torch.testing.assert_close(a, b.expand_as(a), rtol=tol, atol=tol)
 
 
-# ---- Z(x) cancels: the difference method (PAPER.md, "VCB: the difference method keeps the reward")
+# ---- Z(x) cancels: the difference method (docs/method.md, "VCB: the difference method keeps the reward")
 
 @given(candidate_sets(), BETAS, LAMS, st.data())
 def test_log_partition_cancels_from_policy_and_reference(sets, beta, lam, data):
@@ -64,7 +64,7 @@ def test_permuting_candidates_leaves_every_loss_unchanged(sets, beta, lam, data)
     perm = torch.tensor(data.draw(st.permutations(range(r.size(1)))))
     p2, ref2, r2 = policy[:, perm], ref[:, perm], r[:, perm]
     close(vcb.vcb_loss(p2, ref2, r2, beta, lam), vcb.vcb_loss(policy, ref, r, beta, lam))
-    close(vcb.rrhf_loss(p2 / 10, r2), vcb.rrhf_loss(policy / 10, r))
+    close(vcb.rrhf_loss(p2 / 10, r2, reduction="none"), vcb.rrhf_loss(policy / 10, r, reduction="none"))
     for loss_fn in (vcb.dpo_loss, vcb.ipo_loss, vcb.slic_loss):
         close(vcb.pairwise_loss(loss_fn, p2, ref2, r2, beta), vcb.pairwise_loss(loss_fn, policy, ref, r, beta))
 
@@ -110,7 +110,7 @@ def test_gradient_descent_on_a_free_softmax_reaches_the_optimum(sets, beta, lam)
 def test_figure1_numbers():
     """The walk-through's Figure 1: VCB puts about 0.44 and 0.50 on the 0.85 and 0.9 responses at
     beta = 1, the optimum; DPO, trained on all pairs, drives the 0.85 response towards 0."""
-    probs = vcb.figure1(beta=1.0)
+    probs = vcb.figure1(beta=1.0, lam=0.1, steps=500)
     vcb_p, opt, dpo = probs["VCB, all pairs"], probs["closed-form optimum"], probs["DPO, all pairs"]
     assert vcb_p[1] == pytest.approx(0.44, abs=0.01) and vcb_p[2] == pytest.approx(0.50, abs=0.01)
     close(torch.tensor(vcb_p), torch.tensor(opt), tol=1e-4)
@@ -126,7 +126,7 @@ def test_order_based_losses_ignore_order_preserving_reward_transforms(sets, beta
     for loss_fn in (vcb.dpo_loss, vcb.ipo_loss, vcb.slic_loss):
         close(vcb.pairwise_loss(loss_fn, policy, ref, transformed, beta),
               vcb.pairwise_loss(loss_fn, policy, ref, r, beta))
-    close(vcb.rrhf_loss(policy / 10, transformed), vcb.rrhf_loss(policy / 10, r))
+    close(vcb.rrhf_loss(policy / 10, transformed, reduction="none"), vcb.rrhf_loss(policy / 10, r, reduction="none"))
 
 
 def test_vcb_changes_under_an_order_preserving_reward_transform():
@@ -134,8 +134,8 @@ def test_vcb_changes_under_an_order_preserving_reward_transform():
     r = torch.tensor([[0.1, 0.85, 0.9]], dtype=torch.float64)
     transformed = torch.exp(5 * r)  # same order, different gaps
     policy = vcb.optimal_policy(ref, r, 1.0)
-    assert vcb.vcb_loss(policy, ref, r) < 1e-12
-    assert vcb.vcb_loss(policy, ref, transformed) > 0.05  # the target gaps moved: ~0.077 here
+    assert vcb.vcb_loss(policy, ref, r, 1.0, 0.0) < 1e-12
+    assert vcb.vcb_loss(policy, ref, transformed, 1.0, 0.0) > 0.05  # the target gaps moved: ~0.077 here
     assert not torch.allclose(vcb.optimal_policy(ref, transformed, 1.0), policy, atol=1e-3)
 
 
@@ -147,10 +147,10 @@ def test_vcb_keeps_reward_size_where_dpo_sees_the_same_pairs():
     even = torch.tensor([[0.0, 0.5, 1.0]], dtype=torch.float64)
     close(vcb.pairwise_loss(vcb.dpo_loss, policy[:1], ref[:1], near, 1.0),
           vcb.pairwise_loss(vcb.dpo_loss, policy[:1], ref[:1], even, 1.0))
-    assert vcb.vcb_loss(policy[:1], ref[:1], even) < vcb.vcb_loss(policy[:1], ref[:1], near) - 0.1
+    assert vcb.vcb_loss(policy[:1], ref[:1], even, 1.0, 0.0) < vcb.vcb_loss(policy[:1], ref[:1], near, 1.0, 0.0) - 0.1
 
 
-# ---- VCB's aggregation and skipping (PAPER.md CHOICEs)
+# ---- VCB's aggregation and skipping (docs/method.md, the choices marked [ours])
 
 @given(candidate_sets(), BETAS)
 def test_lam_zero_is_the_mean_and_large_lam_tends_to_the_worst_pair(sets, beta):
@@ -203,19 +203,19 @@ def test_prompts_without_reward_spread_are_skipped_and_counted():
     policy = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -5.0, -2.0]], dtype=torch.float64, requires_grad=True)
     ref = torch.full((2, 3), -2.0, dtype=torch.float64)
     r = torch.tensor([[0.1, 0.5, 0.9], [0.3, 0.3, 0.3]], dtype=torch.float64)
-    both = vcb.vcb_loss(policy, ref, r)
-    close(both, vcb.vcb_loss(policy[:1], ref[:1], r[:1]))  # the tied prompt adds nothing
+    both = vcb.vcb_loss(policy, ref, r, 1.0, 0.0)
+    close(both, vcb.vcb_loss(policy[:1], ref[:1], r[:1], 1.0, 0.0))  # the tied prompt adds nothing
     both.backward()
     assert torch.isfinite(policy.grad).all() and (policy.grad[1] == 0).all()
-    assert vcb.vcb_diagnostics(policy, ref, r)["skipped"] == 0.5
-    none = vcb.vcb_loss(policy[1:], ref[1:], r[1:])  # every prompt skipped: 0, still differentiable
+    assert vcb.vcb_diagnostics(policy, ref, r, 1.0)["skipped"] == 0.5
+    none = vcb.vcb_loss(policy[1:], ref[1:], r[1:], 1.0, 0.0)  # every prompt skipped: 0, still differentiable
     assert none.item() == 0.0 and none.requires_grad
 
 
 def test_loss_inputs_in_bfloat16_are_computed_in_float32():
     policy = torch.randn(2, 4).to(torch.bfloat16)
     r = torch.randn(2, 4)
-    assert vcb.vcb_loss(policy, policy.detach(), r).dtype == torch.float32
+    assert vcb.vcb_loss(policy, policy.detach(), r, 1.0, 0.1).dtype == torch.float32
     assert vcb.dpo_loss(policy[0], policy[1], policy[0], policy[1], 0.1).dtype == torch.float32
 
 
@@ -253,11 +253,11 @@ def test_slic_hinge_is_zero_once_beta_h_reaches_one(beta, h):
 def test_rrhf_rank_term_is_zero_exactly_when_the_order_is_right(sets):
     _, _, r = sets
     in_order = r.argsort(-1).argsort(-1).double() * 0.3 - 5      # p ranked like r
-    assert (vcb.rrhf_loss(in_order, r, nll_weight=0.0) == 0).all()
+    assert (vcb.rrhf_loss(in_order, r, nll_weight=0.0, reduction="none") == 0).all()
     reversed_ = -in_order                                          # every pair the wrong way round
-    assert (vcb.rrhf_loss(reversed_, r, nll_weight=0.0) > 0).all()
+    assert (vcb.rrhf_loss(reversed_, r, nll_weight=0.0, reduction="none") > 0).all()
     best_nll = -in_order.gather(1, r.argmax(-1, keepdim=True)).squeeze(1)
-    close(vcb.rrhf_loss(in_order, r), best_nll)
+    close(vcb.rrhf_loss(in_order, r, reduction="none"), best_nll)
 
 
 @given(candidate_sets(ties=True))
