@@ -1,7 +1,7 @@
 """
 bench.py: how fast the hot paths run on this machine, each comparison made within one run.
 
-    python bench.py                   # a small GPT; float32 on CPU, bfloat16 autocast on CUDA
+    python bench.py                   # the built-in task's GPT; float32 on CPU, bfloat16 autocast on CUDA
     python bench.py --preset=gpt2     # GPT-2-small-sized (124M parameters, 1024 positions)
     python bench.py --compile=true    # the same with torch.compile (CUDA)
 
@@ -25,14 +25,16 @@ import torch
 import data
 import vcb
 from config import ConfigError, parse_options
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, response_logps
 from runtime import command, setup
 
+DEFAULT = GPTConfig()  # the built-in task's model
 PRESETS = {  # model shape and the batch of each measurement
     "tiny": dict(n_layer=1, n_head=2, n_embd=32, vocab_size=64, block_size=160, batch=8, seq_len=16, sample_batch=2,
                  prompt_len=4, steps=2),  # seconds on a CPU: that every measurement runs (tests, gpu_check.py --tiny)
-    "small": dict(n_layer=4, n_head=4, n_embd=256, vocab_size=1024, block_size=256, batch=16, seq_len=128,
-                  sample_batch=8, prompt_len=32, steps=6),
+    "default": dict(n_layer=DEFAULT.n_layer, n_head=DEFAULT.n_head, n_embd=DEFAULT.n_embd, vocab_size=DEFAULT.vocab_size,
+                    block_size=DEFAULT.block_size + 128, batch=16, seq_len=DEFAULT.block_size, sample_batch=8, prompt_len=32,
+                    steps=6),  # room for the 128 tokens the KV-cache measurement samples after a 32-token prompt
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024, batch=8, seq_len=1024,
                  sample_batch=16, prompt_len=64, steps=20),
 }
@@ -43,7 +45,7 @@ DATASHEET_BF16 = [("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("GH200", 98
 
 @dataclass
 class BenchConfig:
-    preset: str = "small"            # tiny, small (4 layers x 256), gpt2 (GPT-2-small's shape: 12 x 768, 50257 tokens, 1024 positions)
+    preset: str = "default"          # tiny, default (the built-in task's model), gpt2 (GPT-2-small's shape: 12 x 768, 50257 tokens, 1024 positions)
     device: str = "auto"             # auto, cpu, cuda, cuda:N
     dtype: str = "auto"              # auto (bfloat16 autocast on CUDA, float32 on CPU), float32, bfloat16, float16
     compile: bool = False            # torch.compile the model for the training measurements (CUDA)
@@ -168,9 +170,7 @@ def main(argv):
     def vcb_step(pack):
         with env.autocast():
             if pack:
-                token_logps = runner(packed.idx, pos=packed.pos, attn_mask=packed.mask, at=(packed.rows, packed.cols),
-                                     targets=packed.targets)
-                logps = vcb.packed_logps(token_logps, packed.seq, packed.lengths)
+                logps = response_logps(runner, packed)
             else:
                 logps = vcb.sequence_logps(runner(seqs), seqs, mask)
         loss = vcb.vcb_loss(logps.view(prompts_per_step, -1), ref, rewards, beta=1.0, lam=0.1)

@@ -6,7 +6,7 @@ overrides it, converted to the field's type and checked before anything runs.
     python train.py --help       # every option, with its default and the comment below
 
 STAGE_KEYS says which options each stage's outputs depend on: a stage whose outputs were made with
-the same settings is skipped (runtime.up_to_date), a stage whose inputs were made with other ones
+the same settings is skipped (records.up_to_date), a stage whose inputs were made with other ones
 is refused.
 """
 import dataclasses
@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass
 
 import vcb
+from model import GPTConfig
 
 STAGES = ["data", "sft", "rm", "sample", "align", "eval"]
 METHODS = ["vcb", "dpo", "ipo", "slic", "rrhf", "ppo", "rloo"]
@@ -43,7 +44,7 @@ class Config:
     data: str = "builtin"            # builtin (reviews with a gold reward), hh, tldr, or jsonl (your own files)
     data_dir: str = ""               # folder of the hh, tldr or jsonl files (README: "Your own data")
     tokenizer: str = "bpe"           # bpe: trained here on the SFT text; gpt2: tiktoken's, from a local cache
-    vocab_size: int = 1024           # bpe: vocabulary size, <|endoftext|> included
+    vocab_size: int = GPTConfig.vocab_size  # bpe: vocabulary size, <|endoftext|> included
     n_sft: int = 4000                # SFT demonstrations (hh, tldr, jsonl: at most this many, 0 for all)
     n_prefs: int = 3000              # preference pairs for the reward model (likewise)
     n_align: int = 320               # prompts that get n_candidates scored candidates each (likewise)
@@ -51,11 +52,11 @@ class Config:
     pref_tau: float = 0.25           # builtin: Bradley-Terry temperature of the labels on the gold reward
     # ---- model
     init_from: str = "scratch"       # scratch, or the path of a GPT-2 model.safetensors (needs --tokenizer=gpt2)
-    n_layer: int = 3                 # transformer blocks
-    n_head: int = 4                  # attention heads
-    n_embd: int = 96                 # residual width
-    block_size: int = 128            # longest prompt + response, in tokens
-    dropout: float = 0.0             # dropout in SFT and RM training (alignment always runs without)
+    n_layer: int = GPTConfig.n_layer  # transformer blocks
+    n_head: int = GPTConfig.n_head   # attention heads
+    n_embd: int = GPTConfig.n_embd   # residual width
+    block_size: int = GPTConfig.block_size  # longest prompt + response, in tokens
+    dropout: float = GPTConfig.dropout  # dropout in SFT and RM training (alignment always runs without)
     # ---- optimisation, every stage
     weight_decay: float = 0.1        # AdamW decay on weight matrices
     grad_clip: float = 1.0           # clip the gradient norm (0: off)
@@ -150,8 +151,6 @@ def parse_options(cfg, argv, doc=""):
         if not m:
             raise ConfigError(f"cannot read {arg!r}: options look like --key=value (--help lists them)")
         key, raw = m.groups()
-        if key == "sweep" and isinstance(cfg, Config):
-            raise ConfigError("--sweep is now its own command: python experiments.py sweep [--key=value ...]")
         if key not in fields:
             near = difflib.get_close_matches(key, fields, n=1)
             raise ConfigError(f"unknown option --{key}" + (f"; did you mean --{near[0]}?" if near else " (--help lists them)"))

@@ -13,7 +13,6 @@ data sets and your own files).
 """
 import base64
 import contextlib
-import fcntl
 import gzip
 import hashlib
 import heapq
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 
 import tiktoken
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 EOT = "<|endoftext|>"
 # Pre-tokenisation pattern (GPT-2's, written with classes that Python's re and tiktoken's regex engine
@@ -56,16 +56,6 @@ def atomic_path(path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-@contextlib.contextmanager
-def locked(path):
-    """An exclusive lock on path + '.lock' for the block: several processes (experiments.py's workers)
-    may read, change and write the same small file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(f"{path}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
 
 
 def finite(obj):
@@ -401,6 +391,13 @@ class Packed:
 
     def to(self, device):
         return Packed(**{k: v.to(device) if hasattr(v, "to") else v for k, v in self.__dict__.items()})
+
+    def by_response(self, flat):
+        """Per-token values (N,) in response order as rows (S, T) right-padded with 0, one per
+        response, and the (S, T) float mask of its real tokens (PPO's per-token tensors)."""
+        rows = pad_sequence(flat.split(self.lengths.tolist()), batch_first=True)        # (S, T)
+        mask = torch.arange(rows.size(1), device=rows.device)[None, :] < self.lengths[:, None]
+        return rows, mask.float()
 
 
 def encode_group(enc, prompt, responses):

@@ -13,7 +13,6 @@ evaluate.py: models reading text in batches, and the evaluation of policies.
 
 Used by train.py (the sample and eval stages) and experiments.py.
 """
-import json
 import os
 
 import torch
@@ -22,8 +21,9 @@ from tqdm import tqdm
 import data
 import report
 import reviews
-import vcb
-from runtime import TrainingError, fingerprints, gather, load_data, load_model, log, path
+from model import response_logps
+from records import fingerprints, kept
+from runtime import TrainingError, gather, load_data, load_model, log, path
 
 
 def real_mask(ids_list, T):
@@ -58,7 +58,7 @@ def score_rewards(cfg, env, rm, enc, groups):
     for chunk in chunks(groups, cfg.eval_batch):
         p = data.pack(chunk, cfg.block_size, enc.eot_token).to(env.device)
         with env.autocast():
-            out += rm(p.idx, pos=p.pos, attn_mask=p.mask, at=(p.last_rows, p.last)).tolist()
+            out += rm(p, head="reward").tolist()
     return out
 
 
@@ -70,8 +70,7 @@ def score_logps(cfg, env, model, enc, groups):
     for chunk in chunks(groups, cfg.eval_batch):
         p = data.pack(chunk, cfg.block_size, enc.eot_token).to(env.device)
         with env.autocast():
-            token_logps = model(p.idx, pos=p.pos, attn_mask=p.mask, at=(p.rows, p.cols), targets=p.targets)
-        out += vcb.packed_logps(token_logps, p.seq, p.lengths).tolist()
+            out += response_logps(model, p).tolist()
     return out
 
 
@@ -120,25 +119,18 @@ def score_policy(cfg, env, enc, name, file, seed, refs):
     itself, which the KL estimate needs), scored by the gold reward, the RM and both log-probs.
     They are kept beside the policy (<policy>.seed<seed>.scored.json) and read back while the policy,
     the models and prompts that judge it and the evaluation settings are the ones they were made with."""
-    kept = os.path.splitext(file)[0] + f".seed{seed}.scored.json"
     judges = [file, path(cfg, "sft.pt"), path(cfg, "rm.pt"), path(cfg, "tokenizer.json"),
               path(cfg, "data", "eval_prompts.jsonl"), path(cfg, "data", "ood_prompts.jsonl")]
     key = {"seed": seed, "inputs": fingerprints(cfg, judges),
            "settings": {k: getattr(cfg, k) for k in ("eval_samples", "eval_batch", "max_new_tokens", "block_size", "data")}}
-    try:
-        with open(kept, encoding="utf-8") as f:
-            found = json.load(f)
-        if found["key"] == key:
-            return found["scored"]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass  # none yet, or unreadable: sample again
-    pi = refs["sft"] if file == path(cfg, "sft.pt") else load_model(file, env, enc, cfg).eval()
-    sets = {"eval": load_data(cfg, "eval_prompts"), "ood": load_data(cfg, "ood_prompts")}
-    result = {s: sample_and_score(cfg, env, enc, name, pi, refs["sft"], refs["rm"], [r["prompt"] for r in records], seed, s)
-              for s, records in sets.items() if records}
-    if env.master:  # every process has the same gathered result
-        data.write_json(kept, {"key": key, "scored": result})
-    return result
+
+    def sample():
+        pi = refs["sft"] if file == path(cfg, "sft.pt") else load_model(file, env, enc, cfg).eval()
+        sets = {"eval": load_data(cfg, "eval_prompts"), "ood": load_data(cfg, "ood_prompts")}
+        return {s: sample_and_score(cfg, env, enc, name, pi, refs["sft"], refs["rm"], [r["prompt"] for r in prompts], seed, s)
+                for s, prompts in sets.items() if prompts}
+
+    return kept(os.path.splitext(file)[0] + f".seed{seed}.scored.json", key, sample, env)
 
 
 def compare(cfg, env, scored):

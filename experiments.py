@@ -22,8 +22,8 @@ import report
 import reviews
 import train
 from config import METHODS, ONLINE, Config, ConfigError, method_list, stage_settings, sweep_list
-from runtime import (Task, command, file_hash, load_candidates, load_model, load_tokenizer, log, mark_done, path,
-                     setup, up_to_date)
+from records import Task, file_hash, mark_done, up_to_date
+from runtime import command, load_candidates, load_model, load_tokenizer, log, path, setup
 
 
 # -----------------------------------------------------------------------------
@@ -67,6 +67,7 @@ def run_job(job, score=True):
             if key not in w["cands"]:
                 w["cands"][key] = load_candidates(job.cfg, env, enc, file)
             train.align(job.cfg, env, enc, w["cands"][key], job.method, job.seed, task)
+            mark_done(job.cfg, env, task)
     return evaluate.score_policy(job.cfg, env, enc, job.method, job.file, job.seed, w["refs"]) if score else None
 
 

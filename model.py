@@ -1,35 +1,38 @@
 """
 model.py: one GPT (the GPT-2 architecture), a scalar reward head, and a sampler with a KV cache.
 
-Read top to bottom: the config, the attention (which can read and write a KV cache), the block,
-the GPT with its three ways of reading a sequence (`forward`: logits, per-token log-probs, or the
-reward model's score), loading GPT-2 weights, and `generate`.
+Read top to bottom: the config, the attention (which can read and write a KV cache), the block, the
+GPT and the ways of reading a sequence through `forward` (logits, log-probs, the reward head), then
+`generate`, a prefill and a decode step, and the sampling of the next token. GPT-2 weights come in
+and go out through gpt2.py.
 
     python -c "import model; m = model.GPT(model.GPTConfig()); print(m)"
 
 Padding conventions, which the whole project relies on:
 - Training and scoring use RIGHT padding: real tokens first, padding after. Attention is causal, so a
   real position never sees the padding that follows it; no attention mask is needed.
+- A prompt's responses packed after it (data.pack) each see the prompt and their own earlier tokens,
+  at the positions they would have alone: an explicit mask and positions.
 - `generate` LEFT-pads prompts of different lengths, and then needs an explicit mask and positions
   so that each row sees exactly what it would see alone in the batch.
 """
-import json
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import vcb
+
 
 @dataclass
-class GPTConfig:
+class GPTConfig:  # the defaults are the built-in task's model (config.py takes them from here)
     block_size: int = 128     # longest sequence (prompt + response) the model reads
     vocab_size: int = 1024    # the tokenizer's n_vocab, <|endoftext|> included
-    n_layer: int = 4          # transformer blocks
+    n_layer: int = 3          # transformer blocks
     n_head: int = 4           # attention heads per block
-    n_embd: int = 128         # width of the residual stream
+    n_embd: int = 96          # width of the residual stream
     dropout: float = 0.0      # keep 0 for alignment: dropout makes log pi(y|x) noisy
     bias: bool = True         # biases in Linear and LayerNorm, as GPT-2 has
     reward_head: bool = False  # add a linear head to one scalar: the reward model (docs/method.md, "The pipeline")
@@ -151,7 +154,8 @@ class GPT(nn.Module):
 
     def hidden(self, idx, pos=None, attn_mask=None, cache=None):
         """idx (B, T) token ids -> (B, T, n_embd) final hidden states. pos (B, T) overrides the
-        positions 0..T-1 (left-padded generation); with a cache, idx holds only the new tokens."""
+        positions 0..T-1 (packed responses, left-padded generation); attn_mask (B, 1, T, T_keys) says
+        which keys each query may see (None: causal); with a cache, idx holds only the new tokens."""
         B, T = idx.size()
         start = cache.len if cache is not None else 0
         if pos is None:
@@ -165,42 +169,46 @@ class GPT(nn.Module):
             cache.len += T
         return self.transformer.ln_f(x)
 
-    def forward(self, idx, targets=None, pos=None, attn_mask=None, cache=None, reward_mask=None, at=None):
-        """The ways of reading a sequence idx (B, T):
-        - logits (B, T, vocab) for every position (the default);
-        - with targets (B, T): the float32 per-token log-probabilities log p(targets[:, t] | idx[:, :t+1]),
-          targets already shifted (targets[:, t] is the token after idx[:, t]; vcb.sequence_logps
-          does the shift for you);
-        - with reward_mask (B, T), 1 on real tokens of right-padded rows: the reward model's score
-          r(x, y), (B,) float32, read at each row's last real token. Attention is causal, so the
-          score depends neither on the padding after that token nor on the other rows;
-        - at=(rows, cols), each (N,), reads only those positions (packed sequences, data.pack): with
-          targets (N,) the float32 log p(targets[i] | position i), else the reward head there (N,),
-          which is also the value of every position for a critic. The LM head then runs on N
-          positions, not B * T.
-        It is all one forward so that DistributedDataParallel sees every use of the model."""
-        h = self.hidden(idx, pos, attn_mask, cache)                      # (B, T, C)
-        if at is not None:
-            h = h[at[0], at[1]]                                          # (N, C)
-            if targets is None:
-                assert self.reward_head is not None, "this GPT has no reward head (GPTConfig.reward_head=False)"
-                return self.reward_head(h).squeeze(-1).float()
-            return -F.cross_entropy(self.lm_head(h).float(), targets, reduction="none")
-        if reward_mask is not None:
-            assert self.reward_head is not None, "this GPT has no reward head (GPTConfig.reward_head=False)"
-            last = reward_mask.long().sum(1) - 1                         # (B,) index of the last real token
-            h_last = h[torch.arange(idx.size(0), device=idx.device), last]  # (B, C)
-            return self.reward_head(h_last).squeeze(-1).float()
-        logits = self.lm_head(h)
-        if targets is None:
-            return logits
-        # float32: a bfloat16 log-softmax loses the small differences that preference losses feed on
-        logp = -F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-        return logp.view_as(targets)
+    def forward(self, x, targets=None, head="lm", mask=None):
+        """The one way in, so that DistributedDataParallel and torch.compile see every use of the model.
+        x is token ids (B, T) of right-padded rows, or a data.Packed batch (prompts, each with its
+        responses after it):
+          ids,    head "lm":     logits (B, T, vocab); with targets (B, T), the float32 log-probs
+                                 log p(targets[:, t] | x[:, :t+1]) (B, T) (vcb.sequence_logps shifts for you)
+          ids,    head "reward": the reward model's score r(x, y) (B,) at each row's last real token,
+                                 mask (B, T) True on the real tokens. Attention is causal, so the score
+                                 depends neither on the padding after that token nor on the other rows
+          Packed, head "lm":     the float32 log-prob of every response token (N,)
+          Packed, head "reward": the score of every response (S,), read at its last token
+          Packed, head "value":  the reward head before every response token (N,): a critic's values
+        The heads run only where they are read (N or S positions, not every one of the batch)."""
+        if torch.is_tensor(x):
+            hidden = self.hidden(x)                                            # (B, T, C)
+            if head == "reward":
+                last = mask.long().sum(1) - 1                                  # (B,) the last real token
+                return self.score(hidden[torch.arange(x.size(0), device=x.device), last])
+            return self.lm_head(hidden) if targets is None else self.logps(hidden, targets)
+        hidden = self.hidden(x.idx, x.pos, x.mask)                             # (G, L, C)
+        if head == "lm":
+            return self.logps(hidden[x.rows, x.cols], x.targets)
+        if head == "value":
+            return self.score(hidden[x.rows, x.cols])
+        return self.score(hidden[x.last_rows, x.last])
+
+    def logps(self, hidden, targets):
+        """log p(targets) from the hidden states that predict them: (..., C), (...) -> (...) float32.
+        float32: a bfloat16 log-softmax loses the small differences that preference losses feed on."""
+        logits = self.lm_head(hidden).float()
+        return -F.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction="none").view_as(targets)
+
+    def score(self, hidden):
+        """The reward head on hidden states (..., C) -> (...) float32."""
+        assert self.reward_head is not None, "this GPT has no reward head (GPTConfig.reward_head=False)"
+        return self.reward_head(hidden).squeeze(-1).float()
 
     def reward(self, idx, mask):
         """r(x, y) for right-padded rows idx (B, T) with mask (B, T) 1 on real tokens: (B,) float32."""
-        return self(idx, reward_mask=mask)
+        return self(idx, head="reward", mask=mask)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW with weight decay on matrices only (not on biases, LayerNorm gains or the head bias)."""
@@ -223,54 +231,7 @@ class GPT(nn.Module):
         self.config.block_size = block_size
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
 
-    @classmethod
-    def from_pretrained(cls, path, block_size=None, log=print, **overrides):
-        """A GPT initialised from a GPT-2 checkpoint in the common `model.safetensors` layout (the
-        layout of the public GPT-2 releases), read from a local file: nothing is downloaded. The shape
-        comes from the config.json beside it (n_head cannot be read off the weights); without one,
-        n_head = n_embd / 64 as in the four OpenAI sizes, and log says so. What our GPT cannot
-        represent (another activation, LayerNorm epsilon or MLP width) is refused. Every key and
-        shape is checked. block_size crops the positions; overrides: other GPTConfig fields
-        (dropout, reward_head)."""
-        from safetensors.torch import load_file
-        try:
-            sd_hf = load_file(str(path))
-        except Exception as e:  # a missing, truncated or foreign file
-            raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
-        sd_hf = {k.removeprefix("transformer."): v for k, v in sd_hf.items()
-                 if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # causal-mask buffers, not weights
-        sd_hf.pop("lm_head.weight", None)  # tied to wte
-        for key in ("wte.weight", "wpe.weight", "h.0.attn.c_attn.weight"):
-            if key not in sd_hf:
-                raise ValueError(f"{path}: no '{key}': not a GPT-2 checkpoint")
-        n_embd = sd_hf["wte.weight"].shape[1]
-        args = dict(block_size=sd_hf["wpe.weight"].shape[0], vocab_size=sd_hf["wte.weight"].shape[0],
-                    n_layer=1 + max(int(k.split(".")[1]) for k in sd_hf if k.startswith("h.")),
-                    n_head=max(1, n_embd // 64), n_embd=n_embd, bias=True)  # GPT-2's heads are 64 wide
-        config = read_gpt2_config(os.path.join(os.path.dirname(os.path.abspath(path)), "config.json"))
-        if config is not None:
-            args["n_head"] = gpt2_config(config, args)
-        else:
-            log(f"{path}: no GPT-2 config.json beside it; n_head = n_embd / 64 = {args['n_head']} as in OpenAI's GPT-2 "
-                f"sizes (a checkpoint with other heads needs its config.json)")
-        model = cls(GPTConfig(**{**args, **overrides}))
-        sd = model.state_dict()
-        ours = {k for k in sd if not k.startswith(("lm_head.", "reward_head."))}
-        theirs = {"transformer." + k for k in sd_hf}
-        if ours != theirs:
-            raise ValueError(f"{path}: keys differ from GPT-2's: missing {sorted(ours - theirs)[:3]}, "
-                             f"unexpected {sorted(theirs - ours)[:3]}")
-        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-        with torch.no_grad():
-            for k, v in sd_hf.items():
-                v = v.t() if k.endswith(conv1d) else v  # GPT-2 stores these as Conv1D: (in, out)
-                target = sd["transformer." + k]
-                if v.shape != target.shape:
-                    raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, expected {tuple(target.shape)}")
-                target.copy_(v)
-        if block_size is not None and block_size < model.config.block_size:
-            model.crop_block_size(block_size)
-        return model
+    # ---- sampling: a prefill of the prompts, then one decode step per new token
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
@@ -287,48 +248,26 @@ class GPT(nn.Module):
         Each prompt is read once for all its samples, and finished rows leave the batch; neither
         changes what any row gets.
         """
-        device = self.lm_head.weight.device
         rows = [list(p) for p in prompts for _ in range(num_samples)]
         if not rows:
-            return []
+            return ([], []) if return_logps else []
         if min(len(r) for r in rows) == 0:
             raise ValueError("every prompt needs at least one token (start it with <|endoftext|>)")
         B, L = len(rows), max(len(r) for r in rows)
-        T_max = L + max_new_tokens
-        if T_max > self.config.block_size:
+        if L + max_new_tokens > self.config.block_size:
             raise ValueError(f"prompt of {L} tokens + {max_new_tokens} new ones exceeds block_size="
                              f"{self.config.block_size}; shorten the prompt from the left")
-        idx = torch.zeros(B, T_max, dtype=torch.long, device=device)  # left-padded prompts, then new tokens
-        real = torch.ones(B, T_max, dtype=torch.bool, device=device)  # False on left padding
-        for b, r in enumerate(rows):
-            idx[b, L - len(r):L] = torch.tensor(r, device=device)
-            real[b, :L - len(r)] = False
-        pos = (real.long().cumsum(1) - 1).clamp(min=0)  # each row's first real token is at position 0
-        # a query sees real keys at or before it; a padding query sees itself, so no mask row is
-        # empty (an all-False row makes SDPA return NaN). Shape (B, 1, T_max, T_max).
-        causal = torch.ones(T_max, T_max, dtype=torch.bool, device=device).tril()
-        eye = torch.eye(T_max, dtype=torch.bool, device=device)
-        mask = ((causal & real[:, None, :]) | eye)[:, None]
-
-        cache = KVCache(self.config, len(prompts), T_max) if use_cache else None  # grows to B after the prompts
-        live = torch.arange(B, device=device)  # the rows still in the batch: finished ones leave it
-        finished = torch.zeros(B, dtype=torch.bool, device=device)
-        logps = torch.zeros(B, dtype=torch.float32, device=device)
+        idx, pos, mask = self.left_padded(rows, L + max_new_tokens)
+        cache = KVCache(self.config, len(prompts), L + max_new_tokens) if use_cache else None  # grows to B after the prompts
+        live = torch.arange(B, device=idx.device)  # the rows still in the batch: finished ones leave it
+        finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        logps = torch.zeros(B, dtype=torch.float32, device=idx.device)
         t = L  # tokens so far in every row (padding included)
-        for _ in range(max_new_tokens):
-            if cache is not None and cache.len == 0:  # the prompts, each once: their samples share its cache
-                first = torch.arange(0, B, num_samples, device=device)
-                h = self.hidden(idx[first, :t], pos=pos[first, :t], attn_mask=mask[first, :, :t, :t], cache=cache)
-                h = h.repeat_interleave(num_samples, 0)
-                cache.keep(torch.arange(B, device=device) // num_samples)
-            elif cache is None:                  # no cache: the whole prefix, every step
-                h = self.hidden(idx[live, :t], pos=pos[live, :t], attn_mask=mask[live, :, :t, :t])
-            else:                                # only the newest token, reading the cache
-                h = self.hidden(idx[live, t - 1:t], pos=pos[live, t - 1:t], attn_mask=mask[live, :, t - 1:t, :t], cache=cache)
-            logits = self.lm_head(h[:, -1]).float()  # (B', V): only the last position predicts
+        logits = self.prefill(idx, pos, mask, t, num_samples, cache)              # (B, V)
+        for step in range(max_new_tokens):
             # a uniform draw for every row of the whole batch at every step, used or not: what a row
             # samples does not depend on which rows are still in the batch
-            u = None if temperature == 0 else torch.rand(B, 1, generator=generator, device=device, dtype=torch.float64)[live]
+            u = None if temperature == 0 else torch.rand(B, 1, generator=generator, device=idx.device, dtype=torch.float64)[live]
             next_token = sample_next(logits, temperature, top_k, top_p, u=u)
             done = finished[live]
             if stop_token is not None:
@@ -340,7 +279,7 @@ class GPT(nn.Module):
                 finished[live] = done | (next_token == stop_token)
             idx[live, t] = next_token
             t += 1
-            if finished.all():
+            if finished.all() or step == max_new_tokens - 1:
                 break
             # Responses end at very different lengths. Computing the finished rows until the longest
             # is done wastes most of the steps, so they leave the batch once they are a quarter of
@@ -350,6 +289,7 @@ class GPT(nn.Module):
                 live = live[going]
                 if cache is not None:
                     cache.keep(going.nonzero().squeeze(1))
+            logits = self.decode(idx, pos, mask, live, t, cache)
         out = []
         for row in idx[:, L:t].tolist():
             if stop_token is not None and stop_token in row:
@@ -357,43 +297,49 @@ class GPT(nn.Module):
             out.append(row)
         return (out, logps.tolist()) if return_logps else out
 
+    def left_padded(self, rows, T_max):
+        """Prompts of any lengths as one left-padded batch with room for new tokens: ids (B, T_max),
+        each row's positions (its first real token at 0), and (B, 1, T_max, T_max) which keys each
+        query sees: the real ones at or before it. A padding query sees itself, so no mask row is
+        empty (an all-False row makes SDPA return NaN)."""
+        device = self.lm_head.weight.device
+        B, L = len(rows), max(len(r) for r in rows)
+        idx = torch.zeros(B, T_max, dtype=torch.long, device=device)
+        real = torch.ones(B, T_max, dtype=torch.bool, device=device)  # False on the left padding
+        for b, r in enumerate(rows):
+            idx[b, L - len(r):L] = torch.tensor(r, device=device)
+            real[b, :L - len(r)] = False
+        pos = (real.long().cumsum(1) - 1).clamp(min=0)
+        causal = torch.ones(T_max, T_max, dtype=torch.bool, device=device).tril()
+        eye = torch.eye(T_max, dtype=torch.bool, device=device)
+        return idx, pos, ((causal & real[:, None, :]) | eye)[:, None]
 
-def read_gpt2_config(file):
-    """(file, its dict) when file is a Hugging Face GPT-2 config.json (model_type gpt2), else None: a
-    missing file, or another program's config.json (a run folder of ours has one)."""
-    try:
-        with open(file, encoding="utf-8") as f:
-            c = json.load(f)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{file}: not a readable config.json ({e})") from None
-    return (file, c) if isinstance(c, dict) and c.get("model_type") == "gpt2" else None
+    def prefill(self, idx, pos, mask, t, num_samples, cache):
+        """The next-token logits (B, V) after the t prompt tokens of every row. With a cache each
+        prompt is read once and its samples' rows share its keys and values."""
+        if cache is None:
+            return self.decode(idx, pos, mask, torch.arange(idx.size(0), device=idx.device), t, None)
+        first = torch.arange(0, idx.size(0), num_samples, device=idx.device)  # one row per prompt
+        hidden = self.hidden(idx[first, :t], pos=pos[first, :t], attn_mask=mask[first, :, :t, :t], cache=cache)
+        hidden = hidden.repeat_interleave(num_samples, 0)
+        cache.keep(torch.arange(idx.size(0), device=idx.device) // num_samples)
+        return self.lm_head(hidden[:, -1]).float()
+
+    def decode(self, idx, pos, mask, live, t, cache):
+        """The next-token logits (B', V) of the live rows after t tokens: the newest token alone,
+        reading the cache, or without one the whole prefix again."""
+        if cache is None:
+            hidden = self.hidden(idx[live, :t], pos=pos[live, :t], attn_mask=mask[live, :, :t, :t])
+        else:
+            hidden = self.hidden(idx[live, t - 1:t], pos=pos[live, t - 1:t], attn_mask=mask[live, :, t - 1:t, :t],
+                                 cache=cache)
+        return self.lm_head(hidden[:, -1]).float()  # only the last position predicts
 
 
-def gpt2_config(config, args):
-    """The n_head of a GPT-2 config.json, (file, dict), after checking that the rest of it describes a
-    model our GPT is (args: the shape read off the weights); anything else is a one-line ValueError."""
-    file, c = config
-    checks = [("n_embd", args["n_embd"]), ("n_layer", args["n_layer"]), ("vocab_size", args["vocab_size"]),
-              ("n_positions", args["block_size"])]
-    for key, want in checks:
-        if key in c and c[key] != want:
-            raise ValueError(f"{file}: {key} is {c[key]} but the weights say {want}")
-    n_head = c.get("n_head", c.get("num_attention_heads"))
-    if not isinstance(n_head, int) or n_head < 1 or args["n_embd"] % n_head:
-        raise ValueError(f"{file}: n_head is {n_head!r}, not a whole divisor of n_embd={args['n_embd']}")
-    if c.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ValueError(f"{file}: activation_function {c['activation_function']!r} is not GPT-2's tanh GELU, "
-                         f"the only one this GPT has")
-    if abs(c.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
-        raise ValueError(f"{file}: layer_norm_epsilon {c['layer_norm_epsilon']} is not GPT-2's 1e-5, the only one this GPT has")
-    if c.get("n_inner") not in (None, 4 * args["n_embd"]):
-        raise ValueError(f"{file}: n_inner {c['n_inner']} is not 4 * n_embd, the only MLP width this GPT has")
-    for key, fine in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False), ("add_cross_attention", False)):
-        if c.get(key, fine) != fine:
-            raise ValueError(f"{file}: {key}={c[key]} is not what this GPT computes")
-    return n_head
+def response_logps(model, packed, average=False):
+    """log p(y|x) of every response of a data.Packed batch, (S,) float32: summed over its tokens, or
+    averaged (RRHF). model: a GPT, or one wrapped by DistributedDataParallel or torch.compile."""
+    return vcb.packed_logps(model(packed), packed.seq, packed.lengths, average)
 
 
 def filter_logits(logits, top_k=None, top_p=None):

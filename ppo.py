@@ -1,7 +1,8 @@
 """
 ppo.py: the online baselines the paper sets out to replace, PPO and RLOO. The policy samples, the
 reward model scores, the policy learns, again and again (docs/method.md, "PPO and RLOO"); the
-losses are pure functions in vcb.py, this file is the loop. train.py's align stage runs it for --methods=ppo,rloo:
+losses are pure functions in vcb.py, this file is one iteration, and train.py's training loop runs
+it for --methods=ppo,rloo:
 
     python train.py --methods=vcb,ppo,rloo
     python train.py --stage=align --methods=ppo --beta=0.1 --ppo_target_kl=4
@@ -19,27 +20,33 @@ What it holds in memory, where VCB holds one model: the policy, the frozen SFT m
 reference), the frozen reward model, and for PPO a critic, with the optimizers of those it trains.
 """
 import math
-import os
+from dataclasses import dataclass
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
-from tqdm import tqdm
 
 import data
-import report
 import vcb
-from config import ConfigError
 from evaluate import decode, score_rewards
-from runtime import (TrainingError, batch_indices, check_healthy, kept_checkpoint, load_data, load_model, log, lr_at,
-                     note_progress, path, resume, save_progress, save_snapshot)
+from runtime import TrainingError, batch_indices, load_data, load_model, lr_at, path
 
 
-def online(cfg, env, enc, method, seed, task, cands):
-    """Train one policy with PPO or RLOO from the SFT weights; returns it and the critic (PPO's; None for
-    RLOO). cands: the SFT candidates, whose reward spread normalises the reward model's scores (so that
-    beta means the same thing as for the other methods, whatever the reward model's scale)."""
-    if env.world > 1:
-        raise ConfigError(f"{task.name}: ppo and rloo run in one process (run them without torchrun)")
+@dataclass
+class Online:
+    """What PPO and RLOO hold while they train."""
+    policy: torch.nn.Module   # the GPT being trained, from SFT
+    ref: torch.nn.Module      # the frozen SFT model: the KL's reference
+    rm: torch.nn.Module       # the frozen reward model
+    critic: torch.nn.Module   # PPO's value model, from the reward model (None for RLOO)
+    optimizers: list          # the policy's, then the critic's
+    state: dict               # what a resumable checkpoint holds: the trained models and their optimizers
+    prompts: list             # the alignment prompts the rollouts are drawn from
+    mu: float                 # mean and spread of the RM's scores on the SFT candidates, which normalise
+    sd: float                 # its scores so that beta means the same whatever the RM's scale
+
+
+def setup(cfg, env, enc, method, seed, cands):
+    """The models of one PPO or RLOO run, from the SFT and reward-model weights. cands: the SFT
+    candidates, whose reward spread normalises the reward model's scores."""
     torch.manual_seed(seed)
     policy = load_model(path(cfg, "sft.pt"), env, enc, cfg)
     ref = load_model(path(cfg, "sft.pt"), env, enc, cfg).eval()
@@ -49,70 +56,49 @@ def online(cfg, env, enc, method, seed, task, cands):
     optimizers = [m.configure_optimizers(cfg.weight_decay, lr, (0.9, 0.95), env.device_type)
                   for m, lr in zip(models, [cfg.online_lr, cfg.critic_lr])]
     state = {"policy": policy, "opt_policy": optimizers[0]} | ({"critic": critic, "opt_critic": optimizers[1]} if critic else {})
-    start, extra = resume(cfg, env, task, state)
-    beta = extra.get("beta", cfg.beta)  # the adaptive controller moves it; it is saved with the progress
-    mu, sd = cands.rewards.mean().item(), cands.rewards.std().item()
-    prompts = [r["prompt"] for r in load_data(cfg, "align_prompts")]
-    curves = os.path.join(os.path.dirname(task.outputs[0]), "curves.jsonl")
-    report.curves_from(curves, task.name, start)
-    last_good = start or None
-    bar = tqdm(range(start, cfg.online_iters), desc=task.name, initial=start, total=cfg.online_iters,
-               disable=not (env.master and env.bars), dynamic_ncols=True, leave=False)
-    for it in bar:
-        note_progress(f"{task.name} iteration {it + 1}/{cfg.online_iters}")
-        batch = rollout(cfg, env, enc, policy, ref, rm, critic, prompts, seed, it, mu, sd)
-        try:
-            if method == "ppo":
-                metrics = ppo_update(cfg, env, enc, policy, critic, optimizers, batch, beta, seed, it)
-            else:
-                metrics = rloo_update(cfg, env, enc, policy, optimizers[0], batch, beta, it)
-        except FloatingPointError as e:
-            raise TrainingError(f"{task.name}: {e} at iteration {it}; stopped, and {kept_checkpoint(cfg, task, last_good)}") from None
-        kl = batch["kl"].mean().item()
-        if cfg.ppo_target_kl > 0:
-            beta = vcb.adaptive_beta(beta, kl, cfg.ppo_target_kl, len(batch["eos"]), cfg.ppo_kl_horizon)
-        metrics = {"score": batch["raw_scores"].mean().item(), "kl": kl, "eos_rate": batch["eos"].float().mean().item(),
-                   "beta": beta, **metrics}
-        bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items()})
-        report.curves_append(curves, {"task": task.name, "step": it + 1, "lr": optimizers[0].param_groups[0]["lr"], **metrics})
-        if (it + 1) % cfg.log_interval == 0 or it + 1 == cfg.online_iters:
-            log(env, f"{task.name} iteration {it + 1}/{cfg.online_iters}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-        save_snapshot(cfg, env, task, it + 1, policy, enc)
-        probe = lambda: sequence_logps(policy, packed(cfg, enc, batch["groups"][:1], env), env)[0].sum()  # noqa: E731
-        if (it + 1) % cfg.ckpt_interval == 0 and it + 1 < cfg.online_iters:
-            check_healthy(cfg, env, task, models, probe, it + 1, last_good)
-            save_progress(cfg, env, task, it + 1, state, beta=beta)
-            last_good = it + 1
-    bar.close()
-    if cfg.online_iters > start:
-        check_healthy(cfg, env, task, models, probe, None, last_good)
-    return policy, critic
+    return Online(policy, ref, rm, critic, optimizers, state, [r["prompt"] for r in load_data(cfg, "align_prompts")],
+                  cands.rewards.mean().item(), cands.rewards.std().item())
+
+
+def iteration(cfg, env, enc, o, method, seed, it, beta):
+    """One batch of rollouts and the updates on it. Returns (metrics, the next beta, the batch)."""
+    batch = rollout(cfg, env, enc, o, seed, it)
+    if method == "ppo":
+        metrics = ppo_update(cfg, env, enc, o, batch, beta, seed, it)
+    else:
+        metrics = rloo_update(cfg, env, enc, o, batch, beta, it)
+    kl = batch["kl"].mean().item()
+    if cfg.ppo_target_kl > 0:
+        beta = vcb.adaptive_beta(beta, kl, cfg.ppo_target_kl, len(batch["eos"]), cfg.ppo_kl_horizon)
+    metrics = {"score": batch["raw_scores"].mean().item(), "kl": kl, "eos_rate": batch["eos"].float().mean().item(),
+               "beta": beta, **metrics}
+    return metrics, beta, batch
 
 
 @torch.no_grad()
-def rollout(cfg, env, enc, policy, ref, rm, critic, prompts, seed, it, mu, sd):
+def rollout(cfg, env, enc, o, seed, it):
     """One batch of experience: online_k samples for each of online_prompts prompts from the current
     policy, their normalised scores, and per token (padded (S, T), S = prompts x k) the log-probs under
     the policy and SFT, the critic's values and the mask of response tokens."""
-    policy.eval()
-    chosen = [prompts[i] for i in batch_indices(len(prompts), cfg.online_prompts, it, seed)]
+    o.policy.eval()
+    chosen = [o.prompts[i] for i in batch_indices(len(o.prompts), cfg.online_prompts, it, seed)]
     ids = [data.encode_prompt(enc, p, cfg.block_size - cfg.max_new_tokens) for p in chosen]
     g = torch.Generator(env.device).manual_seed(seed * 1_000_003 + 7_000_001 + it)
     k = cfg.online_k
     with env.autocast():
-        outs = policy.generate(ids, cfg.max_new_tokens, temperature=1.0, stop_token=enc.eot_token, num_samples=k, generator=g)
+        outs = o.policy.generate(ids, cfg.max_new_tokens, temperature=1.0, stop_token=enc.eot_token, num_samples=k, generator=g)
     groups = [(ids[i], outs[i * k:(i + 1) * k]) for i in range(len(ids))]        # the exact sampled tokens
-    texts = [decode(enc, o) for o in outs]
-    raw = torch.tensor(score_rewards(cfg, env, rm, enc, [data.encode_group(enc, p, texts[i * k:(i + 1) * k])
-                                                          for i, p in enumerate(chosen)]), device=env.device)
-    eos = torch.tensor([o[-1] == enc.eot_token for o in outs], device=env.device)
-    scores = (raw - mu) / sd - cfg.eos_penalty * (~eos).float()  # a response cut short is penalised (docs/method.md)
+    texts = [decode(enc, out) for out in outs]
+    raw = torch.tensor(score_rewards(cfg, env, o.rm, enc, [data.encode_group(enc, p, texts[i * k:(i + 1) * k])
+                                                            for i, p in enumerate(chosen)]), device=env.device)
+    eos = torch.tensor([out[-1] == enc.eot_token for out in outs], device=env.device)
+    scores = (raw - o.mu) / o.sd - cfg.eos_penalty * (~eos).float()  # a response cut short is penalised (docs/method.md)
     batch = {"groups": groups, "raw_scores": raw, "scores": scores, "eos": eos}
     p = packed(cfg, enc, groups, env)  # packed once, read by each model
-    batch["old_logp"], batch["mask"] = token_values(policy, p, env)
-    batch["ref_logp"], _ = token_values(ref, p, env)
-    if critic is not None:
-        batch["old_values"], _ = token_values(critic, p, env, values=True)
+    batch["old_logp"], batch["mask"] = per_token(o.policy, p, env)
+    batch["ref_logp"], _ = per_token(o.ref, p, env)
+    if o.critic is not None:
+        batch["old_values"], _ = per_token(o.critic, p, env, head="value")
     batch["kl"] = ((batch["old_logp"] - batch["ref_logp"]) * batch["mask"]).sum(-1)  # (S,) sum of k1 per response
     return batch
 
@@ -121,20 +107,13 @@ def packed(cfg, enc, groups, env):  # the responses packed after their prompts (
     return data.pack(groups, cfg.block_size, enc.eot_token).to(env.device)
 
 
-def token_values(model, p, env, values=False):
+def per_token(model, p, env, head="lm"):
     """Per response token of packed groups p, padded (S, T): the model's log-prob of the token
-    (values=False) or the critic's value of the state before it (values=True), with the (S, T)
-    mask of real tokens."""
+    (head "lm") or the critic's value of the state before it (head "value"), and the (S, T) mask of
+    real tokens."""
     with env.autocast():
-        flat = model(p.idx, pos=p.pos, attn_mask=p.mask, at=(p.rows, p.cols), targets=None if values else p.targets)
-    padded = pad_sequence(flat.split(p.lengths.tolist()), batch_first=True)                 # (S, T)
-    mask = torch.arange(padded.size(1), device=padded.device)[None, :] < p.lengths[:, None]
-    return padded, mask.float()
-
-
-def sequence_logps(model, p, env):
-    logp, mask = token_values(model, p, env)
-    return (logp * mask).sum(-1), logp, mask
+        flat = model(p, head=head)                                                  # (N,)
+    return p.by_response(flat)
 
 
 def minibatches(n_groups, count, generator=None):
@@ -149,15 +128,15 @@ def rows_of(group_ids, k):
     return [g * k + j for g in group_ids for j in range(k)]  # the responses of those prompts, S-indexed
 
 
-def ppo_update(cfg, env, enc, policy, critic, optimizers, batch, beta, seed, it):
+def ppo_update(cfg, env, enc, o, batch, beta, seed, it):
     """PPO on one rollout batch: rewards, GAE, whitening, then ppo_epochs x ppo_minibatches steps."""
     mask, k = batch["mask"], cfg.online_k
     rewards = vcb.ppo_token_rewards(batch["old_logp"], batch["ref_logp"], batch["scores"], mask, beta)
     advantages, returns = vcb.gae(rewards, batch["old_values"], mask, cfg.ppo_gamma, cfg.ppo_lambda)
     advantages = vcb.whiten(advantages, mask)
-    set_lr(cfg, optimizers, it)
-    policy.train()
-    critic.train()
+    set_lr(cfg, o.optimizers, it)
+    o.policy.train()
+    o.critic.train()
     stats, n = {}, 0
     for epoch in range(cfg.ppo_epochs):
         g = torch.Generator().manual_seed(seed * 1_000_003 + it * 101 + epoch) if epoch else None
@@ -165,12 +144,12 @@ def ppo_update(cfg, env, enc, policy, critic, optimizers, batch, beta, seed, it)
             rows, groups = rows_of(mb, k), [batch["groups"][i] for i in mb]
             with env.autocast():
                 p = packed(cfg, enc, groups, env)
-                _, logp, m = sequence_logps(policy, p, env)
-                values, _ = token_values(critic, p, env, values=True)
+                logp, m = per_token(o.policy, p, env)
+                values, _ = per_token(o.critic, p, env, head="value")
             T = m.size(1)
             pg_loss, s = vcb.ppo_policy_loss(logp, batch["old_logp"][rows, :T], advantages[rows, :T], m, cfg.ppo_clip)
             vf_loss = vcb.ppo_value_loss(values, batch["old_values"][rows, :T], returns[rows, :T], m, cfg.ppo_clip)
-            step(cfg, optimizers, [policy, critic], pg_loss + cfg.ppo_vf_coef * vf_loss)
+            step(cfg, o.optimizers, [o.policy, o.critic], pg_loss + cfg.ppo_vf_coef * vf_loss)
             s.update(pg_loss=pg_loss.item(), value_loss=vf_loss.item())
             if n == 0:
                 stats["first_approx_kl"] = s["approx_kl"]  # 0 up to rounding: the check that logp == old logp
@@ -180,16 +159,16 @@ def ppo_update(cfg, env, enc, policy, critic, optimizers, batch, beta, seed, it)
     return {key: v / n if key != "first_approx_kl" else v for key, v in stats.items()}
 
 
-def rloo_update(cfg, env, enc, policy, optimizer, batch, beta, it):
+def rloo_update(cfg, env, enc, o, batch, beta, it):
     """RLOO on one rollout batch: leave-one-out advantages per prompt, one REINFORCE step."""
     P, k = len(batch["groups"]), cfg.online_k
     advantages = vcb.rloo_advantages(batch["scores"].view(P, k), batch["kl"].view(P, k), beta).view(-1)
-    set_lr(cfg, [optimizer], it)
-    policy.train()
+    set_lr(cfg, o.optimizers[:1], it)
+    o.policy.train()
     with env.autocast():
-        seq_logps, _, _ = sequence_logps(policy, packed(cfg, enc, batch["groups"], env), env)
-    loss = vcb.reinforce_loss(seq_logps, advantages)
-    step(cfg, [optimizer], [policy], loss)
+        logp, m = per_token(o.policy, packed(cfg, enc, batch["groups"], env), env)
+    loss = vcb.reinforce_loss((logp * m).sum(-1), advantages)
+    step(cfg, o.optimizers[:1], [o.policy], loss)
     return {"loss": loss.item(), "advantage_std": advantages.std().item()}
 
 
@@ -204,7 +183,7 @@ def step(cfg, optimizers, models, loss):
     if not torch.isfinite(loss):
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
-        raise FloatingPointError(f"the loss is {loss.item()}")
+        raise TrainingError(f"the loss is {loss.item()}")
     loss.backward()
     for model, opt in zip(models, optimizers):
         if cfg.grad_clip > 0:

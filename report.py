@@ -6,11 +6,11 @@ matched KL. No models here: plain Python on lists of dicts, and matplotlib for t
 A scored sample (evaluate.sample_and_score) is a dict with the prompt, the response text, logp_pi and
 logp_sft on its exact tokens, the RM score `rm` and, on the built-in task, the `gold` reward.
 """
-import json
 import math
 import os
 
 import data
+import records
 
 COLORS = {"sft": "black", "rm": "tab:brown", "vcb": "tab:orange", "dpo": "tab:green", "ipo": "tab:blue", "slic": "tab:purple",
           "rrhf": "tab:red", "ppo": "tab:cyan", "rloo": "tab:olive"}
@@ -150,31 +150,7 @@ def plot_frontier(points, file, title, judge):
 
 
 # -----------------------------------------------------------------------------
-# training curves: curves.jsonl, one line per step of every training task, and curves.png
-
-def read_curves(file):
-    """The records of a curves file; a line cut short by a crash is skipped."""
-    out = []
-    for _, line in data.text_lines(file) if os.path.exists(file) else []:
-        try:
-            out.append(json.loads(line))
-        except (TypeError, ValueError):  # TypeError: a line that was not UTF-8 comes as a DataError
-            pass
-    return [r for r in out if isinstance(r, dict) and "task" in r and "step" in r]
-
-
-def curves_from(file, task, step):
-    """Keep the task's records up to `step` and every other task's: a resumed run continues its curve
-    without repeating steps, a fresh one (step 0) starts it anew. Rewriting also drops a torn line."""
-    with data.locked(file):  # tasks of experiments.py's workers share the file
-        if os.path.exists(file):
-            data.write_jsonl(file, [r for r in read_curves(file) if r["task"] != task or r["step"] <= step])
-
-
-def curves_append(file, record):
-    with data.locked(file), open(file, "a", encoding="utf-8") as f:
-        f.write(json.dumps(data.finite(record), allow_nan=False) + "\n")
-
+# training curves: curves.png from curves.jsonl (records.py), one line per step of every training task
 
 def plot_curves(file, png):
     """One panel per metric (loss, lr, margin, acc, gap_corr, ...), one line per training task,
@@ -184,19 +160,19 @@ def plot_curves(file, png):
         return
     if os.path.exists(png) and os.path.getmtime(png) >= os.path.getmtime(file):
         return  # nothing new since the last drawing
-    records = read_curves(file)
-    if not records:
+    recorded = records.read_curves(file)
+    if not recorded:
         return
     plt = pyplot()
-    tasks = list(dict.fromkeys(r["task"] for r in records))
-    metrics = [k for k in dict.fromkeys(["loss", "lr"] + [k for r in records for k in r]) if k not in ("task", "step")]
+    tasks = list(dict.fromkeys(r["task"] for r in recorded))
+    metrics = [k for k in dict.fromkeys(["loss", "lr"] + [k for r in recorded for k in r]) if k not in ("task", "step")]
     cols = min(3, len(metrics))
     rows = math.ceil(len(metrics) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.9 * rows), squeeze=False)
     for ax, metric in zip(axes.flat, metrics):
         labelled = set()
         for task in tasks:
-            pts = [(r["step"], r[metric]) for r in records if r["task"] == task and r.get(metric) is not None]
+            pts = [(r["step"], r[metric]) for r in recorded if r["task"] == task and r.get(metric) is not None]
             method = task.split("-")[1] if "-" in task else task  # align-vcb, sweep-vcb-beta1-seed0 -> vcb
             if pts:
                 ax.plot(*zip(*pts), label=None if method in labelled else method, color=COLORS.get(method),

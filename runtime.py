@@ -1,18 +1,16 @@
 """
 runtime.py: what a run stands on besides the models and the losses: the devices, processes and
-precision it runs with, and the files in its output folder (checkpoints, the stage records, the
-data files the stages hand each other), and the batch order and learning-rate schedule that make
-an interrupted run resume exactly.
+precision it runs with; the checkpoints (models, and the resumable progress of a training) and the
+data files the stages hand each other; the batch order and learning-rate schedule that make an
+interrupted run resume exactly; and the one-line errors a program ends with.
 
-Nothing here knows the stages; train.py, experiments.py and sample.py build on it.
+Nothing here knows the stages; train.py, experiments.py and sample.py build on it (records.py keeps
+the record of what is done).
 """
 import dataclasses
-import hashlib
-import json
 import math
 import os
 import pickle
-import stat
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -23,13 +21,14 @@ from tqdm import tqdm
 
 import data
 import vcb
-from config import STAGES, ConfigError, align_settings, method_list, stage_settings
+from config import ConfigError
 from data import DataError
 from model import GPT, GPTConfig
 
 
 class TrainingError(RuntimeError):
-    """Training had to stop (a non-finite loss), with a one-line message."""
+    """Training had to stop (a non-finite loss, broken weights), with a one-line message. The three
+    errors a program ends with: ConfigError (an option), DataError (a file), TrainingError (a run)."""
 
 
 def command(main):
@@ -242,8 +241,8 @@ def load_model(file, env, enc, cfg, reward_head=None, dropout=0.0):
     dropout: 0 for scoring and alignment (dropout would make log pi(y|x) noisy)."""
     ck = load_checkpoint(file)
     args = ck.get("model_args")
-    if not isinstance(args, dict) or "model" not in ck:
-        raise DataError(f"{file}: not a checkpoint of this project (no model_args / model)")
+    if not isinstance(args, dict) or "model" not in ck or "tokenizer" not in ck:
+        raise DataError(f"{file}: not a checkpoint of this project (no model_args, model or tokenizer)")
     if args.get("vocab_size") != enc.n_vocab:
         raise DataError(f"{file}: vocab_size is {args.get('vocab_size')} in the checkpoint but the tokenizer has "
                         f"{enc.n_vocab} tokens: it was made with another tokenizer")
@@ -251,10 +250,7 @@ def load_model(file, env, enc, cfg, reward_head=None, dropout=0.0):
         if args.get(key) != getattr(cfg, key):
             raise DataError(f"{file}: {key} is {args.get(key)} in the checkpoint but --{key}={getattr(cfg, key)} in this "
                             f"run: redo the stage that wrote it with these settings, or use another --out_dir")
-    if "tokenizer" not in ck:
-        raise DataError(f"{file}: says nothing of its tokenizer (an older version of this project wrote it): redo the "
-                        f"stage that wrote it")
-    if ck["tokenizer"] != data.fingerprint(enc):
+    if ck.get("tokenizer") != data.fingerprint(enc):
         raise DataError(f"{file}: made with another tokenizer than {path(cfg, 'tokenizer.json')} (same size, other "
                         f"tokens): redo the stage that wrote it, or use the tokenizer it was made with")
     bad = [k for k, v in ck["model"].items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()]
@@ -273,75 +269,7 @@ def load_model(file, env, enc, cfg, reward_head=None, dropout=0.0):
 
 
 # -----------------------------------------------------------------------------
-# stage records: what made the outputs in the folder
-
-@dataclass
-class Task:
-    """A piece of work whose outputs stages.json records with what made them: the settings, and a
-    fingerprint (content hash) of every file it read and wrote. It is up to date while all of these
-    still match. Otherwise it runs, and its record is dropped before it writes anything, so a task
-    that fails part-way never leaves outputs that look finished (each file is written whole, or the
-    old one stays)."""
-    name: str        # its key in stages.json: "sft", "align-vcb", "sweep-vcb-beta1-seed0", ...
-    stage: str       # the pipeline stage it belongs to: which earlier stages' outputs it builds on
-    settings: dict   # config.stage_settings(...), plus anything else its outputs depend on
-    inputs: list     # files it reads
-    outputs: list    # files it writes: the first is the model, when it trains one
-    snapshots: dict = dataclasses.field(default_factory=dict)  # {step: file}: the model as it was then (experiments)
-
-
-_hashes = {}  # (path, size, mtime) -> content hash: each file is read once per process
-
-
-def file_hash(file):
-    """sha256 of a file's content (its first 16 hex digits), None when it does not exist. Only a
-    regular file is read: a pipe or a device (a data file that is a FIFO, /dev/zero) would never end."""
-    try:
-        st = os.stat(file)
-    except OSError:
-        return None
-    if not stat.S_ISREG(st.st_mode):
-        return "not a regular file"
-    key = (os.path.abspath(file), st.st_size, st.st_mtime_ns)
-    if key not in _hashes:
-        h = hashlib.sha256()
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _hashes[key] = h.hexdigest()[:16]
-    return _hashes[key]
-
-
-def record_name(cfg, file):
-    """A file's name in the records: relative to out_dir when inside it, so that a copied folder keeps
-    its records (os.path.join(out_dir, name) finds the file either way)."""
-    return os.path.abspath(file).removeprefix(os.path.abspath(cfg.out_dir) + os.sep)
-
-
-def fingerprints(cfg, files):
-    """{record name: content hash} of files."""
-    return {record_name(cfg, f): file_hash(f) for f in files}
-
-
-def read_records(cfg):
-    try:
-        with open(path(cfg, "stages.json")) as f:
-            records = json.load(f)
-        keys = {"stage", "settings", "inputs", "outputs"}
-        return {k: v for k, v in records.items() if isinstance(v, dict) and keys <= set(v)}  # older formats: redone
-    except (OSError, ValueError, AttributeError):
-        return {}
-
-
-def update_records(cfg, env, change):
-    """change(records) applied to stages.json under a file lock: experiments.py runs tasks in several
-    processes at once, and a read-modify-write without the lock could drop another's record."""
-    if env.master:
-        with data.locked(path(cfg, "stages.json")):
-            records = read_records(cfg)
-            change(records)
-            data.write_json(path(cfg, "stages.json"), records)
-
+# progress, for the message when a run is interrupted
 
 running = ""  # the task under way, for the message when the run is interrupted
 
@@ -349,47 +277,6 @@ running = ""  # the task under way, for the message when the run is interrupted
 def note_progress(text):
     global running
     running = text
-
-
-def up_to_date(cfg, env, task):
-    """True (and says so) when the task's outputs exist and were made with these settings from these
-    inputs, unless --force; otherwise the task will run. Either way the outputs of earlier stages
-    that it builds on must have been made with this run's settings and from the files now in the
-    folder, or a stage run alone would silently build on stale ones."""
-    records = read_records(cfg)
-    now = fingerprints(cfg, task.inputs)
-    for name, rec in records.items():  # a producer of an input whose own inputs have changed since
-        built_on = [f for f, h in now.items() if h is not None and rec["outputs"].get(f) == h and name != task.name]
-        stale = [f for f, h in rec["inputs"].items() if built_on and file_hash(os.path.join(cfg.out_dir, f)) != h]
-        if stale:
-            raise ConfigError(f"{name} outputs in {cfg.out_dir} ({built_on[0]}) were made from other inputs ({stale[0]} has "
-                              f"changed since): run --stage={rec['stage']} first (or every stage), or use another --out_dir")
-    rec = records.get(task.name)
-    if not cfg.force and rec is not None and rec["settings"] == task.settings and rec["inputs"] == now:
-        outputs = {f: file_hash(os.path.join(cfg.out_dir, f)) for f in rec["outputs"]}  # with the optional ones it wrote
-        if outputs == rec["outputs"] and {record_name(cfg, f) for f in task.outputs} <= outputs.keys():
-            log(env, f"{task.name}: up to date")
-            return True
-    earlier = [(s, stage_settings(cfg, s)) for s in STAGES[:STAGES.index(task.stage)] if s != "align"]
-    if task.stage == "eval":
-        earlier += [(f"align-{m}", align_settings(cfg, m, cfg.seed)) for m in method_list(cfg)]
-    for name, want in earlier:
-        have = records.get(name, {}).get("settings")
-        if have is not None and have != want:
-            diff = ", ".join(f"{k}={have.get(k)} (now {want[k]})" for k in want if have.get(k) != want[k])
-            raise ConfigError(f"{name} outputs in {cfg.out_dir} were made with {diff}: run --stage={name.split('-')[0]} "
-                              f"first (or every stage), or use another --out_dir")
-    if task.name in records:  # about to write: until it is done, nothing may take its outputs for finished
-        update_records(cfg, env, lambda records: records.pop(task.name, None))
-    barrier(env)
-    note_progress(task.name)
-    return False
-
-
-def mark_done(cfg, env, task):
-    record = {"stage": task.stage, "settings": task.settings, "inputs": fingerprints(cfg, task.inputs),
-              "outputs": fingerprints(cfg, task.outputs)}
-    update_records(cfg, env, lambda records: records.update({task.name: record}))
 
 
 # -----------------------------------------------------------------------------

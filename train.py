@@ -1,14 +1,13 @@
 """
 train.py: the VCB pipeline (docs/method.md, "The pipeline"), stage by stage, in flat PyTorch loops.
 
-    python train.py                         # every stage; about 2 minutes on a 2-core CPU
+    python train.py                         # every stage; about a minute or two on a 2-core CPU
     python train.py --stage=align --force   # redo one stage
     python train.py --help                  # every option, with its default and meaning
     torchrun --nproc_per_node=2 train.py    # data parallel (GPUs with NCCL, or CPU processes with gloo)
     python experiments.py sweep             # every method over several betas and seeds -> frontier
 
-Stages, each reading the previous one's files in --out_dir. A stage is skipped when its outputs exist
-and were made with the same settings (stages.json records them); --force redoes it.
+Stages, each reading the previous one's files in --out_dir:
     data    the task's files (data/*.jsonl) and the tokenizer (tokenizer.json)
     sft     supervised fine-tuning on the demonstrations                      -> sft.pt
     rm      reward model from the SFT weights, Bradley-Terry loss on pairs      -> rm.pt
@@ -17,11 +16,13 @@ and were made with the same settings (stages.json records them); --force redoes 
             candidates, PPO and RLOO on their own samples (ppo.py)
     eval    gold and RM reward, KL to SFT, win rates, diversity               -> results.json, frontier.png
 
-Read top to bottom: the one training loop, then the stages in pipeline order. The options are in
-config.py, devices and files in runtime.py, scoring and evaluation in evaluate.py, the online loop
-of PPO and RLOO in ppo.py.
+Read top to bottom: the one training loop, then the stages in pipeline order, then what each stage
+reads and writes (records.py skips a stage whose outputs were made with the same settings; --force
+redoes it) and main. The options are in config.py, devices and checkpoints in runtime.py, scoring
+and evaluation in evaluate.py, an iteration of PPO and RLOO in ppo.py.
 """
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -34,100 +35,120 @@ from tqdm import tqdm
 
 import corpora
 import data
+import gpt2
 import ppo
+import records
 import report
 import reviews
 import vcb
 from config import ONLINE, STAGES, ConfigError, align_settings, method_list, parse_args, stage_settings
-from data import DataError
-from evaluate import beta_label, decode, evaluate, judge_name, sample_chunks, score_logps, score_rewards, real_mask
-from model import GPT, GPTConfig
-from runtime import (Task, TrainingError, barrier, batch_indices, check_healthy, command, encode_all, gather,
-                     kept_checkpoint, load_candidates, load_checkpoint, load_data, load_model, load_tokenizer, log, lr_at, mark_done,
-                     model_args, note_progress, path, progress_file, resume, save_model, save_progress, save_snapshot, setup,
-                     up_to_date)
+from evaluate import beta_label, decode, evaluate, judge_name, real_mask, sample_chunks, score_logps, score_rewards
+from model import GPT, GPTConfig, response_logps
+from records import Task, mark_done, up_to_date
+from runtime import (TrainingError, barrier, batch_indices, check_healthy, command, encode_all, gather, kept_checkpoint,
+                     load_candidates, load_checkpoint, load_data, load_model, load_tokenizer, log, lr_at, model_args,
+                     note_progress, path, progress_file, resume, save_model, save_progress, save_snapshot, setup)
 
 PAIR_LOSSES = {"dpo": vcb.dpo_loss, "ipo": vcb.ipo_loss, "slic": vcb.slic_loss}
 
 
 # -----------------------------------------------------------------------------
-# the one training loop: SFT, reward model and alignment
+# the one training loop: SFT, reward model, offline alignment, and PPO's and RLOO's iterations
+
+def run_steps(cfg, env, task, total, state, step, probe, enc, unit="step", extra=None):
+    """What every training does around its steps: step(i, extra) -> metrics, for i from where the task's
+    checkpoint left off to total. state {name: model or optimizer} is what the checkpoint holds (the
+    first model is the one trained), extra the plain values the steps change (PPO's adaptive beta).
+    Each step's metrics go to curves.jsonl beside the task's output and every log_interval to the
+    log; every ckpt_interval steps, after a health check (finite weights, a finite probe()), a
+    resumable checkpoint <name>.ckpt.pt. A step that raises TrainingError (a non-finite loss) stops
+    the run with its step and the last good checkpoint. Returns extra."""
+    extra = dict(extra or {})
+    start, saved = resume(cfg, env, task, state)
+    extra.update(saved)
+    models = [v for v in state.values() if isinstance(v, torch.nn.Module)]
+    optimizer = next(v for v in state.values() if isinstance(v, torch.optim.Optimizer))
+    curves = os.path.join(os.path.dirname(task.outputs[0]), "curves.jsonl")
+    if env.master:
+        records.curves_from(curves, task.name, start)  # a resumed run continues its curve, a new one starts afresh
+    last_good = start or None
+    bar = tqdm(range(start, total), desc=task.name, initial=start, total=total, disable=not (env.master and env.bars),
+               dynamic_ncols=True, leave=False)
+    for i in bar:
+        note_progress(f"{task.name} {unit} {i + 1}/{total}")
+        try:
+            metrics = step(i, extra)
+        except TrainingError as e:
+            raise TrainingError(f"{task.name}: {e} at {unit} {i}; stopped, and {kept_checkpoint(cfg, task, last_good)}") from None
+        bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items()})
+        if env.master:
+            records.curves_append(curves, {"task": task.name, "step": i + 1, "lr": optimizer.param_groups[0]["lr"], **metrics})
+        if (i + 1) % cfg.log_interval == 0 or i + 1 == total:
+            log(env, f"{task.name} {unit} {i + 1}/{total}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        save_snapshot(cfg, env, task, i + 1, models[0], enc)
+        if (i + 1) % cfg.ckpt_interval == 0 and i + 1 < total:
+            check_healthy(cfg, env, task, models, probe, i + 1, last_good)
+            save_progress(cfg, env, task, i + 1, state, **extra)
+            last_good = i + 1
+    bar.close()
+    if total > start:
+        check_healthy(cfg, env, task, models, probe, None, last_good)
+    return extra
+
 
 def train(cfg, env, task, model, n_examples, steps, batch_size, lr, loss_fn, count_fn, seed, enc=None):
-    """Optimise model for `steps` steps as task (a runtime.Task); returns the trained (unwrapped) model.
+    """Optimise model for `steps` steps as task (a records.Task); returns the trained (unwrapped) model.
 
     Each step takes batch_size example indices (all processes together): this process takes every
     world-th one and splits them into grad_accum micro-batches. loss_fn(model, indices) -> (summed
     loss of those examples, metrics); count_fn(indices) -> how many items (tokens, pairs, prompts)
     the summed loss counts. Dividing by the whole step's count makes the gradient the same mean over
-    items whatever the number of processes and micro-batches.
-    Resumable: every ckpt_interval steps the model, optimizer, step and random state go to
-    <name>.ckpt.pt, and a run with the same settings continues from there. Every step's metrics are
-    appended to curves.jsonl beside the task's output (report.plot_curves draws them). enc: the
-    tokenizer, for the snapshots an experiment may ask for (task.snapshots)."""
-    name = task.name
+    items whatever the number of processes and micro-batches. The batch order is a function of
+    (seed, step), so a run resumed from its checkpoint sees the batches it would have seen."""
     if batch_size < env.world * cfg.grad_accum:
-        raise ConfigError(f"{name}: a batch of {batch_size} cannot feed {env.world} processes x {cfg.grad_accum} micro-batches")
+        raise ConfigError(f"{task.name}: a batch of {batch_size} cannot feed {env.world} processes x {cfg.grad_accum} micro-batches")
     optimizer = model.configure_optimizers(cfg.weight_decay, lr, (0.9, 0.95), env.device_type)
     scaler = torch.amp.GradScaler(env.device_type, enabled=env.dtype == torch.float16)
-    start, _ = resume(cfg, env, task, {"model": model, "optimizer": optimizer})
-    raw = model
-    if cfg.compile:
-        model = torch.compile(model)
+    raw, runner = model, torch.compile(model) if cfg.compile else model
     if env.world > 1:
-        model = DDP(model, device_ids=[env.device] if env.device_type == "cuda" else None)
-    model.train()
-    last_good = start if start else None
-    curves = os.path.join(os.path.dirname(task.outputs[0]), "curves.jsonl")
-    if env.master:
-        report.curves_from(curves, name, start)  # a resumed run continues its curve, a new one starts afresh
-    bar = tqdm(range(start, steps), desc=name, initial=start, total=steps, disable=not (env.master and env.bars),
-               dynamic_ncols=True, leave=False)
-    for step in bar:
-        note_progress(f"{name} step {step + 1}/{steps}")
+        runner = DDP(runner, device_ids=[env.device] if env.device_type == "cuda" else None)
+    runner.train()
+    last = {}  # the step's last micro-batch: the health check reads it again
+
+    def step(i, extra):
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, lr, cfg.warmup_steps)
-        idx = batch_indices(n_examples, batch_size, step, seed)
+            group["lr"] = lr_at(i, steps, lr, cfg.warmup_steps)
+        idx = batch_indices(n_examples, batch_size, i, seed)
         total = max(count_fn(idx), 1)
         mine = idx[env.rank::env.world]
         micro = [mine[k::cfg.grad_accum] for k in range(cfg.grad_accum)]
         step_loss, metrics = torch.zeros((), device=env.device), {}
         for k, mb in enumerate(micro):
-            sync = model.no_sync() if env.world > 1 and k < len(micro) - 1 else nullcontext()
+            sync = runner.no_sync() if env.world > 1 and k < len(micro) - 1 else nullcontext()
             with sync:
                 with env.autocast():
-                    loss_sum, m = loss_fn(model, mb)
+                    loss_sum, m = loss_fn(runner, mb)
                 loss = loss_sum * env.world / total  # DDP averages gradients over processes
                 scaler.scale(loss).backward()
             step_loss += loss.detach() / env.world
             for key, v in m.items():
                 metrics[key] = metrics.get(key, 0.0) + v / len(micro)
+        last["micro"] = micro[-1]
         if env.world > 1:
             dist.all_reduce(step_loss)
         if not torch.isfinite(step_loss):
             optimizer.zero_grad(set_to_none=True)
-            raise TrainingError(f"{name}: the loss is {step_loss.item()} at step {step}; stopped, and "
-                                f"{kept_checkpoint(cfg, task, last_good)}")
+            raise TrainingError(f"the loss is {step_loss.item()}")
         if cfg.grad_clip > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        metrics = {"loss": step_loss.item(), **metrics}
-        bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items()})
-        if env.master:
-            report.curves_append(curves, {"task": name, "step": step + 1, "lr": optimizer.param_groups[0]["lr"], **metrics})
-        if (step + 1) % cfg.log_interval == 0 or step + 1 == steps:
-            log(env, f"{name} step {step + 1}/{steps}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-        save_snapshot(cfg, env, task, step + 1, raw, enc)
-        if (step + 1) % cfg.ckpt_interval == 0 and step + 1 < steps:
-            check_healthy(cfg, env, task, [raw], lambda: loss_fn(raw, micro[-1])[0], step + 1, last_good)
-            save_progress(cfg, env, task, step + 1, {"model": raw, "optimizer": optimizer})
-            last_good = step + 1
-    bar.close()
-    if steps > start:
-        check_healthy(cfg, env, task, [raw], lambda: loss_fn(raw, micro[-1])[0], None, last_good)
+        return {"loss": step_loss.item(), **metrics}
+
+    run_steps(cfg, env, task, steps, {"model": raw, "optimizer": optimizer}, step,
+              lambda: loss_fn(raw, last["micro"])[0], enc)
     return raw
 
 
@@ -142,63 +163,50 @@ def finish(cfg, env, task, model, enc, **extra):
 # -----------------------------------------------------------------------------
 # stage: data
 
-def stage_data(cfg, env):
-    outputs = [path(cfg, "data", f"{n}.jsonl") for n in data.TASK_FILES if n != "ood_prompts"] + [path(cfg, "tokenizer.json")]
-    inputs = [os.path.join(d, f) for d, _, fs in os.walk(cfg.data_dir) for f in sorted(fs)] if cfg.data != "builtin" else []
-    task = Task("data", "data", stage_settings(cfg, "data"), inputs, outputs)
-    if up_to_date(cfg, env, task):
-        return
+def stage_data(cfg, env, task):
     if env.master:
         if cfg.data == "builtin":
-            records = reviews.builtin_task(cfg.seed, cfg.n_sft, cfg.n_prefs, cfg.n_align, cfg.n_eval, cfg.n_eval, cfg.pref_tau)
+            files = reviews.builtin_task(cfg.seed, cfg.n_sft, cfg.n_prefs, cfg.n_align, cfg.n_eval, cfg.n_eval, cfg.pref_tau)
         else:
             limits = dict(sft=cfg.n_sft, prefs=cfg.n_prefs, align_prompts=cfg.n_align, eval_prompts=cfg.n_eval,
                           ood_prompts=cfg.n_eval)
-            records, notes = corpora.load_task(cfg.data, cfg.data_dir, limits, cfg.seed)
+            files, notes = corpora.load_task(cfg.data, cfg.data_dir, limits, cfg.seed)
             for note in notes:
                 log(env, note)
         t0 = time.time()  # the tokenizer first: a failure there (or Ctrl-C in BPE training) leaves no file changed
         if cfg.tokenizer == "bpe":
-            enc = data.train_bpe("\n".join(r["prompt"] + r["response"] for r in records["sft"])[:5_000_000], cfg.vocab_size)
+            enc = data.train_bpe("\n".join(r["prompt"] + r["response"] for r in files["sft"])[:5_000_000], cfg.vocab_size)
         else:
             enc = data.gpt2_tokenizer()
         t_tok = time.time() - t0
         for name in data.TASK_FILES:
-            if records.get(name):
-                data.write_jsonl(path(cfg, "data", f"{name}.jsonl"), records[name])
+            if files.get(name):
+                data.write_jsonl(path(cfg, "data", f"{name}.jsonl"), files[name])
             elif os.path.exists(path(cfg, "data", f"{name}.jsonl")):
                 os.remove(path(cfg, "data", f"{name}.jsonl"))
         data.save_tokenizer(enc, path(cfg, "tokenizer.json"))
-        log(env, f"data: {', '.join(f'{len(records[n])} {n}' for n in data.TASK_FILES if records.get(n))}; "
+        log(env, f"data: {', '.join(f'{len(files[n])} {n}' for n in data.TASK_FILES if files.get(n))}; "
                  f"tokenizer {enc.name} with {enc.n_vocab} tokens ({t_tok:.1f}s)")
     barrier(env)
-    task.outputs += [f for f in [path(cfg, "data", "ood_prompts.jsonl")] if os.path.exists(f)]  # optional
-    mark_done(cfg, env, task)
 
 
 # -----------------------------------------------------------------------------
 # stage: sft
 
-def stage_sft(cfg, env):
-    inputs = [path(cfg, "data", "sft.jsonl"), path(cfg, "tokenizer.json")] + ([cfg.init_from] if cfg.init_from != "scratch" else [])
-    task = Task("sft", "sft", stage_settings(cfg, "sft"), inputs, [path(cfg, "sft.pt")])
-    if up_to_date(cfg, env, task):
-        return
-    enc, records = load_tokenizer(cfg), load_data(cfg, "sft")
-    examples = encode_all(cfg, env, enc, [(r["prompt"], r["response"]) for r in records], "sft")
+def stage_sft(cfg, env, task):
+    enc, demos = load_tokenizer(cfg), load_data(cfg, "sft")
+    examples = encode_all(cfg, env, enc, [(r["prompt"], r["response"]) for r in demos], "sft")
     torch.manual_seed(cfg.seed)
     if cfg.init_from == "scratch":
         model = GPT(GPTConfig(**model_args(cfg, enc.n_vocab)))
     else:
-        try:
-            model = GPT.from_pretrained(cfg.init_from, block_size=cfg.block_size, dropout=cfg.dropout, log=lambda m: log(env, m))
-        except ValueError as e:
-            raise DataError(str(e)) from None
+        model = gpt2.from_pretrained(cfg.init_from, block_size=cfg.block_size, dropout=cfg.dropout, log=lambda m: log(env, m))
         if model.config.vocab_size != enc.n_vocab:
-            raise DataError(f"{cfg.init_from}: vocab_size is {model.config.vocab_size} but the tokenizer has {enc.n_vocab} "
-                            f"tokens (GPT-2 weights need --tokenizer=gpt2)")
+            raise data.DataError(f"{cfg.init_from}: vocab_size is {model.config.vocab_size} but the tokenizer has "
+                                 f"{enc.n_vocab} tokens (GPT-2 weights need --tokenizer=gpt2)")
         if model.config.block_size < cfg.block_size:
-            raise DataError(f"{cfg.init_from}: has {model.config.block_size} positions, fewer than --block_size={cfg.block_size}")
+            raise data.DataError(f"{cfg.init_from}: has {model.config.block_size} positions, fewer than "
+                                 f"--block_size={cfg.block_size}")
     model.to(env.device)
     log(env, f"sft: {model.num_params() / 1e6:.2f}M parameters, {len(examples)} demonstrations")
 
@@ -215,42 +223,36 @@ def stage_sft(cfg, env):
     finish(cfg, env, task, model, enc)
     if env.master:
         model.eval()
-        prompts = [data.encode_prompt(enc, r["prompt"], cfg.block_size - cfg.max_new_tokens) for r in records[:2]]
+        prompts = [data.encode_prompt(enc, r["prompt"], cfg.block_size - cfg.max_new_tokens) for r in demos[:2]]
         with env.autocast():
             outs = model.generate(prompts, cfg.max_new_tokens, stop_token=enc.eot_token,
                                   generator=torch.Generator(env.device).manual_seed(cfg.seed))
-        for r, out in zip(records, outs):
+        for r, out in zip(demos, outs):
             log(env, f"sft sample: {r['prompt']!r} -> {decode(enc, out)!r}")
-    mark_done(cfg, env, task)
 
 
 # -----------------------------------------------------------------------------
 # stage: rm
 
-def stage_rm(cfg, env):
-    inputs = [path(cfg, "data", "prefs.jsonl"), path(cfg, "tokenizer.json"), path(cfg, "sft.pt")]
-    task = Task("rm", "rm", stage_settings(cfg, "rm"), inputs, [path(cfg, "rm.pt")])
-    if up_to_date(cfg, env, task):
-        return
+def stage_rm(cfg, env, task):
     enc = load_tokenizer(cfg)
     model, metrics = train_rm(cfg, env, enc, load_data(cfg, "prefs"), task)
     finish(cfg, env, task, model, enc, metrics=metrics)
-    mark_done(cfg, env, task)
 
 
-def train_rm(cfg, env, enc, records, task):
-    """A reward model from the SFT weights on preference records; returns it and its held-out
-    accuracy (and, on the built-in task, its correlation with the gold reward)."""
-    train_recs, held = split_holdout(cfg, records)
-    chosen = encode_all(cfg, env, enc, [(r["prompt"], r["chosen"]) for r in train_recs], "rm chosen")
-    rejected = encode_all(cfg, env, enc, [(r["prompt"], r["rejected"]) for r in train_recs], "rm rejected")
+def train_rm(cfg, env, enc, prefs, task):
+    """A reward model from the SFT weights on preference pairs; returns it and its held-out accuracy
+    (and, on the built-in task, its correlation with the gold reward)."""
+    train_pairs, held = split_holdout(cfg, prefs)
+    chosen = encode_all(cfg, env, enc, [(r["prompt"], r["chosen"]) for r in train_pairs], "rm chosen")
+    rejected = encode_all(cfg, env, enc, [(r["prompt"], r["rejected"]) for r in train_pairs], "rm rejected")
     torch.manual_seed(cfg.seed)
     model = load_model(path(cfg, "sft.pt"), env, enc, cfg, reward_head=True, dropout=cfg.dropout)
 
     def loss_fn(m, idx):  # Bradley-Terry on the chosen and rejected responses, both in one forward
         seqs = [chosen[i] for i in idx] + [rejected[i] for i in idx]
         x, _ = data.collate(seqs, enc.eot_token)
-        r = m(x.to(env.device), reward_mask=real_mask([ids for ids, _ in seqs], x.size(1)).to(env.device))
+        r = m(x.to(env.device), head="reward", mask=real_mask([ids for ids, _ in seqs], x.size(1)).to(env.device))
         r_w, r_l = r[:len(idx)], r[len(idx):]
         return vcb.bradley_terry_loss(r_w, r_l).sum(), {"acc": (r_w > r_l).float().mean().item()}
 
@@ -269,33 +271,27 @@ def train_rm(cfg, env, enc, records, task):
     return model, metrics
 
 
-def split_holdout(cfg, records):
+def split_holdout(cfg, prefs):
     """(training pairs, held-out pairs): the last rm_holdout share of the preference pairs is kept out
     of training, to measure the reward model on."""
-    n_held = max(1, int(len(records) * cfg.rm_holdout)) if cfg.rm_holdout > 0 and len(records) > 1 else 0
-    return records[:len(records) - n_held], records[len(records) - n_held:]
+    n_held = max(1, int(len(prefs) * cfg.rm_holdout)) if cfg.rm_holdout > 0 and len(prefs) > 1 else 0
+    return prefs[:len(prefs) - n_held], prefs[len(prefs) - n_held:]
 
 
 # -----------------------------------------------------------------------------
 # stage: sample
 
-def stage_sample(cfg, env):
+def stage_sample(cfg, env, task):
     """n candidates per prompt from the SFT model, each scored by the RM, with its SFT log-prob
     (docs/method.md, "The pipeline", step 2): alignment then needs one model in memory."""
-    out_file = path(cfg, "candidates.jsonl")
-    inputs = [path(cfg, "data", "align_prompts.jsonl"), path(cfg, "tokenizer.json"), path(cfg, "sft.pt"), path(cfg, "rm.pt")]
-    task = Task("sample", "sample", stage_settings(cfg, "sample"), inputs, [out_file])
-    if up_to_date(cfg, env, task):
-        return
     enc = load_tokenizer(cfg)
-    records = sample_candidates(cfg, env, enc, [r["prompt"] for r in load_data(cfg, "align_prompts")], cfg.n_candidates, cfg.seed)
+    cands = sample_candidates(cfg, env, enc, [r["prompt"] for r in load_data(cfg, "align_prompts")], cfg.n_candidates, cfg.seed)
     if env.master:
-        data.write_jsonl(out_file, records)
-        n, spread = cfg.n_candidates, [vcb.reward_sigma(torch.tensor([r["rewards"]])).item() for r in records]
-        log(env, f"sample: {len(records)} prompts x {n} candidates; mean RM reward "
-                 f"{sum(sum(r['rewards']) for r in records) / (n * len(records)):.3f}, mean sigma(x) {sum(spread) / len(spread):.3f}")
+        data.write_jsonl(task.outputs[0], cands)
+        n, spread = cfg.n_candidates, [vcb.reward_sigma(torch.tensor([r["rewards"]])).item() for r in cands]
+        log(env, f"sample: {len(cands)} prompts x {n} candidates; mean RM reward "
+                 f"{sum(sum(r['rewards']) for r in cands) / (n * len(cands)):.3f}, mean sigma(x) {sum(spread) / len(spread):.3f}")
     barrier(env)
-    mark_done(cfg, env, task)
 
 
 def sample_candidates(cfg, env, enc, prompts, n, seed):
@@ -315,54 +311,42 @@ def sample_candidates(cfg, env, enc, prompts, n, seed):
         mine.append((c, batch, texts, groups, score_logps(cfg, env, sft, enc, groups)))
     del sft
     rm = load_model(path(cfg, "rm.pt"), env, enc, cfg).eval()
-    records = []
+    out = []
     for c, batch, texts, groups, logps in mine:
         rewards = score_rewards(cfg, env, rm, enc, groups)
         if not all(math.isfinite(v) for v in rewards + logps):
             raise TrainingError(f"sample: non-finite scores for the prompts from {c}; check rm.pt and sft.pt")
         for i, (prompt, ys) in enumerate(zip(batch, texts)):
             k = slice(i * n, (i + 1) * n)
-            records.append({"i": c + i, "prompt": prompt, "responses": ys, "rewards": rewards[k], "ref_logps": logps[k]})
-    return [{k: v for k, v in r.items() if k != "i"} for r in sorted(gather(env, records), key=lambda r: r["i"])]
+            out.append({"i": c + i, "prompt": prompt, "responses": ys, "rewards": rewards[k], "ref_logps": logps[k]})
+    return [{k: v for k, v in r.items() if k != "i"} for r in sorted(gather(env, out), key=lambda r: r["i"])]
 
 
 # -----------------------------------------------------------------------------
 # stage: align
 
-def stage_align(cfg, env):
-    enc = load_tokenizer(cfg)
-    cands = None
-    for method in method_list(cfg):
-        task = align_task(cfg, method, cfg.seed, f"align-{method}", path(cfg, f"policy_{method}.pt"))
-        if not up_to_date(cfg, env, task):
-            cands = cands or load_candidates(cfg, env, enc)
-            align(cfg, env, enc, cands, method, cfg.seed, task)
-
-
-def align_task(cfg, method, seed, name, file, candidates=None):
-    """Training one policy: what it depends on, for the stage records. candidates: the scored
-    candidates it learns from (default the sample stage's; experiments bring others)."""
-    inputs = [candidates or path(cfg, "candidates.jsonl"), path(cfg, "tokenizer.json"), path(cfg, "sft.pt")]
-    if method in ONLINE:  # the online methods sample their own responses: the prompts and the RM instead
-        inputs += [path(cfg, "data", "align_prompts.jsonl"), path(cfg, "rm.pt")]
-    return Task(name, "align", align_settings(cfg, method, seed), inputs, [file])
+def stage_align(cfg, env, task, method, shared):
+    """One method's policy; shared: what every method reads (the tokenizer and the candidates), loaded
+    by the first one that runs."""
+    if not shared:
+        shared["enc"] = load_tokenizer(cfg)
+        shared["cands"] = load_candidates(cfg, env, shared["enc"])
+    align(cfg, env, shared["enc"], shared["cands"], method, cfg.seed, task)
 
 
 def align(cfg, env, enc, cands, method, seed, task):
-    """Train one policy from the SFT weights with one method: an offline one on the scored candidates,
-    or an online one (ppo, rloo) on its own samples (ppo.py). Then save it and record it."""
+    """Train one policy from the SFT weights with one method, and save it: an offline one on the scored
+    candidates, or an online one (ppo, rloo) on its own samples."""
     if method in ONLINE:
-        model, _ = ppo.online(cfg, env, enc, method, seed, task, cands)
+        model, _ = online(cfg, env, enc, method, seed, task, cands)
     else:
         model = offline(cfg, env, enc, cands, method, seed, task)
     finish(cfg, env, task, model, enc)
-    mark_done(cfg, env, task)
 
 
 def offline(cfg, env, enc, cands, method, seed, task):
     """VCB and the order-based methods: their loss of the candidates' log-probs and rewards, in train()."""
-    name = task.name
-    B = len(cands.groups)
+    name, B = task.name, len(cands.groups)
     if method == "vcb" and vcb.vcb_count(cands.rewards, cfg.sigma_floor) < B:
         log(env, f"{name}: {B - vcb.vcb_count(cands.rewards, cfg.sigma_floor)} of {B} prompts have candidates of equal "
                  f"reward (sigma <= {cfg.sigma_floor:g}) and are skipped")
@@ -381,13 +365,6 @@ def candidate_sigma(cfg, rewards):
     """The spread VCB divides each prompt's reward gaps by: None for each prompt's own sigma(x) (the
     paper's), or with --vcb_sigma=global one sigma, that of every candidate reward of the set."""
     return vcb.reward_sigma(rewards.flatten()[None]) if cfg.vcb_sigma == "global" else None
-
-
-def candidate_logps(model, p, n, average=False):
-    """(b, n) log p(y|x) of each of b prompts' n candidates, packed after their prompts (data.pack):
-    summed over the response tokens, or averaged (RRHF)."""
-    token_logps = model(p.idx, pos=p.pos, attn_mask=p.mask, at=(p.rows, p.cols), targets=p.targets)  # (N,) float32
-    return vcb.packed_logps(token_logps, p.seq, p.lengths, average).view(-1, n)
 
 
 def offline_loss(cfg, method, logps, ref_logps, rewards, sigma=None, reduction="sum"):
@@ -411,7 +388,7 @@ def align_loss(cfg, env, enc, model, cands, method, idx, sigma=None):
     (the prompt is read once, not n times). Returns (the summed loss, metrics)."""
     n = cands.rewards.size(1)
     p = data.pack([cands.groups[i] for i in idx], cfg.block_size, enc.eot_token).to(env.device)
-    logps = candidate_logps(model, p, n, average=method == "rrhf")                         # (b, n)
+    logps = response_logps(model, p, average=method == "rrhf").view(-1, n)                # (b, n)
     ref, rewards = cands.ref_logps[idx].to(env.device), cands.rewards[idx].to(env.device)
     loss = offline_loss(cfg, method, logps, ref, rewards, sigma)
     return loss, align_metrics(method, logps.detach(), ref, rewards, cfg, sigma)
@@ -432,19 +409,31 @@ def align_metrics(method, logps, ref, rewards, cfg, sigma=None):
     return out
 
 
+def online(cfg, env, enc, method, seed, task, cands):
+    """PPO or RLOO from the SFT weights: iterations of ppo.py in the training loop. Returns the policy
+    and the critic (PPO's; None for RLOO)."""
+    if env.world > 1:
+        raise ConfigError(f"{task.name}: ppo and rloo run in one process (run them without torchrun)")
+    o = ppo.setup(cfg, env, enc, method, seed, cands)
+    last = {}  # the iteration's rollouts: the health check reads one of them again
+
+    def step(it, extra):
+        metrics, extra["beta"], last["batch"] = ppo.iteration(cfg, env, enc, o, method, seed, it, extra["beta"])
+        return metrics
+
+    def probe():
+        return response_logps(o.policy, ppo.packed(cfg, enc, last["batch"]["groups"][:1], env)).sum()
+
+    run_steps(cfg, env, task, cfg.online_iters, o.state, step, probe, enc, unit="iteration", extra={"beta": cfg.beta})
+    return o.policy, o.critic
+
+
 # -----------------------------------------------------------------------------
 # stage: eval
 
-def stage_eval(cfg, env):
-    policies = {"sft": path(cfg, "sft.pt"), **{m: path(cfg, f"policy_{m}.pt") for m in method_list(cfg)}}
-    prompts = [path(cfg, "data", f) for f in ("eval_prompts.jsonl", "ood_prompts.jsonl") if os.path.exists(path(cfg, "data", f))]
-    inputs = prompts + [path(cfg, "tokenizer.json"), path(cfg, "rm.pt")] + list(policies.values())
-    outputs = [path(cfg, "results.json"), path(cfg, "results.md"), path(cfg, "frontier.png")]
-    task = Task("eval", "eval", stage_settings(cfg, "eval"), inputs, outputs)
-    if up_to_date(cfg, env, task):
-        return
+def stage_eval(cfg, env, task):
     enc = load_tokenizer(cfg)
-    results = evaluate(cfg, env, enc, policies, cfg.seed)
+    results = evaluate(cfg, env, enc, eval_policies(cfg), cfg.seed)
     if env.master:
         judge = judge_name(cfg)
         rm_metrics = load_checkpoint(path(cfg, "rm.pt")).get("metrics", {})
@@ -458,13 +447,48 @@ def stage_eval(cfg, env):
         report.plot_frontier(points, path(cfg, "frontier.png"), f"Reward against KL (beta = {cfg.beta:g}, seed {cfg.seed})", judge)
         log(env, f"eval: wrote {path(cfg, 'results.json')}, {path(cfg, 'results.md')} and {path(cfg, 'frontier.png')}")
     barrier(env)
-    mark_done(cfg, env, task)
+
+
+def eval_policies(cfg):
+    return {"sft": path(cfg, "sft.pt"), **{m: path(cfg, f"policy_{m}.pt") for m in method_list(cfg)}}
 
 
 # -----------------------------------------------------------------------------
+# what each stage reads and writes: stages.json records it, so that a finished stage is skipped
 
-STAGE_FNS = {"data": stage_data, "sft": stage_sft, "rm": stage_rm, "sample": stage_sample,
-             "align": stage_align, "eval": stage_eval}
+def stage_tasks(cfg, stage):
+    """[(records.Task, run)] of a stage; run(cfg, env, task) does the work. align has one per method."""
+    data_files = [path(cfg, "data", f"{n}.jsonl") for n in data.TASK_FILES if n != "ood_prompts"]
+    if stage == "data":
+        inputs = [os.path.join(d, f) for d, _, fs in os.walk(cfg.data_dir) for f in sorted(fs)] if cfg.data != "builtin" else []
+        return [(Task("data", "data", stage_settings(cfg, "data"), inputs, data_files + [path(cfg, "tokenizer.json")],
+                      optional=[path(cfg, "data", "ood_prompts.jsonl")]), stage_data)]
+    if stage == "sft":
+        inputs = [path(cfg, "data", "sft.jsonl"), path(cfg, "tokenizer.json")] + ([cfg.init_from] if cfg.init_from != "scratch" else [])
+        return [(Task("sft", "sft", stage_settings(cfg, "sft"), inputs, [path(cfg, "sft.pt")]), stage_sft)]
+    if stage == "rm":
+        inputs = [path(cfg, "data", "prefs.jsonl"), path(cfg, "tokenizer.json"), path(cfg, "sft.pt")]
+        return [(Task("rm", "rm", stage_settings(cfg, "rm"), inputs, [path(cfg, "rm.pt")]), stage_rm)]
+    if stage == "sample":
+        inputs = [path(cfg, "data", "align_prompts.jsonl"), path(cfg, "tokenizer.json"), path(cfg, "sft.pt"), path(cfg, "rm.pt")]
+        return [(Task("sample", "sample", stage_settings(cfg, "sample"), inputs, [path(cfg, "candidates.jsonl")]), stage_sample)]
+    if stage == "align":
+        shared = {}
+        return [(align_task(cfg, m, cfg.seed, f"align-{m}", path(cfg, f"policy_{m}.pt")),
+                 functools.partial(stage_align, method=m, shared=shared)) for m in method_list(cfg)]
+    prompts = [path(cfg, "data", f) for f in ("eval_prompts.jsonl", "ood_prompts.jsonl") if os.path.exists(path(cfg, "data", f))]
+    inputs = prompts + [path(cfg, "tokenizer.json"), path(cfg, "rm.pt")] + list(eval_policies(cfg).values())
+    outputs = [path(cfg, "results.json"), path(cfg, "results.md"), path(cfg, "frontier.png")]
+    return [(Task("eval", "eval", stage_settings(cfg, "eval"), inputs, outputs), stage_eval)]
+
+
+def align_task(cfg, method, seed, name, file, candidates=None):
+    """Training one policy: what it depends on, for the stage records. candidates: the scored
+    candidates it learns from (default the sample stage's; experiments bring others)."""
+    inputs = [candidates or path(cfg, "candidates.jsonl"), path(cfg, "tokenizer.json"), path(cfg, "sft.pt")]
+    if method in ONLINE:  # the online methods sample their own responses: the prompts and the RM instead
+        inputs += [path(cfg, "data", "align_prompts.jsonl"), path(cfg, "rm.pt")]
+    return Task(name, "align", align_settings(cfg, method, seed), inputs, [file])
 
 
 def start(argv, doc=__doc__):
@@ -483,14 +507,18 @@ def start(argv, doc=__doc__):
 
 
 def main(argv, then=None, doc=__doc__):
-    """The stages (--stage, default all), then `then(cfg, env)` if given (experiments.py)."""
+    """The stages (--stage, default all), each task skipped when up to date, then `then(cfg, env)`
+    if given (experiments.py)."""
     cfg, env = start(argv, doc)
     t0, times = time.time(), []
     for stage in STAGES if cfg.stage == "all" else [cfg.stage]:
         if env.device_type == "cuda":
             torch.cuda.reset_peak_memory_stats(env.device)
         t = time.time()
-        STAGE_FNS[stage](cfg, env)
+        for task, run in stage_tasks(cfg, stage):
+            if not up_to_date(cfg, env, task):
+                run(cfg, env, task)
+                mark_done(cfg, env, task)
         peak = f", peak GPU memory {torch.cuda.max_memory_allocated(env.device) / 2**30:.2f} GiB" if env.device_type == "cuda" else ""
         times.append(f"{stage} {time.time() - t:.1f}s{peak}")
     log(env, "stage times: " + "; ".join(times))

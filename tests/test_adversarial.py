@@ -18,6 +18,7 @@ import torch
 import config
 import corpora
 import data
+import records
 import reviews
 import runtime
 import train
@@ -25,7 +26,7 @@ from conftest import ROOT, TINY, run, run_train, write_lines
 from test_real_data import HH, write_hh, write_tldr
 
 
-def records(out):
+def stages_json(out):
     return json.loads((out / "stages.json").read_text())
 
 
@@ -36,7 +37,7 @@ def test_a_data_stage_that_fails_drops_its_record_and_changes_no_file(tiny_copy,
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tiny_copy / "no-cache"))
     with pytest.raises(data.DataError, match="is not in tiktoken's cache"):
         run(tiny_copy, "--stage=data", "--tokenizer=gpt2")
-    assert "data" not in records(tiny_copy)
+    assert "data" not in stages_json(tiny_copy)
     assert {p.name: p.read_bytes() for p in (tiny_copy / "data").iterdir()} == before
 
     def interrupted(*args, **kwargs):
@@ -45,7 +46,7 @@ def test_a_data_stage_that_fails_drops_its_record_and_changes_no_file(tiny_copy,
     monkeypatch.setattr(data, "train_bpe", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run(tiny_copy, "--stage=data", "--force")
-    assert "data" not in records(tiny_copy)
+    assert "data" not in stages_json(tiny_copy)
     monkeypatch.undo()
     again = run_train(tiny_copy, "--stage=data")
     assert again.returncode == 0 and "data: up to date" not in again.stdout and "tokenizer vcb-bpe" in again.stdout
@@ -59,7 +60,7 @@ def test_a_stage_killed_after_writing_part_of_its_files_is_redone(tiny_copy, mon
     with pytest.raises(OSError):
         run(tiny_copy, "--stage=data", "--force", "--pref_tau=0.5")
     monkeypatch.undo()
-    assert "data" not in records(tiny_copy)
+    assert "data" not in stages_json(tiny_copy)
     proc = run_train(tiny_copy, "--pref_tau=0.5", "--stage=data")
     assert proc.returncode == 0 and "data: up to date" not in proc.stdout
 
@@ -104,7 +105,7 @@ def test_a_divergence_on_the_last_step_is_not_saved(tiny_copy):
     with pytest.raises(runtime.TrainingError, match="align-vcb: the model is broken after the last step .* nothing "
                                                     "was saved as finished"):
         run(tiny_copy, "--stage=align", "--methods=vcb", "--align_steps=1", "--align_lr=1e30")
-    assert (tiny_copy / "policy_vcb.pt").read_bytes() == before and "align-vcb" not in records(tiny_copy)
+    assert (tiny_copy / "policy_vcb.pt").read_bytes() == before and "align-vcb" not in stages_json(tiny_copy)
     with pytest.raises(config.ConfigError, match="--weight_decay=nan: must be a finite number"):
         run(tiny_copy, "--stage=sft", "--sft_steps=1", "--weight_decay=nan")
 
@@ -299,7 +300,7 @@ def test_weights_that_diverge_part_way_are_not_saved_as_the_last_good_checkpoint
             loss = loss * 0 if len(steps_seen) < 4 else loss
         return loss, {}
 
-    task = runtime.Task("sft", "sft", {"s": 1}, [], [str(tmp_path / "sft.pt")])
+    task = records.Task("sft", "sft", {"s": 1}, [], [str(tmp_path / "sft.pt")])
     with pytest.raises(runtime.TrainingError, match=r"sft: the model is broken after step 4 .* \(step 2\), is kept"):
         train.train(cfg, env, task, model, 10, 6, 2, 1e30, loss_fn, len, seed=0)
     ck = runtime.load_checkpoint(tmp_path / "sft.ckpt.pt")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import data
 import vcb
 from conftest import run_train
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, response_logps
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -60,8 +60,7 @@ def test_the_packed_path_equals_the_padded_path_on_cuda():
     p = data.pack(groups, 128, 256).to("cuda")
     x, mask = data.collate([(pr + r, len(pr)) for pr, rs in groups for r in rs], 256)
     with torch.no_grad():
-        packed = vcb.packed_logps(model(p.idx, pos=p.pos, attn_mask=p.mask, at=(p.rows, p.cols), targets=p.targets),
-                                  p.seq, p.lengths)
+        packed = response_logps(model, p)
         padded = vcb.sequence_logps(model(x.cuda()), x.cuda(), mask.cuda())
     torch.testing.assert_close(packed, padded, atol=1e-4, rtol=1e-4)
 

@@ -63,7 +63,7 @@ def test_a_policy_is_sampled_once_and_again_when_it_changes(tiny_copy, monkeypat
     monkeypatch.setattr(evaluate, "sample_and_score", lambda *a: sampled.append(a[-1]) or sample_and_score(*a))
     file = str(tiny_copy / "policy_vcb.pt")
     kept = evaluate.score_policy(cfg, env, enc, "vcb", file, 0, refs)
-    assert sampled == [] and kept == json.loads((tiny_copy / "policy_vcb.seed0.scored.json").read_text())["scored"]
+    assert sampled == [] and kept == json.loads((tiny_copy / "policy_vcb.seed0.scored.json").read_text())["value"]
     shutil.copy(tiny_copy / "policy_dpo.pt", file)  # another policy under the same name
     again = evaluate.score_policy(cfg, env, enc, "vcb", file, 0, refs)
     assert sampled == ["eval", "ood"] and again != kept

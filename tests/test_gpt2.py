@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 import data
+import gpt2
 import runtime
 from conftest import run_train
 from model import GPT, GPTConfig
@@ -40,11 +41,11 @@ def source():
 @pytest.mark.parametrize("prefix", ["", "transformer."])
 def test_loading_gpt2_layout_reproduces_the_model(source, tmp_path, prefix):
     save_file(gpt2_layout(source, prefix), tmp_path / "model.safetensors")
-    loaded = GPT.from_pretrained(tmp_path / "model.safetensors").eval()
+    loaded = gpt2.from_pretrained(tmp_path / "model.safetensors").eval()
     assert (loaded.config.n_layer, loaded.config.n_head, loaded.config.n_embd) == (2, 2, 128)
     idx = torch.randint(97, (2, 20))
     torch.testing.assert_close(loaded(idx), source(idx))
-    cropped = GPT.from_pretrained(tmp_path / "model.safetensors", block_size=24, reward_head=True).eval()
+    cropped = gpt2.from_pretrained(tmp_path / "model.safetensors", block_size=24, reward_head=True).eval()
     assert cropped.transformer.wpe.weight.shape == (24, 128) and cropped.reward_head is not None
     torch.testing.assert_close(cropped(idx), source(idx))
 
@@ -54,15 +55,15 @@ def test_every_key_and_shape_is_checked(source, tmp_path):
     del sd["h.1.mlp.c_fc.bias"]
     save_file(sd, tmp_path / "missing.safetensors")
     with pytest.raises(ValueError, match=r"keys differ from GPT-2's: missing \['transformer.h.1.mlp.c_fc.bias'\]"):
-        GPT.from_pretrained(tmp_path / "missing.safetensors")
+        gpt2.from_pretrained(tmp_path / "missing.safetensors")
     sd = gpt2_layout(source)
     sd["h.0.attn.c_proj.weight"] = torch.zeros(128, 64)
     save_file(sd, tmp_path / "shape.safetensors")
     with pytest.raises(ValueError, match=r"h.0.attn.c_proj.weight has shape \(64, 128\), expected \(128, 128\)"):
-        GPT.from_pretrained(tmp_path / "shape.safetensors")
+        gpt2.from_pretrained(tmp_path / "shape.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match="not a readable safetensors file"):
-        GPT.from_pretrained(tmp_path / "junk.safetensors")
+        gpt2.from_pretrained(tmp_path / "junk.safetensors")
 
 
 def test_logits_match_transformers_gpt2(tmp_path):
@@ -71,7 +72,7 @@ def test_logits_match_transformers_gpt2(tmp_path):
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=97, n_positions=64, n_embd=128, n_layer=2,
                                                               n_head=2, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)).eval()
     hf.save_pretrained(tmp_path, safe_serialization=True)
-    ours = GPT.from_pretrained(tmp_path / "model.safetensors").eval()
+    ours = gpt2.from_pretrained(tmp_path / "model.safetensors").eval()
     idx = torch.randint(97, (2, 30))
     torch.testing.assert_close(ours(idx), hf(idx).logits, atol=1e-4, rtol=1e-4)
 
@@ -92,12 +93,12 @@ def narrow_heads():
 def test_config_json_gives_heads_that_are_not_64_wide(narrow_heads, tmp_path):
     save_file(gpt2_layout(narrow_heads), tmp_path / "model.safetensors")
     said = []
-    guessed = GPT.from_pretrained(tmp_path / "model.safetensors", log=said.append).eval()
+    guessed = gpt2.from_pretrained(tmp_path / "model.safetensors", log=said.append).eval()
     assert guessed.config.n_head == 1 and "no GPT-2 config.json" in said[0]  # the old inference, and it says so
     idx = torch.randint(97, (2, 20))
     assert not torch.allclose(guessed(idx), narrow_heads(idx), atol=1e-3)  # ... which is wrong for this model
     (tmp_path / "config.json").write_text(json.dumps(gpt2_config(narrow_heads)))
-    loaded = GPT.from_pretrained(tmp_path / "model.safetensors", log=said.append).eval()
+    loaded = gpt2.from_pretrained(tmp_path / "model.safetensors", log=said.append).eval()
     assert loaded.config.n_head == 4 and len(said) == 1
     torch.testing.assert_close(loaded(idx), narrow_heads(idx))
 
@@ -114,7 +115,7 @@ def test_what_our_gpt_cannot_represent_is_refused(narrow_heads, tmp_path, change
     save_file(gpt2_layout(narrow_heads), tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text(json.dumps(gpt2_config(narrow_heads, **change)))
     with pytest.raises(ValueError, match=re.escape(message)) as e:
-        GPT.from_pretrained(tmp_path / "model.safetensors")
+        gpt2.from_pretrained(tmp_path / "model.safetensors")
     assert "\n" not in str(e.value)
 
 
@@ -124,7 +125,7 @@ def test_logits_match_transformers_gpt2_with_narrow_heads(tmp_path):
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=97, n_positions=64, n_embd=64, n_layer=2,
                                                               n_head=4, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)).eval()
     hf.save_pretrained(tmp_path, safe_serialization=True)  # writes config.json beside model.safetensors
-    ours = GPT.from_pretrained(tmp_path / "model.safetensors").eval()
+    ours = gpt2.from_pretrained(tmp_path / "model.safetensors").eval()
     idx = torch.randint(97, (2, 30))
     assert ours.config.n_head == 4
     torch.testing.assert_close(ours(idx), hf(idx).logits, atol=1e-4, rtol=1e-4)

@@ -9,11 +9,12 @@ import torch
 import config
 import data
 import evaluate
-import report
+import records
 import runtime
 import train
 import vcb
 from conftest import SMALL, TINY, sharp_gpt
+from model import response_logps
 
 ENC = data.byte_tokenizer()
 EOT = ENC.eot_token
@@ -51,13 +52,13 @@ def test_packed_log_probs_and_rewards_equal_each_sequence_alone(block_size):
     x, mask = padded(groups, block_size)
     with torch.no_grad():
         for average in (False, True):
-            packed = train.candidate_logps(model, p, 3, average).flatten()
+            packed = response_logps(model, p, average)
             alone = vcb.sequence_logps(model(x), x, mask, average)
             torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
         real = torch.arange(x.size(1))[None] < torch.tensor([len(prompt) + len(r) for prompt, rs in
                                                              (data.fit(q, qs, block_size)[:2] for q, qs in groups)
                                                              for r in rs])[:, None]
-        scores = model(p.idx, pos=p.pos, attn_mask=p.mask, at=(p.last_rows, p.last))
+        scores = model(p, head="reward")
         torch.testing.assert_close(scores, model.reward(x, real), atol=1e-5, rtol=1e-5)
 
 
@@ -143,7 +144,7 @@ def test_reward_sigma_is_the_population_standard_deviation_and_global_is_one_for
 # ---- 4. training moves what it should
 
 def curve(out, task):
-    return [r for r in report.read_curves(out / "curves.jsonl") if r["task"] == task]
+    return [r for r in records.read_curves(out / "curves.jsonl") if r["task"] == task]
 
 
 def align_in(out, method, *args, size=TINY):

@@ -7,8 +7,7 @@ import torch
 from hypothesis import given, strategies as st
 
 import config
-import ppo
-import report
+import records
 import runtime
 import train
 import vcb
@@ -156,14 +155,14 @@ def test_a_few_iterations_move_policy_and_critic_and_log_a_sane_kl(tiny_copy, me
     env = runtime.setup(cfg)
     enc = runtime.load_tokenizer(cfg)
     task = train.align_task(cfg, method, 0, f"align-{method}", str(tiny_copy / f"policy_{method}.pt"))
-    policy, critic = ppo.online(cfg, env, enc, method, 0, task, runtime.load_candidates(cfg, env, enc))
+    policy, critic = train.online(cfg, env, enc, method, 0, task, runtime.load_candidates(cfg, env, enc))
     sft, rm = (runtime.load_checkpoint(tiny_copy / f)["model"] for f in ("sft.pt", "rm.pt"))
     assert any(not torch.equal(sft[k], v) for k, v in policy.state_dict().items())
     if method == "ppo":
         assert any(not torch.equal(rm[k], v) for k, v in critic.state_dict().items())
     else:
         assert critic is None  # RLOO has no critic
-    curve = [r for r in report.read_curves(tiny_copy / "curves.jsonl") if r["task"] == f"align-{method}"]
+    curve = [r for r in records.read_curves(tiny_copy / "curves.jsonl") if r["task"] == f"align-{method}"]
     assert [r["step"] for r in curve] == [1, 2, 3, 4]
     kls = [r["kl"] for r in curve]
     assert all(abs(k) < 1e3 for k in kls) and sum(kls) / len(kls) >= -0.05  # the k1 estimate is >= 0 on average

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import data
-import report
 import config
+import records
 import runtime
 import train
 from conftest import ROOT, TINY, run, run_train, write_lines
@@ -192,7 +192,7 @@ def test_a_non_finite_loss_stops_with_its_step_and_keeps_the_last_good_checkpoin
         return (loss * float("nan") if len(calls) == 4 else loss), {}
 
     with pytest.raises(runtime.TrainingError) as e:
-        task = runtime.Task("sft", "sft", {"s": 1}, [], [str(tmp_path / "sft.pt")])
+        task = records.Task("sft", "sft", {"s": 1}, [], [str(tmp_path / "sft.pt")])
         train.train(cfg, env, task, model, 10, 6, 2, 1e-3, loss_fn, len, seed=0)
     assert "sft: the loss is nan at step 3" in str(e.value) and "sft.ckpt.pt (step 2), is kept" in str(e.value)
     ck = runtime.load_checkpoint(tmp_path / "sft.ckpt.pt")
@@ -228,5 +228,5 @@ def test_killed_training_resumes_to_exactly_the_uninterrupted_weights(tiny_run, 
     a = runtime.load_checkpoint(runs["killed"] / "sft.pt")["model"]
     b = runtime.load_checkpoint(runs["straight"] / "sft.pt")["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    curves = [r for r in report.read_curves(runs["killed"] / "curves.jsonl") if r["task"] == "sft"]
+    curves = [r for r in records.read_curves(runs["killed"] / "curves.jsonl") if r["task"] == "sft"]
     assert [r["step"] for r in curves] == list(range(1, 151))  # the resumed run continued its curve, no step twice

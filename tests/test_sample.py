@@ -7,7 +7,7 @@ import sys
 
 import config
 import data
-import report
+import records
 from conftest import ROOT
 
 
@@ -54,15 +54,15 @@ def test_clear_one_line_errors(tiny_copy, tmp_path):
 
 
 def test_every_training_task_logs_each_step_once_and_the_figure_is_drawn(tiny_run):
-    records = report.read_curves(tiny_run[0] / "curves.jsonl")
+    curves = records.read_curves(tiny_run[0] / "curves.jsonl")
     steps = {}
-    for r in records:
+    for r in curves:
         steps.setdefault(r["task"], []).append(r["step"])
     assert steps == {"sft": list(range(1, 7)), "rm": list(range(1, 5)), "align-ppo": [1, 2], "align-rloo": [1, 2],
                      **{f"align-{m}": [1, 2, 3] for m in ("vcb", "dpo", "ipo", "slic", "rrhf")}}
-    vcb = [r for r in records if r["task"] == "align-vcb"][0]
+    vcb = [r for r in curves if r["task"] == "align-vcb"][0]
     assert {"loss", "lr", "margin", "acc", "gap_corr", "skipped"} <= vcb.keys()
-    assert {"acc"} <= [r for r in records if r["task"] == "rm"][0].keys()
+    assert {"acc"} <= [r for r in curves if r["task"] == "rm"][0].keys()
     assert (tiny_run[0] / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -70,9 +70,9 @@ def test_a_resumed_task_continues_its_curve_and_a_fresh_one_restarts_it(tmp_path
     file = tmp_path / "curves.jsonl"
     lines = [{"task": "sft", "step": s, "loss": 1.0 / s} for s in range(1, 6)] + [{"task": "rm", "step": 1, "loss": 0.7}]
     file.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"task": "sft", "st')  # a line torn by a crash
-    report.curves_from(file, "sft", 3)  # resumed at step 3: steps 4 and 5 will be logged again
-    assert [(r["task"], r["step"]) for r in report.read_curves(file)] == [("sft", 1), ("sft", 2), ("sft", 3), ("rm", 1)]
-    report.curves_from(file, "rm", 0)  # run afresh
-    assert [r["task"] for r in report.read_curves(file)] == ["sft"] * 3
-    report.curves_append(file, {"task": "rm", "step": 1, "loss": float("nan")})
-    assert report.read_curves(file)[-1] == {"task": "rm", "step": 1, "loss": None}
+    records.curves_from(file, "sft", 3)  # resumed at step 3: steps 4 and 5 will be logged again
+    assert [(r["task"], r["step"]) for r in records.read_curves(file)] == [("sft", 1), ("sft", 2), ("sft", 3), ("rm", 1)]
+    records.curves_from(file, "rm", 0)  # run afresh
+    assert [r["task"] for r in records.read_curves(file)] == ["sft"] * 3
+    records.curves_append(file, {"task": "rm", "step": 1, "loss": float("nan")})
+    assert records.read_curves(file)[-1] == {"task": "rm", "step": 1, "loss": None}
