@@ -190,7 +190,7 @@ def main(argv):
     print_estimates(peak if device_type == "cuda" else None)
 
 
-# ---- estimates for a real run: GPT-2-small on HH (README, "Presets")
+# ---- estimates for a real run: GPT-2-small on HH (docs/gpu.md, "Presets")
 
 HH_PRESET = dict(n_params=124e6, n_layer=12, n_embd=768, vocab=50257, seq=512, new_tokens=128,
                  sft=dict(steps=2000, batch=64, accum=4), rm=dict(steps=1000, batch=64, accum=4),
@@ -228,7 +228,7 @@ def print_estimates(peak=None, mfu=0.4, bandwidth=3.35e12):
                "sample": decode(n_samples, 32 * h["n_candidates"]) + 2 * flops_train(n_samples) / 3,
                "align": h["methods"] * flops_train(h["align"]["steps"] * h["align"]["prompts"] * h["n_candidates"]),
                "eval": (1 + h["methods"]) * 2 * (decode(h["n_eval"], 64) + flops_train(h["n_eval"]) / 2)}
-    print(f"\nestimated for the GPT-2-small HH preset (README), at {100 * mfu:.0f}% MFU of {peak / 1e12:.0f} TFLOP/s:")
+    print(f"\nestimated for the GPT-2-small HH preset (docs/gpu.md), at {100 * mfu:.0f}% MFU of {peak / 1e12:.0f} TFLOP/s:")
     print("| stage | micro-batch | peak GPU memory | time |\n|---|---|---|---|")
     for stage in ("sft", "rm", "sample", "align", "eval"):
         batch = f"{rows[stage]} x {S} tokens" if stage in rows else ("256 rows, KV cache" if stage == "sample" else "64 rows, 3 models")

@@ -42,7 +42,7 @@ class Config:
     jobs: int = 0                    # experiments.py: policies trained at once in worker processes (0: auto, the CPU cores on CPU, 1 on GPU)
     # ---- data
     data: str = "builtin"            # builtin (reviews with a gold reward), hh, tldr, or jsonl (your own files)
-    data_dir: str = ""               # folder of the hh, tldr or jsonl files (README: "Your own data")
+    data_dir: str = ""               # folder of the hh, tldr or jsonl files (docs/data.md)
     tokenizer: str = "bpe"           # bpe: trained here on the SFT text; gpt2: tiktoken's, from a local cache
     vocab_size: int = GPTConfig.vocab_size  # bpe: vocabulary size, <|endoftext|> included
     n_sft: int = 4000                # SFT demonstrations (hh, tldr, jsonl: at most this many, 0 for all)

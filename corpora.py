@@ -1,7 +1,7 @@
 """
 corpora.py: the paper's data sets, Anthropic HH-RLHF and Reddit TL;DR, and your own JSON-lines
 files, read from a local folder into the pipeline's records (data.TASK_FILES). Nothing is
-downloaded: fetch the published files once and point --data_dir at them (README, "Your own data").
+downloaded: fetch the published files once and point --data_dir at them (docs/data.md).
 
 - jsonl: our own files, checked strictly: any bad line is an error naming the file, line and field.
 - hh, tldr: the published formats, read leniently: a malformed record (a transcript with no

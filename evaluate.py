@@ -13,6 +13,7 @@ evaluate.py: models reading text in batches, and the evaluation of policies.
 
 Used by train.py (the sample and eval stages) and experiments.py.
 """
+import math
 import os
 
 import torch
@@ -169,3 +170,31 @@ def sample_and_score(cfg, env, enc, name, pi, sft, rm, prompts, seed, set_name):
             r.update({key: v[j] for key, v in scores.items()})
         rows += chunk
     return sorted(gather(env, rows), key=lambda r: (r["prompt_idx"], r["sample"]))
+
+
+def sample_candidates(cfg, env, enc, prompts, n, seed):
+    """n candidates per prompt from SFT, as records {prompt, responses, rewards, ref_logps}."""
+    sft = load_model(path(cfg, "sft.pt"), env, enc, cfg).eval()
+    max_prompt = cfg.block_size - cfg.max_new_tokens
+    long = sum(len(enc.encode_ordinary(p)) + 1 > max_prompt for p in prompts)
+    if long:
+        log(env, f"sample: {long} prompts are longer than block_size - max_new_tokens = {max_prompt} tokens and are cut from the left")
+    # Every chunk is scored on its own, so the candidates file is the same whatever the number of
+    # processes. Generation and SFT log-probs first, then the RM (one model at a time).
+    mine = []  # per chunk: its first prompt's index, prompts, responses, token ids, SFT log-probs
+    for c, batch, _, outs in sample_chunks(cfg, env, enc, sft, prompts, seed, temperature=cfg.temperature,
+                                           top_k=cfg.top_k or None, top_p=cfg.top_p, num_samples=n):
+        texts = [[decode(enc, o) for o in outs[i * n:(i + 1) * n]] for i in range(len(batch))]
+        groups = [data.encode_group(enc, p, ys) for p, ys in zip(batch, texts)]  # the text, as alignment reads it
+        mine.append((c, batch, texts, groups, score_logps(cfg, env, sft, enc, groups)))
+    del sft
+    rm = load_model(path(cfg, "rm.pt"), env, enc, cfg).eval()
+    out = []
+    for c, batch, texts, groups, logps in mine:
+        rewards = score_rewards(cfg, env, rm, enc, groups)
+        if not all(math.isfinite(v) for v in rewards + logps):
+            raise TrainingError(f"sample: non-finite scores for the prompts from {c}; check rm.pt and sft.pt")
+        for i, (prompt, ys) in enumerate(zip(batch, texts)):
+            k = slice(i * n, (i + 1) * n)
+            out.append({"i": c + i, "prompt": prompt, "responses": ys, "rewards": rewards[k], "ref_logps": logps[k]})
+    return [{k: v for k, v in r.items() if k != "i"} for r in sorted(gather(env, out), key=lambda r: r["i"])]

@@ -190,15 +190,18 @@ def rm_quality(cfg, env):
             mark_done(cfg, env, task)
         quality[label] = rm_scores_on(cfg, env, enc, rm_file, held)
         runs += policy_grid(cfg, env, f"rm_{label}", folder, OFFLINE, betas, seeds, candidates=cands, variant=f"{label} RM")
+    lines = ["| reward model | preference data | accuracy against the gold order | correlation with the gold reward |",
+             "|---|---|---|---|"]
+    for k, q in quality.items():
+        prefs = RM_VARIANTS.get(k, dict(n_prefs=cfg.n_prefs, pref_tau=cfg.pref_tau))
+        lines.append(f"| {k} | {prefs['n_prefs']} pairs, pref_tau {prefs['pref_tau']:g} | {q['gold_accuracy']:.3f} | "
+                     f"{q['gold_correlation']:.3f} |")
+    models = "\n".join(lines) + "\n"
+    if env.master:
+        data.write_text(path(cfg, folder, "reward_models.md"), models)
     write_results(cfg, env, folder, runs, "Reward models of three qualities", "Reward-model quality",
-                  extra={"reward_models": quality}, note="\n".join(
-                      f"- {k} RM: {prefs_note(RM_VARIANTS.get(k))}accuracy against the gold order {q['gold_accuracy']:.3f}, "
-                      f"correlation with the gold reward {q['gold_correlation']:.3f} (the run's {len(held)} held-out pairs)"
-                      for k, q in quality.items()))
-
-
-def prefs_note(prefs):
-    return f"{prefs['n_prefs']} pairs at pref_tau {prefs['pref_tau']:g}; " if prefs else ""
+                  extra={"reward_models": quality},
+                  note=f"Each reward model judged on the run's {len(held)} held-out preference pairs:\n\n{models}")
 
 
 def n_candidates(cfg, env):
@@ -210,9 +213,9 @@ def n_candidates(cfg, env):
     task = Task("more-candidates", "sample", {**stage_settings(cfg, "sample"), "seed_offset": 1}, [main], [extra])
     if not up_to_date(cfg, env, task):
         prompts = [r["prompt"] for r in data.read_jsonl(main)]
-        records = train.sample_candidates(cfg, env, enc, prompts, cfg.n_candidates, cfg.seed + 1)
+        sampled = evaluate.sample_candidates(cfg, env, enc, prompts, cfg.n_candidates, cfg.seed + 1)
         if env.master:
-            data.write_jsonl(extra, records)
+            data.write_jsonl(extra, sampled)
         mark_done(cfg, env, task)
     methods, betas, seeds = ["vcb", "dpo"], sweep_list(cfg, "sweep_betas", float), sweep_list(cfg, "sweep_seeds", int)
     runs = [{**r, "variant": f"n={cfg.n_candidates}"} for r in main_grid(cfg, env, methods)]
@@ -373,6 +376,10 @@ def write_results(cfg, env, folder, runs, plot_title, heading, split="eval", ext
                       f"along each method's beta curve, per seed):\n\n{report.matched_kl_table(matched[s], judge)}\n\n"
                       for s in order if s in matched))
     data.write_text(path(cfg, folder, "results.md"), text)
+    data.write_text(path(cfg, folder, "table.md"), table + "\n")  # the pieces docs/ copies in (python report.py)
+    for s, name in (("eval", "matched_kl.md"), ("ood", "matched_kl_ood.md")):
+        if s in matched:
+            data.write_text(path(cfg, folder, name), report.matched_kl_table(matched[s], judge) + "\n")
     print("\n" + text)
     reward = report.reward_key(judge)
     points = [dict(method=m, beta=b, kl=r[split]["kl"][0], kl_std=r[split]["kl"][1], reward=r[split][reward][0],

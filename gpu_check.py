@@ -1,7 +1,7 @@
 """
 gpu_check.py: see that everything works on one GPU, and how fast, with one command (sized for 5 to
 8 minutes on an H100-class GPU, each step stopped after --limit seconds); what it measured goes into
-one markdown file, ready for the README.
+one markdown file, ready for docs/gpu.md.
 
     python gpu_check.py                        # on a machine with a CUDA GPU -> gpu_check/gpu_check.md
     python gpu_check.py --tiny --out=check     # the same steps at a tiny size, on a CPU (the tests run it)

@@ -1,13 +1,21 @@
 """
 report.py: from scored samples to the numbers, tables and figures of train.py's eval stage and of
 experiments.py: metrics, results tables, the reward/KL plot, the training curves, the reward at
-matched KL. No models here: plain Python on lists of dicts, and matplotlib for the figures.
+matched KL. No models here: plain Python on lists of dicts, and matplotlib for the figures. Run
+alone, it copies the tables and figures a run wrote into the documentation:
+
+    python report.py --out_dir=out      # every `<!-- from FILE -->` block of README.md and docs/*.md
 
 A scored sample (evaluate.sample_and_score) is a dict with the prompt, the response text, logp_pi and
 logp_sft on its exact tokens, the RM score `rm` and, on the built-in task, the `gold` reward.
 """
+import glob
 import math
 import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass
 
 import data
 import records
@@ -272,3 +280,63 @@ def plot_steps(table, file, judge, factor):
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     save_figure(plt, fig, file)
+
+
+# -----------------------------------------------------------------------------
+# the documentation's tables and figures are the files the runs wrote, copied in, never retyped
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+BLOCK = re.compile(r"(<!-- from (\S+) -->\n)(.*?)(<!-- end -->)", re.S)
+IMAGE = re.compile(r"<!-- image (\S+) -->\n!\[[^\]]*\]\(([^)]+)\)")
+
+
+def sync_docs(out_dir, files=None):
+    """In each documentation file, the text between `<!-- from FILE -->` and `<!-- end -->` becomes
+    FILE's (a path inside out_dir), and the image after `<!-- image FILE -->` becomes a copy of
+    FILE. Files the run has not written are left as they were and listed. Returns (blocks copied,
+    missing files)."""
+    copied, missing = 0, []
+    for doc in files or [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md"))):
+        with open(doc, encoding="utf-8") as f:
+            text = f.read()
+
+        def fill(m):
+            nonlocal copied
+            source = os.path.join(out_dir, m[2])
+            if not os.path.isfile(source):
+                missing.append(m[2])
+                return m[0]
+            copied += 1
+            with open(source, encoding="utf-8") as f:
+                body = f.read()
+            return m[1] + "```\n" + body.strip("\n") + "\n```\n" + m[4] if m[2].endswith((".txt", ".log")) else \
+                m[1] + body.rstrip() + "\n" + m[4]
+
+        new = BLOCK.sub(fill, text)
+        for m in IMAGE.finditer(new):
+            source = os.path.join(out_dir, m[1])
+            if os.path.isfile(source):
+                shutil.copyfile(source, os.path.join(os.path.dirname(doc), m[2]))  # the image's path is the doc's own
+                copied += 1
+            else:
+                missing.append(m[1])
+        if new != text:
+            data.write_text(doc, new)
+    return copied, sorted(set(missing))
+
+
+@dataclass
+class SyncConfig:
+    out_dir: str = "out"             # the run whose files the documentation quotes
+
+
+def main(argv):
+    from config import parse_options  # only this command needs the option parser
+    opts = parse_options(SyncConfig(), argv, __doc__)
+    n, missing = sync_docs(opts.out_dir)
+    print(f"copied {n} tables and figures from {opts.out_dir}" +
+          (f"; not written yet, left as they were: {', '.join(missing)}" if missing else ""))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

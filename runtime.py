@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 import data
 import vcb
-from config import ConfigError
+from config import ConfigError, parse_args
 from data import DataError
 from model import GPT, GPTConfig
 
@@ -87,6 +87,21 @@ def setup(cfg):
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: ~free speed for float32 work on Ampere+
         torch.backends.cudnn.allow_tf32 = True
     return Env(device, device_type, dtype, rank, world)
+
+
+def start(argv, doc=""):
+    """Options, devices and processes of a run; prints and saves the config."""
+    cfg = parse_args(argv, doc)
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out_dir={cfg.out_dir}: cannot create it ({e.strerror})") from None
+    env = setup(cfg)
+    if env.master:
+        print("config: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
+        data.write_json(path(cfg, "config.json"), dataclasses.asdict(cfg))
+        print(f"device: {env.device} ({str(env.dtype).removeprefix('torch.')}), processes: {env.world}")
+    return cfg, env
 
 
 def log(env, msg):

@@ -23,7 +23,6 @@ and evaluation in evaluate.py, an iteration of PPO and RLOO in ppo.py.
 """
 import dataclasses
 import functools
-import math
 import os
 import time
 from contextlib import nullcontext
@@ -41,13 +40,13 @@ import records
 import report
 import reviews
 import vcb
-from config import ONLINE, STAGES, ConfigError, align_settings, method_list, parse_args, stage_settings
-from evaluate import beta_label, decode, evaluate, judge_name, real_mask, sample_chunks, score_logps, score_rewards
+from config import ONLINE, STAGES, ConfigError, align_settings, method_list, stage_settings
+from evaluate import beta_label, decode, evaluate, judge_name, real_mask, sample_candidates, score_rewards
 from model import GPT, GPTConfig, response_logps
 from records import Task, mark_done, up_to_date
-from runtime import (TrainingError, barrier, batch_indices, check_healthy, command, encode_all, gather, kept_checkpoint,
+from runtime import (TrainingError, barrier, batch_indices, check_healthy, command, encode_all, kept_checkpoint,
                      load_candidates, load_checkpoint, load_data, load_model, load_tokenizer, log, lr_at, model_args,
-                     note_progress, path, progress_file, resume, save_model, save_progress, save_snapshot, setup)
+                     note_progress, path, progress_file, resume, save_model, save_progress, save_snapshot, start)
 
 PAIR_LOSSES = {"dpo": vcb.dpo_loss, "ipo": vcb.ipo_loss, "slic": vcb.slic_loss}
 
@@ -294,34 +293,6 @@ def stage_sample(cfg, env, task):
     barrier(env)
 
 
-def sample_candidates(cfg, env, enc, prompts, n, seed):
-    """n candidates per prompt from SFT, as records {prompt, responses, rewards, ref_logps}."""
-    sft = load_model(path(cfg, "sft.pt"), env, enc, cfg).eval()
-    max_prompt = cfg.block_size - cfg.max_new_tokens
-    long = sum(len(enc.encode_ordinary(p)) + 1 > max_prompt for p in prompts)
-    if long:
-        log(env, f"sample: {long} prompts are longer than block_size - max_new_tokens = {max_prompt} tokens and are cut from the left")
-    # Every chunk is scored on its own, so the candidates file is the same whatever the number of
-    # processes. Generation and SFT log-probs first, then the RM (one model at a time).
-    mine = []  # per chunk: its first prompt's index, prompts, responses, token ids, SFT log-probs
-    for c, batch, _, outs in sample_chunks(cfg, env, enc, sft, prompts, seed, temperature=cfg.temperature,
-                                           top_k=cfg.top_k or None, top_p=cfg.top_p, num_samples=n):
-        texts = [[decode(enc, o) for o in outs[i * n:(i + 1) * n]] for i in range(len(batch))]
-        groups = [data.encode_group(enc, p, ys) for p, ys in zip(batch, texts)]  # the text, as alignment reads it
-        mine.append((c, batch, texts, groups, score_logps(cfg, env, sft, enc, groups)))
-    del sft
-    rm = load_model(path(cfg, "rm.pt"), env, enc, cfg).eval()
-    out = []
-    for c, batch, texts, groups, logps in mine:
-        rewards = score_rewards(cfg, env, rm, enc, groups)
-        if not all(math.isfinite(v) for v in rewards + logps):
-            raise TrainingError(f"sample: non-finite scores for the prompts from {c}; check rm.pt and sft.pt")
-        for i, (prompt, ys) in enumerate(zip(batch, texts)):
-            k = slice(i * n, (i + 1) * n)
-            out.append({"i": c + i, "prompt": prompt, "responses": ys, "rewards": rewards[k], "ref_logps": logps[k]})
-    return [{k: v for k, v in r.items() if k != "i"} for r in sorted(gather(env, out), key=lambda r: r["i"])]
-
-
 # -----------------------------------------------------------------------------
 # stage: align
 
@@ -489,21 +460,6 @@ def align_task(cfg, method, seed, name, file, candidates=None):
     if method in ONLINE:  # the online methods sample their own responses: the prompts and the RM instead
         inputs += [path(cfg, "data", "align_prompts.jsonl"), path(cfg, "rm.pt")]
     return Task(name, "align", align_settings(cfg, method, seed), inputs, [file])
-
-
-def start(argv, doc=__doc__):
-    """Options, devices and processes of a run; prints and saves the config."""
-    cfg = parse_args(argv, doc)
-    try:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"--out_dir={cfg.out_dir}: cannot create it ({e.strerror})") from None
-    env = setup(cfg)
-    if env.master:
-        print("config: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
-        data.write_json(path(cfg, "config.json"), dataclasses.asdict(cfg))
-        print(f"device: {env.device} ({str(env.dtype).removeprefix('torch.')}), processes: {env.world}")
-    return cfg, env
 
 
 def main(argv, then=None, doc=__doc__):

@@ -1,4 +1,4 @@
-"""Inputs that broke the README's guarantees once, and what a new user tries on day one: each gets a
+"""Inputs that broke the guarantees (docs/guarantees.md) once, and what a new user tries on day one: each gets a
 one-line error with exit status 2, or a documented, counted handling; never a traceback, a hang, a
 NaN in the results, or a later stage crashing on what an earlier stage accepted."""
 import gzip

@@ -1,4 +1,4 @@
-"""The CUDA paths (README, "One GPU"): each test is marked `cuda` and skips where PyTorch sees no GPU.
+"""The CUDA paths (docs/gpu.md, "One GPU"): each test is marked `cuda` and skips where PyTorch sees no GPU.
 gpu_check.py runs them first: python -m pytest -m cuda"""
 import os
 

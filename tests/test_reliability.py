@@ -1,5 +1,5 @@
 """Bad input gets a one-line error naming the file, line and field, and leaves no half-written file;
-interrupted runs lose nothing; checkpoints from elsewhere run no code. (README: "Guarantees".)"""
+interrupted runs lose nothing; checkpoints from elsewhere run no code. (docs/guarantees.md)"""
 import json
 import os
 import shutil
