@@ -155,7 +155,7 @@ def main(argv):
     seqs = torch.tensor([prompt + r for prompt, rs in groups for r in rs], device=device)   # (rows, T) padded
     mask = torch.zeros_like(seqs, dtype=torch.bool)
     mask[:, P:] = True
-    packed = data.pack(groups, cfg.block_size, cfg.vocab_size - 1).to(device)
+    packed = data.pack(groups, cfg.block_size).to(device)
     ref = torch.randn(prompts_per_step, n, device=device) - 50
     rewards = torch.randn(prompts_per_step, n, device=device)
 

@@ -7,7 +7,7 @@ data.py: the tokenizer, the data files and the sequences the models read.
 - Files: JSON lines, read with a one-line error naming the file, line and field; every output is
   written to a temporary file and renamed into place, so a crash never leaves half a file.
 - Sequences: <|endoftext|> + prompt + response + <|endoftext|>, right-padded into batches.
-- Packed candidates: a prompt's responses read after one copy of it (pack).
+- Packed candidates: a prompt's responses read after one copy of it, real tokens only (pack).
 The task's records come from reviews.py (the built-in task, generated) or corpora.py (the paper's
 data sets and your own files).
 """
@@ -371,26 +371,43 @@ def collate(examples, pad_id):
 
 
 @dataclass
+class Bucket:
+    """Responses of about the same length, read together: their tokens' places in the flat sequence,
+    right-padded to the longest of them (padding points at place 0 and is never read)."""
+    tokens: torch.Tensor   # (S_b, R_b) place of each response token
+    lengths: torch.Tensor  # (S_b,) tokens per response
+    group: torch.Tensor    # (S_b,) the prompt each response follows
+    real: torch.Tensor     # (sum of lengths,) where the real entries of tokens are, flattened
+
+
+@dataclass
 class Packed:
-    """A prompt's responses packed into one row after it, so the prompt is read once, not once per
-    response, and no row is padded to the longest sequence of the batch. Row g holds prompt g, then
-    its responses one after another; each response token sees its prompt and the tokens of its own
-    response before it (`mask`), at the positions it would have alone (`pos`). Shapes: G prompts, L
-    the longest row, S responses in all, N response tokens in all."""
-    idx: torch.Tensor      # (G, L) token ids, right-padded
-    pos: torch.Tensor      # (G, L) each token's position in its own sequence: prompt, then its response
-    mask: torch.Tensor     # (G, 1, L, L) True where a query may attend
-    rows: torch.Tensor     # (N,) the row of each response token,
-    cols: torch.Tensor     # (N,) ... and the column that predicts it: the token before it in its sequence
+    """Prompts, each followed by its responses, as one flat sequence of real tokens: prompt 0, its
+    responses, prompt 1, its responses... No token is padding, and the linear layers and heads run on
+    real tokens only. Attention follows the layout (model.packed_attention): a prompt's tokens see
+    the prompt's earlier tokens, a response's tokens see their prompt and their own earlier tokens, at
+    the positions they would have alone; nothing is computed between responses. The prompt is read
+    once, not once per response. Shapes: T tokens in all, G prompts, S responses, N response tokens."""
+    idx: torch.Tensor      # (T,) token ids
+    pos: torch.Tensor      # (T,) each token's position in its own sequence: its prompt, then itself
+    prompts: torch.Tensor  # (G, P) place of each prompt's tokens, right-padded (with place 0)
+    prompt_lengths: torch.Tensor  # (G,)
+    prompt_real: torch.Tensor  # (sum of prompt_lengths,) where the real entries of prompts are, flattened
+    buckets: list          # [Bucket]: the responses by length, so that little is padded
+    order: torch.Tensor    # (T,) places of the real prompt tokens, then of each bucket's real tokens, in order:
+    inverse: torch.Tensor  # (T,) ... and where place t is in that order (the attention's outputs come back through it)
+    cols: torch.Tensor     # (N,) place of the token that predicts each response token: the one before it in its sequence
     targets: torch.Tensor  # (N,) the response tokens
     seq: torch.Tensor      # (N,) which response each token belongs to, 0..S-1, prompt-major
-    last: torch.Tensor     # (S,) the column of each response's last token (where the reward model reads),
-    last_rows: torch.Tensor  # (S,) ... in this row
+    last: torch.Tensor     # (S,) place of each response's last token (where the reward model reads)
     lengths: torch.Tensor  # (S,) tokens per response
-    cut: int                 # sequences cut to fit block_size
+    cut: int               # sequences cut to fit block_size
 
     def to(self, device):
-        return Packed(**{k: v.to(device) if hasattr(v, "to") else v for k, v in self.__dict__.items()})
+        move = lambda v: v.to(device) if torch.is_tensor(v) else v  # noqa: E731
+        fields = {k: move(v) for k, v in self.__dict__.items()}
+        fields["buckets"] = [Bucket(*(move(t) for t in (b.tokens, b.lengths, b.group, b.real))) for b in self.buckets]
+        return Packed(**fields)
 
     def by_response(self, flat):
         """Per-token values (N,) in response order as rows (S, T) right-padded with 0, one per
@@ -398,6 +415,31 @@ class Packed:
         rows = pad_sequence(flat.split(self.lengths.tolist()), batch_first=True)        # (S, T)
         mask = torch.arange(rows.size(1), device=rows.device)[None, :] < self.lengths[:, None]
         return rows, mask.float()
+
+    def dense(self):
+        """The same batch as rows, one per prompt (the prompt, then its responses, right-padded), with
+        the (G, 1, L, L) mask that lets each token see what it sees in the packed layout: the reference
+        that model.packed_attention must equal (tests, bench.py). Returns (idx, pos, mask, where):
+        where (T,) is each token's place in the rows, flattened (row * L + column)."""
+        G, T = len(self.prompts), len(self.idx)
+        seg = torch.zeros(T, dtype=torch.long)  # 0: a prompt token, k + 1: a token of response k
+        group = torch.zeros(T, dtype=torch.long)
+        for g in range(G):
+            group[self.prompts[g, :self.prompt_lengths[g]]] = g
+        for s, b in enumerate(self.buckets):
+            for i in range(len(b.lengths)):
+                places = b.tokens[i, :b.lengths[i]]
+                seg[places], group[places] = 1 + s * 10_000 + i, b.group[i]
+        starts = torch.searchsorted(group, torch.arange(G))                      # groups are contiguous
+        col = torch.arange(T) - starts[group]
+        L = int(col.max()) + 1
+        idx, pos, segs = (torch.zeros(G, L, dtype=torch.long) for _ in range(3))
+        segs -= 1                                                               # -1: padding
+        idx[group, col], pos[group, col], segs[group, col] = self.idx, self.pos, seg
+        causal = torch.ones(L, L, dtype=torch.bool).tril()
+        same = (segs[:, None, :] == 0) | (segs[:, None, :] == segs[:, :, None])  # the prompt, or my own response
+        mask = (causal & same & (segs[:, None, :] >= 0)) | torch.eye(L, dtype=torch.bool)  # padding sees itself: no NaN
+        return idx, pos, mask[:, None], group * L + col
 
 
 def encode_group(enc, prompt, responses):
@@ -418,39 +460,44 @@ def fit(prompt, responses, block_size):
     return prompt, [r[:room] for r in responses], max(cut, sum(len(r) > room for r in responses))
 
 
-def pack(groups, block_size, pad_id):
+def pack(groups, block_size):
     """groups: [(prompt ids, [response ids, ...])] as encode_group gives them, cut to fit block_size
-    by fit(). Returns Packed."""
-    rows, cut = [], 0
-    for prompt, responses in groups:
+    by fit(). Returns Packed; the attention's masks are built from its lengths on the device."""
+    ids, pos, prompts, cut = [], [], [], 0
+    cols, targets, seq, last, lengths, by_length = [], [], [], [], [], {}
+    for g, (prompt, responses) in enumerate(groups):
         prompt, responses, n_cut = fit(prompt, responses, block_size)
-        rows.append((prompt, responses))
         cut += n_cut
-    L = max(len(p) + sum(len(r) for r in rs) for p, rs in rows)
-    G = len(rows)
-    idx = torch.full((G, L), pad_id, dtype=torch.long)
-    pos = torch.zeros((G, L), dtype=torch.long)
-    seg = torch.full((G, L), -1, dtype=torch.long)  # 0: prompt, k + 1: response k, -1: padding
-    tok_rows, tok_cols, targets, seq, last, last_rows, lengths = [], [], [], [], [], [], []
-    for g, (prompt, responses) in enumerate(rows):
-        P, c = len(prompt), len(prompt)
-        idx[g, :P], pos[g, :P], seg[g, :P] = torch.tensor(prompt), torch.arange(P), 0
-        for k, r in enumerate(responses):
-            idx[g, c:c + len(r)], pos[g, c:c + len(r)], seg[g, c:c + len(r)] = torch.tensor(r), torch.arange(P, P + len(r)), k + 1
-            tok_rows += [g] * len(r)
-            tok_cols += [P - 1] + list(range(c, c + len(r) - 1))  # the first token is predicted by the prompt's last
+        P, start = len(prompt), len(ids)
+        prompts.append(list(range(start, start + P)))
+        ids += prompt
+        pos += range(P)
+        for r in responses:
+            here = len(ids)
+            by_length.setdefault((len(r) - 1).bit_length(), []).append((list(range(here, here + len(r))), g))
+            cols += [start + P - 1] + list(range(here, here + len(r) - 1))  # the first token is predicted by the prompt's last
+            ids += r
+            pos += range(P, P + len(r))
             targets += r
             seq += [len(lengths)] * len(r)
-            last.append(c + len(r) - 1)
-            last_rows.append(g)
+            last.append(here + len(r) - 1)
             lengths.append(len(r))
-            c += len(r)
-    causal = torch.ones(L, L, dtype=torch.bool).tril()
-    same = (seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])          # the prompt, or my own response
-    mask = (causal & same & (seg[:, None, :] >= 0)) | torch.eye(L, dtype=torch.bool)  # padding sees itself: no NaN
     t = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
-    return Packed(idx, pos, mask[:, None], t(tok_rows), t(tok_cols), t(targets), t(seq), t(last), t(last_rows),
-                  t(lengths), cut)
+
+    def padded(rows):  # rows of places -> (rows, longest) right-padded with place 0, and where the real entries are
+        width = max(map(len, rows))
+        return (t([row + [0] * (width - len(row)) for row in rows]),
+                t([i * width + j for i, row in enumerate(rows) for j in range(len(row))]))
+
+    buckets, order = [], sum(prompts, [])
+    for _, members in sorted(by_length.items()):  # lengths 1, 2, 3-4, 5-8, ...: a response is padded less than 2x
+        tokens, real = padded([places for places, _ in members])
+        buckets.append(Bucket(tokens, t([len(places) for places, _ in members]), t([g for _, g in members]), real))
+        order += [place for places, _ in members for place in places]
+    order = t(order)
+    prompt_places, prompt_real = padded(prompts)
+    return Packed(t(ids), t(pos), prompt_places, t([len(p) for p in prompts]), prompt_real, buckets, order,
+                  torch.argsort(order), t(cols), t(targets), t(seq), t(last), t(lengths), cut)
 
 
 def encode_prompt(enc, prompt, max_len):

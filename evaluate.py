@@ -57,7 +57,7 @@ def score_rewards(cfg, env, rm, enc, groups):
     read at each response's last token, packed and in batches of about eval_batch. A flat list."""
     out = []
     for chunk in chunks(groups, cfg.eval_batch):
-        p = data.pack(chunk, cfg.block_size, enc.eot_token).to(env.device)
+        p = data.pack(chunk, cfg.block_size).to(env.device)
         with env.autocast():
             out += rm(p, head="reward").tolist()
     return out
@@ -69,7 +69,7 @@ def score_logps(cfg, env, model, enc, groups):
     batches of about eval_batch. A flat list."""
     out = []
     for chunk in chunks(groups, cfg.eval_batch):
-        p = data.pack(chunk, cfg.block_size, enc.eot_token).to(env.device)
+        p = data.pack(chunk, cfg.block_size).to(env.device)
         with env.autocast():
             out += response_logps(model, p).tolist()
     return out

@@ -11,8 +11,8 @@ and go out through gpt2.py.
 Padding conventions, which the whole project relies on:
 - Training and scoring use RIGHT padding: real tokens first, padding after. Attention is causal, so a
   real position never sees the padding that follows it; no attention mask is needed.
-- A prompt's responses packed after it (data.pack) each see the prompt and their own earlier tokens,
-  at the positions they would have alone: an explicit mask and positions.
+- A prompt's responses packed after it (data.pack) are real tokens only, with no padding; each sees
+  the prompt and its own earlier tokens, at the positions it would have alone (packed_attention).
 - `generate` LEFT-pads prompts of different lengths, and then needs an explicit mask and positions
   so that each row sees exactly what it would see alone in the batch.
 """
@@ -78,19 +78,49 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head, self.dropout, self.layer = config.n_head, config.dropout, layer
 
-    def forward(self, x, attn_mask=None, cache=None):
+    def forward(self, x, attn_mask=None, cache=None, packed=None):
+        dropout_p = self.dropout if self.training else 0.0
+        if packed is not None:  # x (T, C): the real tokens of a packed batch
+            T, C = x.size()
+            q, k, v = (t.view(T, self.n_head, C // self.n_head) for t in self.c_attn(x).split(C, dim=1))
+            y = packed_attention(q, k, v, packed, dropout_p).reshape(T, C)
+            return self.resid_dropout(self.c_proj(y))
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, nh, T_past + T, hs)
-        dropout_p = self.dropout if self.training else 0.0
-        if attn_mask is None:  # right-padded training batch: plain causal, flash attention on CUDA
+        if attn_mask is None:  # right-padded rows: plain causal, flash attention on CUDA
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
-        else:                  # generation: (B, 1, T, T_past + T) says which keys each query may see
+        else:                  # (B, 1, T, T_past + T) says which keys each query may see
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+
+def packed_attention(q, k, v, p, dropout_p=0.0):
+    """Attention at the T real tokens of a data.Packed batch: q, k, v (T, n_head, head_dim) -> the
+    same shape. The prompts attend causally among themselves, all at once (G, P); each response
+    attends to its prompt's keys and values and, causally, to its own, the responses of about the
+    same length together (data.Bucket). Nothing is computed between responses, and the masks are
+    built here, on the device, from the lengths. Every gather is an index_select, whose backward
+    adds in a fixed order: the same batch gives the same gradients bit for bit, run after run."""
+    G, P = p.prompts.shape
+    def take(t, places):  # t (T, H, D) at places (rows, L) -> (rows, H, L, D)
+        return t.index_select(0, places.flatten()).view(*places.shape, *t.shape[1:]).transpose(1, 2)
+    qp, kp, vp = (take(t, p.prompts) for t in (q, k, v))                       # (G, H, P, D)
+    parts = [(F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, dropout_p=dropout_p), p.prompt_real)]
+    prompt_keys = torch.arange(P, device=q.device)[None, :] < p.prompt_lengths[:, None]            # (G, P)
+    for b in p.buckets:
+        S, R = b.tokens.shape
+        qr, kr, vr = (take(t, b.tokens) for t in (q, k, v))                    # (S, H, R, D)
+        keys, values = torch.cat([kp.index_select(0, b.group), kr], 2), torch.cat([vp.index_select(0, b.group), vr], 2)
+        own = torch.ones(R, R, dtype=torch.bool, device=q.device).tril()       # causal within the response
+        mask = torch.cat([prompt_keys.index_select(0, b.group)[:, None, :].expand(S, R, P), own.expand(S, R, R)], -1)
+        parts.append((F.scaled_dot_product_attention(qr, keys, values, attn_mask=mask[:, None], dropout_p=dropout_p), b.real))
+    # each part's real entries, in p.order, then every token from its place in that order
+    rows = [out.transpose(1, 2).flatten(0, 1).index_select(0, real) for out, real in parts]
+    return torch.cat(rows).index_select(0, p.inverse)
 
 
 class MLP(nn.Module):
@@ -115,8 +145,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, attn_mask=None, cache=None):
-        x = x + self.attn(self.ln_1(x), attn_mask, cache)
+    def forward(self, x, attn_mask=None, cache=None, packed=None):
+        x = x + self.attn(self.ln_1(x), attn_mask, cache, packed)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -169,31 +199,32 @@ class GPT(nn.Module):
             cache.len += T
         return self.transformer.ln_f(x)
 
-    def forward(self, x, targets=None, head="lm", mask=None):
+    def hidden_packed(self, p):
+        """The final hidden states (T, n_embd) of the real tokens of a data.Packed batch: the linear
+        layers run on those T tokens only, the attention follows the layout (packed_attention)."""
+        x = self.transformer.drop(self.transformer.wte(p.idx) + self.transformer.wpe(p.pos))
+        for block in self.transformer.h:
+            x = block(x, packed=p)
+        return self.transformer.ln_f(x)
+
+    def forward(self, x, targets=None, head="lm"):
         """The one way in, so that DistributedDataParallel and torch.compile see every use of the model.
         x is token ids (B, T) of right-padded rows, or a data.Packed batch (prompts, each with its
         responses after it):
           ids,    head "lm":     logits (B, T, vocab); with targets (B, T), the float32 log-probs
                                  log p(targets[:, t] | x[:, :t+1]) (B, T) (vcb.sequence_logps shifts for you)
-          ids,    head "reward": the reward model's score r(x, y) (B,) at each row's last real token,
-                                 mask (B, T) True on the real tokens. Attention is causal, so the score
-                                 depends neither on the padding after that token nor on the other rows
           Packed, head "lm":     the float32 log-prob of every response token (N,)
-          Packed, head "reward": the score of every response (S,), read at its last token
+          Packed, head "reward": the reward model's score r(x, y) of every response (S,), read at its last token
           Packed, head "value":  the reward head before every response token (N,): a critic's values
-        The heads run only where they are read (N or S positions, not every one of the batch)."""
+        On a packed batch the heads run only where they are read (N or S tokens)."""
         if torch.is_tensor(x):
             hidden = self.hidden(x)                                            # (B, T, C)
-            if head == "reward":
-                last = mask.long().sum(1) - 1                                  # (B,) the last real token
-                return self.score(hidden[torch.arange(x.size(0), device=x.device), last])
             return self.lm_head(hidden) if targets is None else self.logps(hidden, targets)
-        hidden = self.hidden(x.idx, x.pos, x.mask)                             # (G, L, C)
-        if head == "lm":
-            return self.logps(hidden[x.rows, x.cols], x.targets)
-        if head == "value":
-            return self.score(hidden[x.rows, x.cols])
-        return self.score(hidden[x.last_rows, x.last])
+        hidden = self.hidden_packed(x)                                         # (T, C)
+        if head == "reward":
+            return self.score(hidden.index_select(0, x.last))
+        before = hidden.index_select(0, x.cols)                                # (N, C): what predicts each response token
+        return self.logps(before, x.targets) if head == "lm" else self.score(before)
 
     def logps(self, hidden, targets):
         """log p(targets) from the hidden states that predict them: (..., C), (...) -> (...) float32.
@@ -207,8 +238,11 @@ class GPT(nn.Module):
         return self.reward_head(hidden).squeeze(-1).float()
 
     def reward(self, idx, mask):
-        """r(x, y) for right-padded rows idx (B, T) with mask (B, T) 1 on real tokens: (B,) float32."""
-        return self(idx, head="reward", mask=mask)
+        """r(x, y) of right-padded rows idx (B, T), mask (B, T) 1 on real tokens: the score at each row's
+        last real token, (B,) float32. Attention is causal, so it depends neither on the padding after
+        that token nor on the other rows. (Training and scoring read packed batches through forward.)"""
+        last = mask.long().sum(1) - 1                                          # (B,)
+        return self.score(self.hidden(idx)[torch.arange(idx.size(0), device=idx.device), last])
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW with weight decay on matrices only (not on biases, LayerNorm gains or the head bias)."""
@@ -263,8 +297,10 @@ class GPT(nn.Module):
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
         logps = torch.zeros(B, dtype=torch.float32, device=idx.device)
         t = L  # tokens so far in every row (padding included)
+        broken = torch.zeros((), dtype=torch.bool, device=idx.device)  # a non-finite logit in any step so far
         logits = self.prefill(idx, pos, mask, t, num_samples, cache)              # (B, V)
         for step in range(max_new_tokens):
+            broken |= ~torch.isfinite(logits).all()
             # a uniform draw for every row of the whole batch at every step, used or not: what a row
             # samples does not depend on which rows are still in the batch
             u = None if temperature == 0 else torch.rand(B, 1, generator=generator, device=idx.device, dtype=torch.float64)[live]
@@ -279,13 +315,17 @@ class GPT(nn.Module):
                 finished[live] = done | (next_token == stop_token)
             idx[live, t] = next_token
             t += 1
-            if finished.all() or step == max_new_tokens - 1:
+            # the one read of a step (it waits for the device): how many live rows have finished
+            n_done, bad = torch.stack([finished[live].sum(), broken.long()]).tolist()
+            if bad:  # else the draws go on from NaNs, and on CUDA may end in a device assert
+                raise ValueError("the model's next-token probabilities are not finite: its weights are broken")
+            if n_done == len(live) or step == max_new_tokens - 1:  # rows that left the batch had finished
                 break
             # Responses end at very different lengths. Computing the finished rows until the longest
             # is done wastes most of the steps, so they leave the batch once they are a quarter of
             # it (not every step: dropping rows copies the cache).
-            going = ~finished[live]
-            if (~going).sum() * 4 >= len(live):
+            if n_done * 4 >= len(live):
+                going = ~finished[live]
                 live = live[going]
                 if cache is not None:
                     cache.keep(going.nonzero().squeeze(1))
@@ -370,8 +410,6 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None,
     if temperature == 0:
         return logits.argmax(-1)
     probs = F.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
-    if not torch.isfinite(probs).all():  # else the draw fails with a bare error, or a device assert on CUDA
-        raise ValueError("the model's next-token probabilities are not finite: its weights are broken")
     cdf = probs.double().cumsum(-1)                                                   # (B, V)
     if u is None:
         u = torch.rand(probs.size(0), 1, generator=generator, device=probs.device, dtype=torch.float64)

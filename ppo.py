@@ -27,7 +27,7 @@ import torch
 import data
 import vcb
 from evaluate import decode, score_rewards
-from runtime import TrainingError, batch_indices, load_data, load_model, lr_at, path
+from runtime import batch_indices, load_data, load_model, lr_at, path
 
 
 @dataclass
@@ -67,11 +67,10 @@ def iteration(cfg, env, enc, o, method, seed, it, beta):
         metrics = ppo_update(cfg, env, enc, o, batch, beta, seed, it)
     else:
         metrics = rloo_update(cfg, env, enc, o, batch, beta, it)
-    kl = batch["kl"].mean().item()
-    if cfg.ppo_target_kl > 0:
-        beta = vcb.adaptive_beta(beta, kl, cfg.ppo_target_kl, len(batch["eos"]), cfg.ppo_kl_horizon)
-    metrics = {"score": batch["raw_scores"].mean().item(), "kl": kl, "eos_rate": batch["eos"].float().mean().item(),
-               "beta": beta, **metrics}
+    kl = batch["kl"].mean()
+    if cfg.ppo_target_kl > 0:  # the controller needs the KL now: the one read of an iteration
+        beta = vcb.adaptive_beta(beta, kl.item(), cfg.ppo_target_kl, len(batch["eos"]), cfg.ppo_kl_horizon)
+    metrics = {"score": batch["raw_scores"].mean(), "kl": kl, "eos_rate": batch["eos"].float().mean(), "beta": beta, **metrics}
     return metrics, beta, batch
 
 
@@ -104,7 +103,7 @@ def rollout(cfg, env, enc, o, seed, it):
 
 
 def packed(cfg, enc, groups, env):  # the responses packed after their prompts (data.pack), on the device
-    return data.pack(groups, cfg.block_size, enc.eot_token).to(env.device)
+    return data.pack(groups, cfg.block_size).to(env.device)
 
 
 def per_token(model, p, env, head="lm"):
@@ -149,8 +148,9 @@ def ppo_update(cfg, env, enc, o, batch, beta, seed, it):
             T = m.size(1)
             pg_loss, s = vcb.ppo_policy_loss(logp, batch["old_logp"][rows, :T], advantages[rows, :T], m, cfg.ppo_clip)
             vf_loss = vcb.ppo_value_loss(values, batch["old_values"][rows, :T], returns[rows, :T], m, cfg.ppo_clip)
-            step(cfg, o.optimizers, [o.policy, o.critic], pg_loss + cfg.ppo_vf_coef * vf_loss)
-            s.update(pg_loss=pg_loss.item(), value_loss=vf_loss.item())
+            loss = pg_loss + cfg.ppo_vf_coef * vf_loss
+            step(cfg, o.optimizers, [o.policy, o.critic], loss)
+            s.update(loss=loss.detach(), pg_loss=pg_loss.detach(), value_loss=vf_loss.detach())
             if n == 0:
                 stats["first_approx_kl"] = s["approx_kl"]  # 0 up to rounding: the check that logp == old logp
             for key, v in s.items():
@@ -169,7 +169,7 @@ def rloo_update(cfg, env, enc, o, batch, beta, it):
         logp, m = per_token(o.policy, packed(cfg, enc, batch["groups"], env), env)
     loss = vcb.reinforce_loss((logp * m).sum(-1), advantages)
     step(cfg, o.optimizers[:1], [o.policy], loss)
-    return {"loss": loss.item(), "advantage_std": advantages.std().item()}
+    return {"loss": loss.detach(), "advantage_std": advantages.std()}
 
 
 def set_lr(cfg, optimizers, it):
@@ -179,11 +179,8 @@ def set_lr(cfg, optimizers, it):
 
 
 def step(cfg, optimizers, models, loss):
-    """One gradient step of each model on loss (a sum of their losses); nothing moves if it is not finite."""
-    if not torch.isfinite(loss):
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        raise TrainingError(f"the loss is {loss.item()}")
+    """One gradient step of each model on loss (a sum of their losses). A non-finite loss stops the run
+    when the training loop reads the iteration's "loss", before anything is saved."""
     loss.backward()
     for model, opt in zip(models, optimizers):
         if cfg.grad_clip > 0:

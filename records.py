@@ -183,6 +183,6 @@ def curves_from(file, task, step):
             data.write_jsonl(file, [r for r in read_curves(file) if r["task"] != task or r["step"] <= step])
 
 
-def curves_append(file, record):
+def curves_append(file, *rows):
     with locked(file), open(file, "a", encoding="utf-8") as f:
-        f.write(json.dumps(data.finite(record), allow_nan=False) + "\n")
+        f.write("".join(json.dumps(data.finite(r), allow_nan=False) + "\n" for r in rows))

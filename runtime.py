@@ -312,15 +312,12 @@ def load_tokenizer(cfg):
     return data.load_tokenizer(path(cfg, "tokenizer.json"))
 
 
-def encode_all(cfg, env, enc, pairs, what):
-    """(prompt, response) pairs -> [(ids, response start)], logging how many were cut to fit."""
-    out, cut = [], 0
-    for prompt, response in pairs:
-        ids, start, truncated = data.encode_example(enc, prompt, response, cfg.block_size)
-        out.append((ids, start))
-        cut += truncated
-    log_cut(cfg, env, what, cut, len(out))
-    return out
+def encode_groups(cfg, env, enc, prompts, responses, what):
+    """Each prompt with its responses (one demonstration, or a chosen and a rejected one) as token ids
+    for data.pack, logging how many sequences will be cut to fit block_size."""
+    groups = [data.encode_group(enc, p, rs) for p, rs in zip(prompts, responses)]
+    log_cut(cfg, env, what, sum(data.fit(p, rs, cfg.block_size)[2] for p, rs in groups), sum(len(rs) for rs in responses))
+    return groups
 
 
 @dataclass

@@ -23,6 +23,7 @@ and evaluation in evaluate.py, an iteration of PPO and RLOO in ppo.py.
 """
 import dataclasses
 import functools
+import math
 import os
 import time
 from contextlib import nullcontext
@@ -41,10 +42,10 @@ import report
 import reviews
 import vcb
 from config import ONLINE, STAGES, ConfigError, align_settings, method_list, stage_settings
-from evaluate import beta_label, decode, evaluate, judge_name, real_mask, sample_candidates, score_rewards
+from evaluate import beta_label, decode, evaluate, judge_name, sample_candidates, score_rewards
 from model import GPT, GPTConfig, response_logps
 from records import Task, mark_done, up_to_date
-from runtime import (TrainingError, barrier, batch_indices, check_healthy, command, encode_all, kept_checkpoint,
+from runtime import (TrainingError, barrier, batch_indices, check_healthy, command, encode_groups, kept_checkpoint,
                      load_candidates, load_checkpoint, load_data, load_model, load_tokenizer, log, lr_at, model_args,
                      note_progress, path, progress_file, resume, save_model, save_progress, save_snapshot, start)
 
@@ -58,10 +59,12 @@ def run_steps(cfg, env, task, total, state, step, probe, enc, unit="step", extra
     """What every training does around its steps: step(i, extra) -> metrics, for i from where the task's
     checkpoint left off to total. state {name: model or optimizer} is what the checkpoint holds (the
     first model is the one trained), extra the plain values the steps change (PPO's adaptive beta).
-    Each step's metrics go to curves.jsonl beside the task's output and every log_interval to the
-    log; every ckpt_interval steps, after a health check (finite weights, a finite probe()), a
-    resumable checkpoint <name>.ckpt.pt. A step that raises TrainingError (a non-finite loss) stops
-    the run with its step and the last good checkpoint. Returns extra."""
+
+    The metrics stay tensors (reading one waits for the device) and are read together every
+    log_interval steps: then each step's go to curves.jsonl beside the task's output, and a line to
+    the log. A non-finite "loss" among them stops the run with its step, keeping the last good
+    checkpoint: nothing is saved between two readings. Every ckpt_interval steps, after a health
+    check (finite weights, a finite probe()), a resumable checkpoint <name>.ckpt.pt. Returns extra."""
     extra = dict(extra or {})
     start, saved = resume(cfg, env, task, state)
     extra.update(saved)
@@ -70,22 +73,34 @@ def run_steps(cfg, env, task, total, state, step, probe, enc, unit="step", extra
     curves = os.path.join(os.path.dirname(task.outputs[0]), "curves.jsonl")
     if env.master:
         records.curves_from(curves, task.name, start)  # a resumed run continues its curve, a new one starts afresh
-    last_good = start or None
+    last_good, pending = start or None, []  # pending: (step, lr, metrics) not read yet
     bar = tqdm(range(start, total), desc=task.name, initial=start, total=total, disable=not (env.master and env.bars),
                dynamic_ncols=True, leave=False)
+
+    def read():  # every pending step's metrics in one read: check, record, log
+        tensors = [v.detach().float().reshape(()) for _, _, m in pending for v in m.values() if torch.is_tensor(v)]
+        values = iter(torch.stack([v.to(tensors[0].device) for v in tensors]).tolist() if tensors else [])
+        rows = [(i, lr, {k: next(values) if torch.is_tensor(v) else v for k, v in m.items()}) for i, lr, m in pending]
+        pending.clear()
+        for i, _, m in rows:
+            if not math.isfinite(m.get("loss", 0.0)):
+                raise TrainingError(f"{task.name}: the loss is {m['loss']} at {unit} {i}; stopped, and "
+                                    f"{kept_checkpoint(cfg, task, last_good)}")
+        if env.master:
+            records.curves_append(curves, *({"task": task.name, "step": i + 1, "lr": lr, **m} for i, lr, m in rows))
+        i, _, m = rows[-1]
+        bar.set_postfix({k: f"{v:.3g}" for k, v in m.items()})
+        if (i + 1) % cfg.log_interval == 0 or i + 1 == total:
+            log(env, f"{task.name} {unit} {i + 1}/{total}: " + ", ".join(f"{k} {v:.4g}" for k, v in m.items()))
+
     for i in bar:
         note_progress(f"{task.name} {unit} {i + 1}/{total}")
-        try:
-            metrics = step(i, extra)
-        except TrainingError as e:
-            raise TrainingError(f"{task.name}: {e} at {unit} {i}; stopped, and {kept_checkpoint(cfg, task, last_good)}") from None
-        bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items()})
-        if env.master:
-            records.curves_append(curves, {"task": task.name, "step": i + 1, "lr": optimizer.param_groups[0]["lr"], **metrics})
-        if (i + 1) % cfg.log_interval == 0 or i + 1 == total:
-            log(env, f"{task.name} {unit} {i + 1}/{total}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        pending.append((i, optimizer.param_groups[0]["lr"], step(i, extra)))
+        snapshot, checkpoint = i + 1 in task.snapshots, (i + 1) % cfg.ckpt_interval == 0 and i + 1 < total
+        if (i + 1) % cfg.log_interval == 0 or i + 1 == total or snapshot or checkpoint:
+            read()
         save_snapshot(cfg, env, task, i + 1, models[0], enc)
-        if (i + 1) % cfg.ckpt_interval == 0 and i + 1 < total:
+        if checkpoint:
             check_healthy(cfg, env, task, models, probe, i + 1, last_good)
             save_progress(cfg, env, task, i + 1, state, **extra)
             last_good = i + 1
@@ -135,16 +150,13 @@ def train(cfg, env, task, model, n_examples, steps, batch_size, lr, loss_fn, cou
         last["micro"] = micro[-1]
         if env.world > 1:
             dist.all_reduce(step_loss)
-        if not torch.isfinite(step_loss):
-            optimizer.zero_grad(set_to_none=True)
-            raise TrainingError(f"the loss is {step_loss.item()}")
         if cfg.grad_clip > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        return {"loss": step_loss.item(), **metrics}
+        return {"loss": step_loss, **metrics}  # tensors: run_steps reads them every log_interval
 
     run_steps(cfg, env, task, steps, {"model": raw, "optimizer": optimizer}, step,
               lambda: loss_fn(raw, last["micro"])[0], enc)
@@ -194,7 +206,7 @@ def stage_data(cfg, env, task):
 
 def stage_sft(cfg, env, task):
     enc, demos = load_tokenizer(cfg), load_data(cfg, "sft")
-    examples = encode_all(cfg, env, enc, [(r["prompt"], r["response"]) for r in demos], "sft")
+    examples = encode_groups(cfg, env, enc, [r["prompt"] for r in demos], [[r["response"]] for r in demos], "sft")
     torch.manual_seed(cfg.seed)
     if cfg.init_from == "scratch":
         model = GPT(GPTConfig(**model_args(cfg, enc.n_vocab)))
@@ -209,14 +221,14 @@ def stage_sft(cfg, env, task):
     model.to(env.device)
     log(env, f"sft: {model.num_params() / 1e6:.2f}M parameters, {len(examples)} demonstrations")
 
+    tokens = [len(data.fit(p, rs, cfg.block_size)[1][0]) for p, rs in examples]  # response tokens of each, once cut
+
     def loss_fn(m, idx):  # summed NLL of the response tokens (the prompt is given, not learned)
-        x, mask = data.collate([examples[i] for i in idx], enc.eot_token)
-        x, mask = x.to(env.device), mask.to(env.device)
-        logp = m(x[:, :-1], targets=x[:, 1:])                     # (B, T-1) float32
-        return -(logp * mask[:, 1:]).sum(), {}
+        p = data.pack([examples[i] for i in idx], cfg.block_size).to(env.device)
+        return -m(p).sum(), {}                                       # m(p): (N,) float32 log-probs
 
     def count_fn(idx):  # response tokens in the step
-        return sum(len(examples[i][0]) - examples[i][1] for i in idx)
+        return sum(tokens[i] for i in idx)
 
     model = train(cfg, env, task, model, len(examples), cfg.sft_steps, cfg.sft_batch, cfg.sft_lr, loss_fn, count_fn, cfg.seed)
     finish(cfg, env, task, model, enc)
@@ -243,19 +255,17 @@ def train_rm(cfg, env, enc, prefs, task):
     """A reward model from the SFT weights on preference pairs; returns it and its held-out accuracy
     (and, on the built-in task, its correlation with the gold reward)."""
     train_pairs, held = split_holdout(cfg, prefs)
-    chosen = encode_all(cfg, env, enc, [(r["prompt"], r["chosen"]) for r in train_pairs], "rm chosen")
-    rejected = encode_all(cfg, env, enc, [(r["prompt"], r["rejected"]) for r in train_pairs], "rm rejected")
+    pairs = encode_groups(cfg, env, enc, [r["prompt"] for r in train_pairs], [[r["chosen"], r["rejected"]] for r in train_pairs],
+                          "rm")
     torch.manual_seed(cfg.seed)
     model = load_model(path(cfg, "sft.pt"), env, enc, cfg, reward_head=True, dropout=cfg.dropout)
 
-    def loss_fn(m, idx):  # Bradley-Terry on the chosen and rejected responses, both in one forward
-        seqs = [chosen[i] for i in idx] + [rejected[i] for i in idx]
-        x, _ = data.collate(seqs, enc.eot_token)
-        r = m(x.to(env.device), head="reward", mask=real_mask([ids for ids, _ in seqs], x.size(1)).to(env.device))
-        r_w, r_l = r[:len(idx)], r[len(idx):]
-        return vcb.bradley_terry_loss(r_w, r_l).sum(), {"acc": (r_w > r_l).float().mean().item()}
+    def loss_fn(m, idx):  # Bradley-Terry on each pair, the prompt read once for both responses
+        r = m(data.pack([pairs[i] for i in idx], cfg.block_size).to(env.device), head="reward")  # (2b,): chosen, rejected, ...
+        r_w, r_l = r[0::2], r[1::2]
+        return vcb.bradley_terry_loss(r_w, r_l).sum(), {"acc": (r_w > r_l).float().mean()}
 
-    model = train(cfg, env, task, model, len(chosen), cfg.rm_steps, cfg.rm_batch, cfg.rm_lr, loss_fn, len, cfg.seed)
+    model = train(cfg, env, task, model, len(pairs), cfg.rm_steps, cfg.rm_batch, cfg.rm_lr, loss_fn, len, cfg.seed)
     model.eval()
     metrics = {}
     if held:
@@ -358,7 +368,7 @@ def align_loss(cfg, env, enc, model, cands, method, idx, sigma=None):
     """One micro-batch of an offline method: the prompts idx with their candidates packed after them
     (the prompt is read once, not n times). Returns (the summed loss, metrics)."""
     n = cands.rewards.size(1)
-    p = data.pack([cands.groups[i] for i in idx], cfg.block_size, enc.eot_token).to(env.device)
+    p = data.pack([cands.groups[i] for i in idx], cfg.block_size).to(env.device)
     logps = response_logps(model, p, average=method == "rrhf").view(-1, n)                # (b, n)
     ref, rewards = cands.ref_logps[idx].to(env.device), cands.rewards[idx].to(env.device)
     loss = offline_loss(cfg, method, logps, ref, rewards, sigma)
@@ -372,8 +382,7 @@ def align_metrics(method, logps, ref, rewards, cfg, sigma=None):
     b, w, l = vcb.preference_pairs(rewards)
     ref = torch.zeros_like(ref) if method == "rrhf" else ref
     h = vcb.margin(logps[b, w], logps[b, l], ref[b, w], ref[b, l])
-    out = {"margin": (cfg.beta * h).mean().item() if len(h) else 0.0,
-           "acc": (h > 0).float().mean().item() if len(h) else 0.0}
+    out = {"margin": (cfg.beta * h).mean() if len(h) else 0.0, "acc": (h > 0).float().mean() if len(h) else 0.0}
     if method == "vcb":
         diag = vcb.vcb_diagnostics(logps, ref, rewards, cfg.beta, cfg.sigma_floor, sigma)
         out.update(gap_corr=diag["gap_corr"], skipped=diag["skipped"])

@@ -154,13 +154,14 @@ def reduce(losses, reduction, count):
 def vcb_diagnostics(policy_logps, ref_logps, rewards, beta, sigma_floor=SIGMA_FLOOR, sigma=None):
     """What to watch during VCB training: the fraction of prompts skipped for sigma(x) under the floor,
     and the Pearson correlation between learned gaps delta_i - delta_j and target gaps (r_i - r_j) /
-    (beta sigma) over the calibrated prompts' pairs (1.0 when the policy is perfectly calibrated)."""
+    (beta sigma) over the calibrated prompts' pairs (1.0 when the policy is perfectly calibrated;
+    NaN while every learned gap is 0). 0-dim tensors."""
     _, learned, target, ok = vcb_pair_terms(policy_logps, ref_logps, rewards, beta, sigma_floor, sigma)
-    a, b = learned[ok].flatten(), target[ok].flatten()
-    a, b = a - a.mean(), b - b.mean()
-    denom = (a.norm() * b.norm()).item()
-    corr = (a @ b).item() / denom if denom > 0 else float("nan")
-    return {"skipped": 1.0 - ok.float().mean().item(), "gap_corr": corr}
+    w = ok[:, None].expand_as(learned).float()                     # the calibrated prompts' pairs
+    a, b = (learned - masked_mean(learned, w)) * w, (target - masked_mean(target, w)) * w
+    denom = a.norm() * b.norm()
+    corr = torch.where(denom > 0, (a * b).sum() / denom, torch.full_like(denom, float("nan")))
+    return {"skipped": 1.0 - ok.float().mean(), "gap_corr": corr}  # tensors: read when logged
 
 
 # -----------------------------------------------------------------------------
@@ -281,9 +282,9 @@ def ppo_policy_loss(logp, old_logp, advantages, mask, clip):
     diff = f32(logp) - f32(old_logp)
     ratio = torch.exp(diff)
     losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip))
-    with torch.no_grad():
-        stats = {"clipfrac": masked_mean(((ratio - 1).abs() > clip).float(), mask).item(),
-                 "approx_kl": masked_mean(0.5 * diff ** 2, mask).item(), "ratio": masked_mean(ratio, mask).item()}
+    with torch.no_grad():  # tensors: reading them waits for the device, so the caller reads them when it logs
+        stats = {"clipfrac": masked_mean(((ratio - 1).abs() > clip).float(), mask),
+                 "approx_kl": masked_mean(0.5 * diff ** 2, mask), "ratio": masked_mean(ratio, mask)}
     return masked_mean(losses, mask), stats
 
 

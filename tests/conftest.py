@@ -44,10 +44,10 @@ def run_train(out_dir, *args, tiny=True, env=None, timeout=300, script=("train.p
 
 # a little more than TINY: enough SFT and reward-model steps that the reward model's score is something
 # a policy can learn to raise (the learning tests), still seconds on a CPU
-SMALL = ["--n_sft=1000", "--n_prefs=600", "--n_align=32", "--n_eval=6", "--vocab_size=300", "--n_layer=2", "--n_head=2",
-         "--n_embd=48", "--block_size=96", "--max_new_tokens=24", "--sft_steps=80", "--sft_batch=32", "--sft_lr=3e-3",
-         "--rm_steps=60", "--rm_batch=32", "--n_candidates=4", "--sample_batch=16", "--eval_samples=1", "--log_interval=20",
-         "--ckpt_interval=1000", "--warmup_steps=5", "--device=cpu"]
+SMALL = ["--n_sft=1500", "--n_prefs=1000", "--n_align=32", "--n_eval=6", "--vocab_size=512", "--n_layer=2", "--n_head=2",
+         "--n_embd=64", "--block_size=128", "--max_new_tokens=24", "--sft_steps=150", "--sft_batch=32", "--sft_lr=3e-3",
+         "--rm_steps=80", "--rm_batch=32", "--n_candidates=4", "--sample_batch=16", "--eval_samples=1", "--log_interval=50",
+         "--ckpt_interval=1000", "--warmup_steps=5", "--device=cpu"]  # its reward model: ~0.65 held-out accuracy
 
 
 def sharp_gpt(seed=0, **shape):

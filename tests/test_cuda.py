@@ -57,7 +57,7 @@ def test_the_flash_attention_path_equals_the_masked_path():
 def test_the_packed_path_equals_the_padded_path_on_cuda():
     model = small_gpt(3).cuda().eval()
     groups = [([256, 3, 4, 5], [[7, 8, 256], [9, 256], [10, 11, 12, 256]]), ([256, 6], [[13, 256], [14, 15, 256]])]
-    p = data.pack(groups, 128, 256).to("cuda")
+    p = data.pack(groups, 128).to("cuda")
     x, mask = data.collate([(pr + r, len(pr)) for pr, rs in groups for r in rs], 256)
     with torch.no_grad():
         packed = response_logps(model, p)

@@ -48,7 +48,7 @@ def test_packed_log_probs_and_rewards_equal_each_sequence_alone(block_size):
     groups = groups_of(0, 4, 3)
     if block_size == 20:
         assert sum(data.fit(p, rs, block_size)[2] for p, rs in groups) > 0  # the cut is exercised
-    p = data.pack(groups, block_size, EOT)
+    p = data.pack(groups, block_size)
     x, mask = padded(groups, block_size)
     with torch.no_grad():
         for average in (False, True):
@@ -60,6 +60,25 @@ def test_packed_log_probs_and_rewards_equal_each_sequence_alone(block_size):
                                                              for r in rs])[:, None]
         scores = model(p, head="reward")
         torch.testing.assert_close(scores, model.reward(x, real), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n,lengths", [(1, (1, 5)), (3, (1, 14)), (8, (1, 40))])
+def test_prefix_shared_attention_equals_the_dense_masked_rows(n, lengths):
+    """The packed layout's attention (each response sees its prompt and itself, responses bucketed
+    by length) against the dense rows it replaces, masked to let each token see the same: the same
+    hidden states and the same gradients."""
+    model = sharp_gpt(5, block_size=128).train()
+    p = data.pack(groups_of(6, 5, n, response_len=lengths), 128)
+    assert n == 1 or len(p.buckets) > 1  # responses of several lengths: several buckets
+    idx, pos, mask, where = p.dense()
+    packed = model.hidden_packed(p)
+    dense = model.hidden(idx, pos, mask).flatten(0, 1).index_select(0, where)
+    torch.testing.assert_close(packed, dense, atol=1e-5, rtol=1e-5)
+    weights = list(model.parameters())
+    g_packed = torch.autograd.grad((packed * torch.linspace(-1, 1, packed.numel()).view_as(packed)).sum(), weights)
+    g_dense = torch.autograd.grad((dense * torch.linspace(-1, 1, dense.numel()).view_as(dense)).sum(), weights)
+    for a, b in zip(g_packed, g_dense):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_fit_keeps_the_end_of_text_first_and_cuts_prompts_from_the_left_and_responses_from_the_right():
