@@ -10,9 +10,11 @@ It measures
   2. training tokens/s, and model FLOPs utilisation (MFU) against that measured peak (and on a GPU
      against its datasheet's bfloat16 peak);
   3. sampling tokens/s at 128 new tokens, with and without the KV cache (same greedy tokens);
-  4. one alignment (VCB) step per response token against one SFT step per token, same sequences,
-     with the candidates packed after their prompt as the pipeline runs it, and padded (the
-     reference log-probs are precomputed, so alignment needs one model: the target is <= 1.2x);
+  4. the attention scores the packed layout computes against the dense rows it replaced, at the
+     built-in task's lengths and the GPT-2 HH preset's; one alignment (VCB) step with each layout,
+     in response tokens/s, back to back; and that step per response token against an SFT step as
+     the pipeline runs both (the reference log-probs are precomputed, so alignment needs one
+     model: the target is <= 1.2x);
 and then prints the estimated peak GPU memory and time per stage of the GPT-2-small HH preset.
 """
 import statistics
@@ -31,13 +33,16 @@ from runtime import command, setup
 DEFAULT = GPTConfig()  # the built-in task's model
 PRESETS = {  # model shape and the batch of each measurement
     "tiny": dict(n_layer=1, n_head=2, n_embd=32, vocab_size=64, block_size=160, batch=8, seq_len=16, sample_batch=2,
-                 prompt_len=4, steps=2),  # seconds on a CPU: that every measurement runs (tests, gpu_check.py --tiny)
+                 prompt_len=4, steps=2, lengths=(2, 6, 1, 8)),  # seconds on a CPU: that every measurement runs (tests)
     "default": dict(n_layer=DEFAULT.n_layer, n_head=DEFAULT.n_head, n_embd=DEFAULT.n_embd, vocab_size=DEFAULT.vocab_size,
-                    block_size=DEFAULT.block_size + 128, batch=16, seq_len=DEFAULT.block_size, sample_batch=8, prompt_len=32,
-                    steps=6),  # room for the 128 tokens the KV-cache measurement samples after a 32-token prompt
+                    block_size=DEFAULT.block_size + 128, batch=64, seq_len=DEFAULT.block_size, sample_batch=8, prompt_len=32,
+                    steps=6, lengths=(12, 32, 2, 26)),  # room for the 128 tokens the KV-cache measurement samples
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024, batch=8, seq_len=1024,
-                 sample_batch=16, prompt_len=64, steps=20),
+                 sample_batch=16, prompt_len=64, steps=20, lengths=(64, 384, 32, 128)),
 }
+# lengths: (shortest, longest prompt, shortest, longest response) of the candidates the alignment step
+# reads, drawn uniformly: the built-in task's prompts are 12 to 32 tokens and its responses 14 on
+# average; the GPT-2 HH preset (docs/gpu.md) has room for 384 prompt and 128 response tokens
 # dense bfloat16 tensor-core peaks from the vendors' datasheets, TFLOP/s (matched in the device name, in order)
 DATASHEET_BF16 = [("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("GH200", 989), ("A100", 312), ("L40S", 362),
                   ("L4", 121), ("A10G", 70), ("RTX 4090", 165), ("RTX 3090", 71)]
@@ -83,6 +88,36 @@ def timed(fn, device, repeats):
         sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def candidate_groups(lengths, G, n, vocab_size, seed):
+    """G prompts with n responses each, of random tokens and lengths drawn from lengths (see PRESETS)."""
+    g = torch.Generator().manual_seed(seed)
+    draw = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))  # noqa: E731
+    tokens = lambda k: torch.randint(vocab_size - 1, (k,), generator=g).tolist()  # noqa: E731
+    p_lo, p_hi, r_lo, r_hi = lengths
+    return [(tokens(draw(p_lo, p_hi)), [tokens(draw(r_lo, r_hi)) for _ in range(n)]) for _ in range(G)]
+
+
+def attention_scores(p):
+    """Query-key scores per head and layer of a data.Packed batch: (the dense rows compute, the packed
+    layout computes, the layout needs). Dense rows are each prompt and its responses, padded to the
+    longest row, every token against every other; packed_attention computes its prompts (padded to
+    the longest) and its buckets (responses and their prompts' keys each padded to the bucket's
+    longest); what is needed is each token against the tokens it sees."""
+    G, L = p.dense()[0].shape
+    needed = sum(P * (P + 1) // 2 for P in p.prompt_lengths.tolist())
+    for b in p.buckets:
+        needed += sum(R * P + R * (R + 1) // 2 for R, P in zip(b.lengths.tolist(), b.prompt_lengths.tolist()))
+    computed = G * p.prompts.size(1) ** 2 + sum(b.keys.numel() * b.tokens.size(1) for b in p.buckets)
+    return G * L * L, computed, needed
+
+
+def attention_line(name, lengths, n, G):
+    dense, packed, needed = attention_scores(data.pack(candidate_groups(lengths, G, n, 1000, seed=0), 10_000))
+    return (f"attention at the {name}'s lengths, {G} prompts x {n} candidates: the dense rows compute {dense:,} query-key "
+            f"scores per head and layer, the prefix-shared layout {packed:,} ({dense / packed:.1f}x fewer; the layout "
+            f"needs {needed:,})")
 
 
 def matmul_peak(device, dtype):
@@ -144,49 +179,46 @@ def main(argv):
     print(f"sample {new} new tokens, batch {len(prompts)}: KV cache {speed[True]:,.0f} tokens/s, recomputing "
           f"the prefix {speed[False]:,.0f} tokens/s: {speed[True] / speed[False]:.1f}x ({same}; target >= 5x)")
 
-    # 4. an alignment step against an SFT step on the same sequences, per response token: n candidates
-    # share each prompt (a quarter of the tokens); the pipeline's step packs them after it (data.pack)
+    # 4. the packed layout and an alignment step, on candidates with the lengths of the preset's task
+    print(attention_line("built-in task", PRESETS["default"]["lengths"], 8, 8))
+    print(attention_line("GPT-2 HH preset", PRESETS["gpt2"]["lengths"], 8, 2))
     model.train()
-    n = opts["n_candidates"]
-    prompts_per_step = max(1, B // n)
-    P = T // 4
-    tokens = torch.randint(cfg.vocab_size - 1, (prompts_per_step, n + 1, T - P)).tolist()
-    groups = [(g[0][:P], g[1:]) for g in tokens]  # (prompt, n responses)
-    seqs = torch.tensor([prompt + r for prompt, rs in groups for r in rs], device=device)   # (rows, T) padded
-    mask = torch.zeros_like(seqs, dtype=torch.bool)
-    mask[:, P:] = True
-    packed = data.pack(groups, cfg.block_size).to(device)
-    ref = torch.randn(prompts_per_step, n, device=device) - 50
-    rewards = torch.randn(prompts_per_step, n, device=device)
+    n, G = opts["n_candidates"], max(1, B // opts["n_candidates"])
+    packed = data.pack(candidate_groups(p["lengths"], G, n, cfg.vocab_size, seed=0), cfg.block_size).to(device)
+    demos = data.pack(candidate_groups(p["lengths"], G * n, 1, cfg.vocab_size, seed=1), cfg.block_size).to(device)
+    dense = [t.to(device) for t in packed.to("cpu").dense()]
+    ref, rewards = torch.randn(G, n, device=device) - 50, torch.randn(G, n, device=device)
 
-    def sft_step():
+    def vcb_step(layout):
         with env.autocast():
-            logp = runner(seqs[:, :-1], targets=seqs[:, 1:])
-        loss = -(logp * mask[:, 1:]).sum() / mask[:, 1:].sum()
+            if layout == "packed":
+                logps = response_logps(model, packed)
+            else:  # the dense rows, masked to see what the packed layout sees: the layout before it
+                idx, pos, mask, where = dense
+                hidden = model.hidden(idx, pos, mask).flatten(0, 1).index_select(0, where)
+                logps = vcb.packed_logps(model.logps(hidden.index_select(0, packed.cols), packed.targets), packed.seq,
+                                         packed.lengths)
+        loss = vcb.vcb_loss(logps.view(G, n), ref, rewards, beta=1.0, lam=0.1)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def vcb_step(pack):
+    def sft_step():  # as the pipeline runs it: each demonstration a prompt with one response, packed
         with env.autocast():
-            if pack:
-                logps = response_logps(runner, packed)
-            else:
-                logps = vcb.sequence_logps(runner(seqs), seqs, mask)
-        loss = vcb.vcb_loss(logps.view(prompts_per_step, -1), ref, rewards, beta=1.0, lam=0.1)
+            loss = -model(demos).sum() / len(demos.targets)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    t_sft, t_packed, t_padded = [], [], []
+    times = {"packed": [], "dense": [], "sft": []}
     for _ in range(max(3, p["steps"] // 2)):  # interleaved, so all see the same machine load
-        t_sft.append(timed(sft_step, device, 1))
-        t_packed.append(timed(lambda: vcb_step(True), device, 1))
-        t_padded.append(timed(lambda: vcb_step(False), device, 1))
-    sft = statistics.median(t_sft)
-    print(f"align (VCB) step vs SFT step, {prompts_per_step * n} sequences x {T} tokens ({n} per prompt): "
-          f"{statistics.median(t_packed) / sft:.2f}x the time per response token with the candidates packed after "
-          f"their prompt (as the pipeline runs it), {statistics.median(t_padded) / sft:.2f}x padded (target <= 1.2x)")
+        for name, fn in (("packed", lambda: vcb_step("packed")), ("dense", lambda: vcb_step("dense")), ("sft", sft_step)):
+            times[name].append(timed(fn, device, 1))
+    per_token = {k: statistics.median(v) / len((packed if k != "sft" else demos).targets) for k, v in times.items()}
+    print(f"align (VCB) step, {G} prompts x {n} candidates ({len(packed.targets)} response tokens): "
+          f"{1 / per_token['packed']:,.0f} response tokens/s with the prefix-shared layout, {1 / per_token['dense']:,.0f} "
+          f"with the dense masked rows ({per_token['dense'] / per_token['packed']:.2f}x); per response token "
+          f"{per_token['packed'] / per_token['sft']:.2f}x an SFT step (target <= 1.2x)")
     print_estimates(peak if device_type == "cuda" else None)
 
 

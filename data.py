@@ -372,11 +372,14 @@ def collate(examples, pad_id):
 
 @dataclass
 class Bucket:
-    """Responses of about the same length, read together: their tokens' places in the flat sequence,
-    right-padded to the longest of them (padding points at place 0 and is never read)."""
+    """Responses read together: the places in the flat sequence of their tokens, and of the keys each
+    attends to (its prompt's tokens, then its own), each right-padded to the longest of the bucket
+    (padding points at place 0 and is masked or dropped)."""
     tokens: torch.Tensor   # (S_b, R_b) place of each response token
     lengths: torch.Tensor  # (S_b,) tokens per response
+    keys: torch.Tensor     # (S_b, P_b + R_b) places of its prompt's tokens (padded to P_b), then of its own
     group: torch.Tensor    # (S_b,) the prompt each response follows
+    prompt_lengths: torch.Tensor  # (S_b,) tokens in that prompt
     real: torch.Tensor     # (sum of lengths,) where the real entries of tokens are, flattened
 
 
@@ -393,9 +396,10 @@ class Packed:
     prompts: torch.Tensor  # (G, P) place of each prompt's tokens, right-padded (with place 0)
     prompt_lengths: torch.Tensor  # (G,)
     prompt_real: torch.Tensor  # (sum of prompt_lengths,) where the real entries of prompts are, flattened
-    buckets: list          # [Bucket]: the responses by length, so that little is padded
-    order: torch.Tensor    # (T,) places of the real prompt tokens, then of each bucket's real tokens, in order:
-    inverse: torch.Tensor  # (T,) ... and where place t is in that order (the attention's outputs come back through it)
+    buckets: list          # [Bucket]: the responses in one or two groups by length, so that little is padded
+    queries: torch.Tensor  # (M,) places whose queries the attention reads: the prompts', then each bucket's tokens
+    keys: torch.Tensor     # (K,) places whose keys and values it reads: the prompts', then each bucket's keys
+    outputs: torch.Tensor  # (M,) where each of those queries' output goes: its place, or T for padding (dropped)
     cols: torch.Tensor     # (N,) place of the token that predicts each response token: the one before it in its sequence
     targets: torch.Tensor  # (N,) the response tokens
     seq: torch.Tensor      # (N,) which response each token belongs to, 0..S-1, prompt-major
@@ -406,7 +410,7 @@ class Packed:
     def to(self, device):
         move = lambda v: v.to(device) if torch.is_tensor(v) else v  # noqa: E731
         fields = {k: move(v) for k, v in self.__dict__.items()}
-        fields["buckets"] = [Bucket(*(move(t) for t in (b.tokens, b.lengths, b.group, b.real))) for b in self.buckets]
+        fields["buckets"] = [Bucket(**{k: move(v) for k, v in b.__dict__.items()}) for b in self.buckets]
         return Packed(**fields)
 
     def by_response(self, flat):
@@ -464,7 +468,7 @@ def pack(groups, block_size):
     """groups: [(prompt ids, [response ids, ...])] as encode_group gives them, cut to fit block_size
     by fit(). Returns Packed; the attention's masks are built from its lengths on the device."""
     ids, pos, prompts, cut = [], [], [], 0
-    cols, targets, seq, last, lengths, by_length = [], [], [], [], [], {}
+    cols, targets, seq, last, lengths, responses_at = [], [], [], [], [], []
     for g, (prompt, responses) in enumerate(groups):
         prompt, responses, n_cut = fit(prompt, responses, block_size)
         cut += n_cut
@@ -474,7 +478,7 @@ def pack(groups, block_size):
         pos += range(P)
         for r in responses:
             here = len(ids)
-            by_length.setdefault((len(r) - 1).bit_length(), []).append((list(range(here, here + len(r))), g))
+            responses_at.append((list(range(here, here + len(r))), g))
             cols += [start + P - 1] + list(range(here, here + len(r) - 1))  # the first token is predicted by the prompt's last
             ids += r
             pos += range(P, P + len(r))
@@ -489,15 +493,42 @@ def pack(groups, block_size):
         return (t([row + [0] * (width - len(row)) for row in rows]),
                 t([i * width + j for i, row in enumerate(rows) for j in range(len(row))]))
 
-    buckets, order = [], sum(prompts, [])
-    for _, members in sorted(by_length.items()):  # lengths 1, 2, 3-4, 5-8, ...: a response is padded less than 2x
+    buckets = []
+    for members in split_by_length(responses_at, [len(p) for p in prompts]):
         tokens, real = padded([places for places, _ in members])
-        buckets.append(Bucket(tokens, t([len(places) for places, _ in members]), t([g for _, g in members]), real))
-        order += [place for places, _ in members for place in places]
-    order = t(order)
+        P_b = max(len(prompts[g]) for _, g in members)
+        keys = [prompts[g] + [0] * (P_b - len(prompts[g])) + places for places, g in members]
+        buckets.append(Bucket(tokens, t([len(places) for places, _ in members]), padded(keys)[0], t([g for _, g in members]),
+                              t([len(prompts[g]) for _, g in members]), real))
     prompt_places, prompt_real = padded(prompts)
-    return Packed(t(ids), t(pos), prompt_places, t([len(p) for p in prompts]), prompt_real, buckets, order,
-                  torch.argsort(order), t(cols), t(targets), t(seq), t(last), t(lengths), cut)
+    T = len(ids)
+
+    def outputs(places, lengths):  # places (rows, L) -> the same, padding sent to T
+        return torch.where(torch.arange(places.size(1))[None, :] < lengths[:, None], places, T).flatten()
+
+    plengths = t([len(p) for p in prompts])
+    queries = torch.cat([prompt_places.flatten()] + [b.tokens.flatten() for b in buckets])
+    keys_at = torch.cat([prompt_places.flatten()] + [b.keys.flatten() for b in buckets])
+    out = torch.cat([outputs(prompt_places, plengths)] + [outputs(b.tokens, b.lengths) for b in buckets])
+    return Packed(t(ids), t(pos), prompt_places, plengths, prompt_real, buckets, queries, keys_at, out,
+                  t(cols), t(targets), t(seq), t(last), t(lengths), cut)
+
+
+def split_by_length(responses, prompt_lengths):
+    """The responses [(places, prompt)] in one bucket or two, split where the attention computes the
+    fewest scores: each bucket pads its responses and its prompts' keys to its longest. Two buckets,
+    not more: on a CPU each costs about as much in small kernels as it saves in padding."""
+    by_length = sorted(responses, key=lambda m: len(m[0]))
+    def scores(members):
+        R, P = max(len(p) for p, _ in members), max(prompt_lengths[g] for _, g in members)
+        return len(members) * R * (P + R)
+    best, split = scores(by_length), len(by_length)
+    for k in range(1, len(by_length)):
+        if by_length[k][0] != by_length[k - 1][0] and len(by_length[k][0]) != len(by_length[k - 1][0]):
+            cost = scores(by_length[:k]) + scores(by_length[k:])
+            if cost < best:
+                best, split = cost, k
+    return [part for part in (by_length[:split], by_length[split:]) if part]
 
 
 def encode_prompt(enc, prompt, max_len):

@@ -80,10 +80,10 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, attn_mask=None, cache=None, packed=None):
         dropout_p = self.dropout if self.training else 0.0
-        if packed is not None:  # x (T, C): the real tokens of a packed batch
+        if packed is not None:  # x (T, C): the real tokens of a packed batch; attn_mask: attention_masks(packed)
             T, C = x.size()
             q, k, v = (t.view(T, self.n_head, C // self.n_head) for t in self.c_attn(x).split(C, dim=1))
-            y = packed_attention(q, k, v, packed, dropout_p).reshape(T, C)
+            y = packed_attention(q, k, v, packed, attn_mask, dropout_p).reshape(T, C)
             return self.resid_dropout(self.c_proj(y))
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
@@ -98,29 +98,39 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
-def packed_attention(q, k, v, p, dropout_p=0.0):
+def packed_attention(q, k, v, p, masks, dropout_p=0.0):
     """Attention at the T real tokens of a data.Packed batch: q, k, v (T, n_head, head_dim) -> the
     same shape. The prompts attend causally among themselves, all at once (G, P); each response
-    attends to its prompt's keys and values and, causally, to its own, the responses of about the
-    same length together (data.Bucket). Nothing is computed between responses, and the masks are
-    built here, on the device, from the lengths. Every gather is an index_select, whose backward
-    adds in a fixed order: the same batch gives the same gradients bit for bit, run after run."""
-    G, P = p.prompts.shape
-    def take(t, places):  # t (T, H, D) at places (rows, L) -> (rows, H, L, D)
-        return t.index_select(0, places.flatten()).view(*places.shape, *t.shape[1:]).transpose(1, 2)
-    qp, kp, vp = (take(t, p.prompts) for t in (q, k, v))                       # (G, H, P, D)
-    parts = [(F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, dropout_p=dropout_p), p.prompt_real)]
-    prompt_keys = torch.arange(P, device=q.device)[None, :] < p.prompt_lengths[:, None]            # (G, P)
+    attends to its prompt's keys and values and, causally, to its own, in one or two buckets of
+    responses of about the same length (data.Bucket). Nothing is computed between responses.
+    masks: attention_masks(p), made once for all layers. The queries, and the keys and values, are
+    read in one gather each, and the outputs written back in one copy: few kernels, and each one's
+    backward adds in a fixed order, so the same batch gives the same gradients, bit for bit."""
+    T, H, D = q.shape
+    shapes = [tuple(p.prompts.shape)] + [tuple(b.tokens.shape) for b in p.buckets]        # (rows, L) of each part
+    key_shapes = [tuple(p.prompts.shape)] + [tuple(b.keys.shape) for b in p.buckets]
+    def parts(x, shapes):  # x (sum of rows * L, ..., H, D) -> per part (..., rows, H, L, D)
+        return [part.view(*shape, *x.shape[1:]).movedim(1, -2).movedim(0, -4)
+                for part, shape in zip(x.split([a * b for a, b in shapes]), shapes)]
+    queries = parts(q.index_select(0, p.queries), shapes)
+    keys = parts(torch.stack([k, v], 1).index_select(0, p.keys), key_shapes)              # k and v in one gather
+    outs = [F.scaled_dot_product_attention(queries[0], *keys[0].unbind(0), is_causal=True, dropout_p=dropout_p)]
+    for i, mask in enumerate(masks, 1):
+        outs.append(F.scaled_dot_product_attention(queries[i], *keys[i].unbind(0), attn_mask=mask, dropout_p=dropout_p))
+    rows = torch.cat([out.transpose(1, 2).flatten(0, 1) for out in outs])                # (M, H, D), in p.queries' order
+    return q.new_zeros(T + 1, H, D).index_copy(0, p.outputs, rows)[:T]                  # padding lands on row T
+
+
+def attention_masks(p):
+    """Per bucket of a data.Packed batch, (S, 1, R, P + R): a response's token sees the real tokens of
+    its prompt and, causally, its own. Built on the device, from the lengths."""
+    masks = []
     for b in p.buckets:
-        S, R = b.tokens.shape
-        qr, kr, vr = (take(t, b.tokens) for t in (q, k, v))                    # (S, H, R, D)
-        keys, values = torch.cat([kp.index_select(0, b.group), kr], 2), torch.cat([vp.index_select(0, b.group), vr], 2)
-        own = torch.ones(R, R, dtype=torch.bool, device=q.device).tril()       # causal within the response
-        mask = torch.cat([prompt_keys.index_select(0, b.group)[:, None, :].expand(S, R, P), own.expand(S, R, R)], -1)
-        parts.append((F.scaled_dot_product_attention(qr, keys, values, attn_mask=mask[:, None], dropout_p=dropout_p), b.real))
-    # each part's real entries, in p.order, then every token from its place in that order
-    rows = [out.transpose(1, 2).flatten(0, 1).index_select(0, real) for out, real in parts]
-    return torch.cat(rows).index_select(0, p.inverse)
+        (S, R), P = b.tokens.shape, b.keys.size(1) - b.tokens.size(1)
+        prompt = torch.arange(P, device=b.keys.device)[None, :] < b.prompt_lengths[:, None]      # (S, P)
+        own = torch.ones(R, R, dtype=torch.bool, device=b.keys.device).tril()                    # (R, R)
+        masks.append(torch.cat([prompt[:, None, :].expand(S, R, P), own.expand(S, R, R)], -1)[:, None])
+    return masks
 
 
 class MLP(nn.Module):
@@ -203,8 +213,9 @@ class GPT(nn.Module):
         """The final hidden states (T, n_embd) of the real tokens of a data.Packed batch: the linear
         layers run on those T tokens only, the attention follows the layout (packed_attention)."""
         x = self.transformer.drop(self.transformer.wte(p.idx) + self.transformer.wpe(p.pos))
+        masks = attention_masks(p)
         for block in self.transformer.h:
-            x = block(x, packed=p)
+            x = block(x, masks, packed=p)
         return self.transformer.ln_f(x)
 
     def forward(self, x, targets=None, head="lm"):
@@ -251,8 +262,8 @@ class GPT(nn.Module):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        fused = device_type == "cuda"  # one kernel for the whole update on CUDA
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+        # one kernel for the whole update (CUDA and CPU): several times faster than a kernel per tensor
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
 
     def estimate_flops_per_token(self, T):
         """Training FLOPs per token (forward + backward), as in the PaLM paper's appendix B."""

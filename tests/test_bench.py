@@ -13,8 +13,9 @@ from conftest import ROOT
 def test_bench_runs_every_measurement_on_a_tiny_preset(capsys):
     bench.main(["--preset=tiny", "--new_tokens=8", "--n_candidates=4"])
     out = capsys.readouterr().out
-    for text in ("matmul peak (measured", "train:", "MFU", "KV cache", "same tokens", "align (VCB) step vs SFT step",
-                 "with the candidates packed after their prompt", "| sft |", "| eval |"):
+    for text in ("matmul peak (measured", "train:", "MFU", "KV cache", "same tokens", "attention at the built-in task's lengths",
+                 "attention at the GPT-2 HH preset's lengths", "x fewer", "align (VCB) step", "with the prefix-shared layout",
+                 "with the dense masked rows", "an SFT step", "| sft |", "| eval |"):
         assert text in out
 
 
