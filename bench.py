@@ -17,6 +17,9 @@ It measures
      model: the target is <= 1.2x);
 and then prints the estimated peak GPU memory and time per stage of the GPT-2-small HH preset.
 """
+import dataclasses
+import json
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -56,6 +59,7 @@ class BenchConfig:
     compile: bool = False            # torch.compile the model for the training measurements (CUDA)
     new_tokens: int = 128            # tokens sampled in the KV-cache measurement
     n_candidates: int = 8            # candidates per prompt in the alignment step
+    run: str = ""                    # a run's folder (out): also measure precision with its SFT model and candidates
 
 
 def parse(argv):
@@ -219,7 +223,46 @@ def main(argv):
           f"{1 / per_token['packed']:,.0f} response tokens/s with the prefix-shared layout, {1 / per_token['dense']:,.0f} "
           f"with the dense masked rows ({per_token['dense'] / per_token['packed']:.2f}x); per response token "
           f"{per_token['packed'] / per_token['sft']:.2f}x an SFT step (target <= 1.2x)")
+    if opts["run"]:
+        print(precision(opts["run"], env))
     print_estimates(peak if device_type == "cuda" else None)
+
+
+# ---- precision: what the autocast dtype does to the log-probs of a run's SFT model
+
+def precision(out_dir, env, n_prompts=64):
+    """How far from 0 two quantities are that are 0 in exact arithmetic, under env's autocast, with
+    the run's SFT model: delta = logp_pi - logp_sft at step 0 (the policy is the SFT model), the
+    reference log-probs scored as the sample stage scores them (chunks of eval_batch sequences) and
+    the policy's as the align step does (micro-batches of align_batch prompts); and KL(pi || pi)
+    estimated as the evaluation does (the sampler's log-probs of pi's own samples against the
+    scorer's)."""
+    import config
+    import evaluate
+    from runtime import load_candidates, load_model, load_tokenizer
+    cfg = config.parse_args([f"--out_dir={out_dir}", f"--device={env.device}"])
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in json.load(open(os.path.join(out_dir, "config.json"))).items()
+                                      if k in ("block_size", "max_new_tokens", "eval_batch", "align_batch", "n_layer",
+                                               "n_head", "n_embd", "init_from")}, out_dir=out_dir)
+    enc = load_tokenizer(cfg)
+    model = load_model(os.path.join(out_dir, "sft.pt"), env, enc, cfg).eval()
+    groups = load_candidates(cfg, env, enc).groups[:n_prompts]
+    with torch.no_grad():
+        ref = torch.tensor(evaluate.score_logps(cfg, env, model, enc, groups))
+        policy = []
+        for i in range(0, len(groups), cfg.align_batch):
+            with env.autocast():
+                policy += response_logps(model, data.pack(groups[i:i + cfg.align_batch], cfg.block_size).to(env.device)).tolist()
+        delta = (torch.tensor(policy) - ref).abs()
+        prompts = [g[0] for g in groups[:16]]  # <|endoftext|> + prompt, as the candidates were sampled
+        with env.autocast():
+            outs, sampled = model.generate(prompts, cfg.max_new_tokens, stop_token=enc.eot_token, num_samples=4,
+                                           generator=torch.Generator(env.device).manual_seed(0), return_logps=True)
+        scored = evaluate.score_logps(cfg, env, model, enc, [(prompts[i], outs[4 * i:4 * i + 4]) for i in range(len(prompts))])
+        kl = torch.tensor(sampled) - torch.tensor(scored)
+    return (f"precision ({str(env.dtype).removeprefix('torch.')}, {out_dir}/sft.pt): |delta| at step 0 max {delta.max():.2e}, "
+            f"mean {delta.mean():.2e} over {len(delta)} candidates; KL(pi||pi) from pi's own samples {kl.mean():.2e} "
+            f"(largest |logp_sampler - logp_scorer| {kl.abs().max():.2e}, {len(kl)} samples)")
 
 
 # ---- estimates for a real run: GPT-2-small on HH (docs/gpu.md, "Presets")

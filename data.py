@@ -225,7 +225,7 @@ def byte_tokenizer():
                              special_tokens={EOT: 256})
 
 
-def train_bpe(text, vocab_size=1024):
+def train_bpe(text, vocab_size):
     """Byte-level BPE: 256 byte tokens, then the most frequent adjacent pair merged, repeatedly,
     until vocab_size - 1 tokens (the last id is <|endoftext|>). Deterministic: ties go to the pair
     with the larger ids. Pair counts are updated incrementally, so 1 MB of text takes seconds.
@@ -515,20 +515,23 @@ def pack(groups, block_size):
 
 
 def split_by_length(responses, prompt_lengths):
-    """The responses [(places, prompt)] in one bucket or two, split where the attention computes the
-    fewest scores: each bucket pads its responses and its prompts' keys to its longest. Two buckets,
-    not more: on a CPU each costs about as much in small kernels as it saves in padding."""
+    """The responses [(places, prompt)] in two buckets (one if there is one response), split by length
+    where the attention computes the fewest scores: each bucket pads its responses and its prompts'
+    keys to its longest. Two, not more: on a CPU each costs about as much in small kernels as it saves
+    in padding. Always two, with two responses or more each where there are four, so that a
+    compiled model sees one layout whatever the lengths (torch.compile specialises sizes 0 and 1)."""
     by_length = sorted(responses, key=lambda m: len(m[0]))
+
     def scores(members):
         R, P = max(len(p) for p, _ in members), max(prompt_lengths[g] for _, g in members)
         return len(members) * R * (P + R)
-    best, split = scores(by_length), len(by_length)
-    for k in range(1, len(by_length)):
-        if by_length[k][0] != by_length[k - 1][0] and len(by_length[k][0]) != len(by_length[k - 1][0]):
-            cost = scores(by_length[:k]) + scores(by_length[k:])
-            if cost < best:
-                best, split = cost, k
-    return [part for part in (by_length[:split], by_length[split:]) if part]
+
+    if len(by_length) < 2:
+        return [by_length]
+    least = 2 if len(by_length) >= 4 else 1
+    split = min(range(least, len(by_length) - least + 1),
+                key=lambda k: (scores(by_length[:k]) + scores(by_length[k:]), abs(2 * k - len(by_length))))
+    return [by_length[:split], by_length[split:]]
 
 
 def encode_prompt(enc, prompt, max_len):

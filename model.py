@@ -82,8 +82,8 @@ class CausalSelfAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         if packed is not None:  # x (T, C): the real tokens of a packed batch; attn_mask: attention_masks(packed)
             T, C = x.size()
-            q, k, v = (t.view(T, self.n_head, C // self.n_head) for t in self.c_attn(x).split(C, dim=1))
-            y = packed_attention(q, k, v, packed, attn_mask, dropout_p).reshape(T, C)
+            qkv = self.c_attn(x).view(T, 3, self.n_head, C // self.n_head)
+            y = packed_attention(qkv, packed, attn_mask, dropout_p).reshape(T, C)
             return self.resid_dropout(self.c_proj(y))
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
@@ -98,27 +98,30 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
-def packed_attention(q, k, v, p, masks, dropout_p=0.0):
-    """Attention at the T real tokens of a data.Packed batch: q, k, v (T, n_head, head_dim) -> the
-    same shape. The prompts attend causally among themselves, all at once (G, P); each response
-    attends to its prompt's keys and values and, causally, to its own, in one or two buckets of
-    responses of about the same length (data.Bucket). Nothing is computed between responses.
-    masks: attention_masks(p), made once for all layers. The queries, and the keys and values, are
-    read in one gather each, and the outputs written back in one copy: few kernels, and each one's
-    backward adds in a fixed order, so the same batch gives the same gradients, bit for bit."""
-    T, H, D = q.shape
+def packed_attention(qkv, p, masks, dropout_p=0.0):
+    """Attention at the T real tokens of a data.Packed batch: qkv (T, 3, n_head, head_dim), the queries,
+    keys and values of each token -> (T, n_head, head_dim). The prompts attend causally among
+    themselves, all at once (G, P); each response attends to its prompt's keys and values and,
+    causally, to its own, in one or two buckets of responses of about the same length
+    (data.Bucket). Nothing is computed between responses. masks: attention_masks(p), made once for
+    all layers. The queries, and the keys and values, are read in one gather each and the outputs
+    written in place: few kernels, and each one's backward adds in a fixed order, so the same batch
+    gives the same gradients, bit for bit, run after run."""
+    T, _, H, D = qkv.shape
     shapes = [tuple(p.prompts.shape)] + [tuple(b.tokens.shape) for b in p.buckets]        # (rows, L) of each part
     key_shapes = [tuple(p.prompts.shape)] + [tuple(b.keys.shape) for b in p.buckets]
     def parts(x, shapes):  # x (sum of rows * L, ..., H, D) -> per part (..., rows, H, L, D)
         return [part.view(*shape, *x.shape[1:]).movedim(1, -2).movedim(0, -4)
                 for part, shape in zip(x.split([a * b for a, b in shapes]), shapes)]
-    queries = parts(q.index_select(0, p.queries), shapes)
-    keys = parts(torch.stack([k, v], 1).index_select(0, p.keys), key_shapes)              # k and v in one gather
-    outs = [F.scaled_dot_product_attention(queries[0], *keys[0].unbind(0), is_causal=True, dropout_p=dropout_p)]
-    for i, mask in enumerate(masks, 1):
-        outs.append(F.scaled_dot_product_attention(queries[i], *keys[i].unbind(0), attn_mask=mask, dropout_p=dropout_p))
-    rows = torch.cat([out.transpose(1, 2).flatten(0, 1) for out in outs])                # (M, H, D), in p.queries' order
-    return q.new_zeros(T + 1, H, D).index_copy(0, p.outputs, rows)[:T]                  # padding lands on row T
+    queries = parts(qkv[:, 0].index_select(0, p.queries), shapes)
+    keys = parts(qkv[:, 1:].index_select(0, p.keys), key_shapes)                        # k and v in one gather
+    out = qkv.new_zeros(T + 1, H, D)                                                   # padding lands on row T
+    for i, (places, q) in enumerate(zip(p.outputs.split([a * b for a, b in shapes]), queries)):
+        k, v = keys[i].unbind(0)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p) if i == 0 else \
+            F.scaled_dot_product_attention(q, k, v, attn_mask=masks[i - 1], dropout_p=dropout_p)
+        out.index_copy_(0, places, y.transpose(1, 2).reshape(-1, H, D))
+    return out[:T]
 
 
 def attention_masks(p):
@@ -230,23 +233,31 @@ class GPT(nn.Module):
         On a packed batch the heads run only where they are read (N or S tokens)."""
         if torch.is_tensor(x):
             hidden = self.hidden(x)                                            # (B, T, C)
-            return self.lm_head(hidden) if targets is None else self.logps(hidden, targets)
+            return self.logits(hidden) if targets is None else self.logps(hidden, targets)
         hidden = self.hidden_packed(x)                                         # (T, C)
         if head == "reward":
             return self.score(hidden.index_select(0, x.last))
         before = hidden.index_select(0, x.cols)                                # (N, C): what predicts each response token
         return self.logps(before, x.targets) if head == "lm" else self.score(before)
 
+    def logits(self, hidden):
+        """The LM head on hidden states (..., C) -> (..., vocab), in float32 whatever the autocast: a
+        16-bit head rounds every logit by about 1%, and with it every log-prob that enters a loss, a
+        ratio or a KL (docs/gpu.md, "Precision", says what it costs)."""
+        with torch.autocast(hidden.device.type, enabled=False):
+            return F.linear(hidden.float(), self.lm_head.weight.float())
+
     def logps(self, hidden, targets):
-        """log p(targets) from the hidden states that predict them: (..., C), (...) -> (...) float32.
-        float32: a bfloat16 log-softmax loses the small differences that preference losses feed on."""
-        logits = self.lm_head(hidden).float()
+        """log p(targets) from the hidden states that predict them: (..., C), (...) -> (...) float32."""
+        logits = self.logits(hidden)
         return -F.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction="none").view_as(targets)
 
     def score(self, hidden):
-        """The reward head on hidden states (..., C) -> (...) float32."""
+        """The reward head on hidden states (..., C) -> (...), in float32 whatever the autocast: the
+        rewards and values enter VCB's targets and PPO's advantages."""
         assert self.reward_head is not None, "this GPT has no reward head (GPTConfig.reward_head=False)"
-        return self.reward_head(hidden).squeeze(-1).float()
+        with torch.autocast(hidden.device.type, enabled=False):
+            return F.linear(hidden.float(), self.reward_head.weight.float(), self.reward_head.bias.float()).squeeze(-1)
 
     def reward(self, idx, mask):
         """r(x, y) of right-padded rows idx (B, T), mask (B, T) 1 on real tokens: the score at each row's
@@ -374,7 +385,7 @@ class GPT(nn.Module):
         hidden = self.hidden(idx[first, :t], pos=pos[first, :t], attn_mask=mask[first, :, :t, :t], cache=cache)
         hidden = hidden.repeat_interleave(num_samples, 0)
         cache.keep(torch.arange(idx.size(0), device=idx.device) // num_samples)
-        return self.lm_head(hidden[:, -1]).float()
+        return self.logits(hidden[:, -1])
 
     def decode(self, idx, pos, mask, live, t, cache):
         """The next-token logits (B', V) of the live rows after t tokens: the newest token alone,
@@ -384,7 +395,7 @@ class GPT(nn.Module):
         else:
             hidden = self.hidden(idx[live, t - 1:t], pos=pos[live, t - 1:t], attn_mask=mask[live, :, t - 1:t, :t],
                                  cache=cache)
-        return self.lm_head(hidden[:, -1]).float()  # only the last position predicts
+        return self.logits(hidden[:, -1])  # only the last position predicts
 
 
 def response_logps(model, packed, average=False):

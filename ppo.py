@@ -27,7 +27,7 @@ import torch
 import data
 import vcb
 from evaluate import decode, score_rewards
-from runtime import batch_indices, load_data, load_model, lr_at, path
+from runtime import batch_indices, compiled, load_data, load_model, lr_at, path
 
 
 @dataclass
@@ -37,7 +37,9 @@ class Online:
     ref: torch.nn.Module      # the frozen SFT model: the KL's reference
     rm: torch.nn.Module       # the frozen reward model
     critic: torch.nn.Module   # PPO's value model, from the reward model (None for RLOO)
+    runners: list             # the policy and the critic as the updates run them (runtime.compiled)
     optimizers: list          # the policy's, then the critic's
+    scaler: torch.amp.GradScaler  # scales the loss under float16 (a no-op otherwise)
     state: dict               # what a resumable checkpoint holds: the trained models and their optimizers
     prompts: list             # the alignment prompts the rollouts are drawn from
     mu: float                 # mean and spread of the RM's scores on the SFT candidates, which normalise
@@ -56,8 +58,9 @@ def setup(cfg, env, enc, method, seed, cands):
     optimizers = [m.configure_optimizers(cfg.weight_decay, lr, (0.9, 0.95), env.device_type)
                   for m, lr in zip(models, [cfg.online_lr, cfg.critic_lr])]
     state = {"policy": policy, "opt_policy": optimizers[0]} | ({"critic": critic, "opt_critic": optimizers[1]} if critic else {})
-    return Online(policy, ref, rm, critic, optimizers, state, [r["prompt"] for r in load_data(cfg, "align_prompts")],
-                  cands.rewards.mean().item(), cands.rewards.std().item())
+    scaler = torch.amp.GradScaler(env.device_type, enabled=env.dtype == torch.float16)
+    return Online(policy, ref, rm, critic, [compiled(cfg, m) for m in models], optimizers, scaler, state,
+                  [r["prompt"] for r in load_data(cfg, "align_prompts")], cands.rewards.mean().item(), cands.rewards.std().item())
 
 
 def iteration(cfg, env, enc, o, method, seed, it, beta):
@@ -143,13 +146,13 @@ def ppo_update(cfg, env, enc, o, batch, beta, seed, it):
             rows, groups = rows_of(mb, k), [batch["groups"][i] for i in mb]
             with env.autocast():
                 p = packed(cfg, enc, groups, env)
-                logp, m = per_token(o.policy, p, env)
-                values, _ = per_token(o.critic, p, env, head="value")
+                logp, m = per_token(o.runners[0], p, env)
+                values, _ = per_token(o.runners[1], p, env, head="value")
             T = m.size(1)
             pg_loss, s = vcb.ppo_policy_loss(logp, batch["old_logp"][rows, :T], advantages[rows, :T], m, cfg.ppo_clip)
             vf_loss = vcb.ppo_value_loss(values, batch["old_values"][rows, :T], returns[rows, :T], m, cfg.ppo_clip)
             loss = pg_loss + cfg.ppo_vf_coef * vf_loss
-            step(cfg, o.optimizers, [o.policy, o.critic], loss)
+            step(cfg, o, [o.policy, o.critic], loss)
             s.update(loss=loss.detach(), pg_loss=pg_loss.detach(), value_loss=vf_loss.detach())
             if n == 0:
                 stats["first_approx_kl"] = s["approx_kl"]  # 0 up to rounding: the check that logp == old logp
@@ -166,9 +169,9 @@ def rloo_update(cfg, env, enc, o, batch, beta, it):
     set_lr(cfg, o.optimizers[:1], it)
     o.policy.train()
     with env.autocast():
-        logp, m = per_token(o.policy, packed(cfg, enc, batch["groups"], env), env)
+        logp, m = per_token(o.runners[0], packed(cfg, enc, batch["groups"], env), env)
     loss = vcb.reinforce_loss((logp * m).sum(-1), advantages)
-    step(cfg, o.optimizers[:1], [o.policy], loss)
+    step(cfg, o, [o.policy], loss)
     return {"loss": loss.detach(), "advantage_std": advantages.std()}
 
 
@@ -178,12 +181,15 @@ def set_lr(cfg, optimizers, it):
             group["lr"] = lr_at(it, cfg.online_iters, lr, cfg.warmup_steps)
 
 
-def step(cfg, optimizers, models, loss):
-    """One gradient step of each model on loss (a sum of their losses). A non-finite loss stops the run
-    when the training loop reads the iteration's "loss", before anything is saved."""
-    loss.backward()
-    for model, opt in zip(models, optimizers):
+def step(cfg, o, models, loss):
+    """One gradient step of each model on loss (a sum of their losses), through the float16 scaler
+    (which skips a step whose gradients overflowed). A non-finite loss stops the run when the
+    training loop reads the iteration's "loss", before anything is saved."""
+    o.scaler.scale(loss).backward()
+    for model, opt in zip(models, o.optimizers):
         if cfg.grad_clip > 0:
+            o.scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
+        o.scaler.step(opt)
         opt.zero_grad(set_to_none=True)
+    o.scaler.update()

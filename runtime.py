@@ -104,6 +104,17 @@ def start(argv, doc=""):
     return cfg, env
 
 
+COMPILE = dict(dynamic=True)  # torch.compile's options (the tests count compilations with a backend of their own)
+
+
+def compiled(cfg, model):
+    """The model as training runs it: with --compile=true, torch.compile'd with dynamic shapes, so that
+    the batches' changing lengths share one graph per way of reading (ids or packed, and the head)
+    instead of one per shape. Modules of the same class share the compiled code, so every task of a
+    process (SFT, the reward model, each policy) reuses it. Checkpoints are saved from the module itself."""
+    return torch.compile(model, **COMPILE) if cfg.compile else model
+
+
 def log(env, msg):
     if env.master:
         tqdm.write(msg)

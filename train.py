@@ -45,7 +45,7 @@ from config import ONLINE, STAGES, ConfigError, align_settings, method_list, sta
 from evaluate import beta_label, decode, evaluate, judge_name, sample_candidates, score_rewards
 from model import GPT, GPTConfig, response_logps
 from records import Task, mark_done, up_to_date
-from runtime import (TrainingError, barrier, batch_indices, check_healthy, command, encode_groups, kept_checkpoint,
+from runtime import (TrainingError, barrier, batch_indices, check_healthy, command, compiled, encode_groups, kept_checkpoint,
                      load_candidates, load_checkpoint, load_data, load_model, load_tokenizer, log, lr_at, model_args,
                      note_progress, path, progress_file, resume, save_model, save_progress, save_snapshot, start)
 
@@ -123,7 +123,7 @@ def train(cfg, env, task, model, n_examples, steps, batch_size, lr, loss_fn, cou
         raise ConfigError(f"{task.name}: a batch of {batch_size} cannot feed {env.world} processes x {cfg.grad_accum} micro-batches")
     optimizer = model.configure_optimizers(cfg.weight_decay, lr, (0.9, 0.95), env.device_type)
     scaler = torch.amp.GradScaler(env.device_type, enabled=env.dtype == torch.float16)
-    raw, runner = model, torch.compile(model) if cfg.compile else model
+    raw, runner = model, compiled(cfg, model)
     if env.world > 1:
         runner = DDP(runner, device_ids=[env.device] if env.device_type == "cuda" else None)
     runner.train()
@@ -487,6 +487,10 @@ def main(argv, then=None, doc=__doc__):
         peak = f", peak GPU memory {torch.cuda.max_memory_allocated(env.device) / 2**30:.2f} GiB" if env.device_type == "cuda" else ""
         times.append(f"{stage} {time.time() - t:.1f}s{peak}")
     log(env, "stage times: " + "; ".join(times))
+    if cfg.compile:  # one graph per way of reading a batch; past the limit, dynamo would fall back to eager
+        from torch._dynamo.utils import counters
+        log(env, f"torch.compile: {counters['stats']['unique_graphs']} graphs compiled in this process "
+                 f"(torch._dynamo.config.recompile_limit={torch._dynamo.config.recompile_limit} per function)")
     if env.master:
         report.plot_curves(path(cfg, "curves.jsonl"), path(cfg, "curves.png"))
     if then is not None:
