@@ -12,6 +12,7 @@ is refused.
 import dataclasses
 import difflib
 import inspect
+import json
 import math
 import re
 import sys
@@ -28,6 +29,7 @@ ONLINE = ["ppo", "rloo"]  # they sample from the policy as it learns (ppo.py); t
 @dataclass
 class Config:
     # ---- run
+    preset: str = ""                 # a JSON file of options (presets/gpt2-hh.json); --key=value here overrides them
     out_dir: str = "out"             # every file of the run goes here
     stage: str = "all"               # data, sft, rm, sample, align, eval, or all (in that order)
     force: bool = False              # redo the chosen stages even when their outputs are up to date
@@ -141,8 +143,19 @@ def parse_args(argv, doc=""):
 
 def parse_options(cfg, argv, doc=""):
     """--key=value options onto the dataclass instance cfg, each converted to its field's type; a bare
-    --flag sets a bool. doc: the calling program's docstring, printed above the options by --help."""
+    --flag sets a bool. doc: the calling program's docstring, printed above the options by --help.
+    For Config, a --preset=FILE applies the file's options first, whatever its place."""
     fields = {f.name: f for f in dataclasses.fields(cfg)}
+    presets = [a.split("=", 1)[1] for a in argv if a.startswith("--preset=")] if isinstance(cfg, Config) else []
+    for file in presets[-1:]:
+        for key, value in read_preset(file).items():
+            if key not in fields or key == "preset":
+                raise ConfigError(f"{file}: unknown option '{key}'" + (f"; did you mean '{near[0]}'?" if (
+                    near := difflib.get_close_matches(key, fields, n=1)) else ""))
+            kind = type(getattr(type(cfg), key))
+            if isinstance(value, bool) != (kind is bool) or not isinstance(value, (str, int, float, bool)):
+                raise ConfigError(f"{file}: option '{key}' is {json.dumps(value)[:40]}, expected {kind.__name__}")
+            setattr(cfg, key, convert(key, str(value).lower() if isinstance(value, bool) else str(value), kind, file))
     for arg in argv:
         if arg in ("-h", "--help"):
             print(usage(doc, type(cfg)))
@@ -161,7 +174,21 @@ def parse_options(cfg, argv, doc=""):
     return cfg
 
 
-def convert(key, raw, kind):
+def read_preset(file):
+    """A preset: a JSON object of options, {"block_size": 512, ...}."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            options = json.load(f)
+    except OSError as e:
+        raise ConfigError(f"--preset={file}: cannot read it ({e.strerror})") from None
+    except ValueError as e:
+        raise ConfigError(f"--preset={file}: not JSON ({e})") from None
+    if not isinstance(options, dict):
+        raise ConfigError(f"--preset={file}: expected a JSON object of options, got {type(options).__name__}")
+    return options
+
+
+def convert(key, raw, kind, where=None):
     try:
         if kind is bool:
             if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
@@ -169,7 +196,7 @@ def convert(key, raw, kind):
             return raw.lower() in ("true", "1", "yes")
         return kind(raw)  # int("1.5") fails, float("0") is 0.0
     except ValueError:
-        raise ConfigError(f"--{key}={raw}: expected {kind.__name__}") from None
+        raise ConfigError((f"{where}: option '{key}' is {raw}" if where else f"--{key}={raw}") + f": expected {kind.__name__}") from None
 
 
 def validate(cfg):

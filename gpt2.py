@@ -4,17 +4,23 @@ GPT-2 releases, read and written with the safetensors package (no transformers n
 downloaded).
 
     model = gpt2.from_pretrained("gpt2/model.safetensors", block_size=256)   # what train.py's --init_from runs
+    python gpt2.py export out/policy_vcb.pt out/vcb-gpt2                    # a policy, for transformers and the rest
 
 Every key and shape is checked; what our GPT cannot compute (another activation, LayerNorm epsilon,
-MLP width or attention scaling) is refused with one line.
+MLP width or attention scaling) is refused with one line. An exported policy loads in transformers'
+GPT2LMHeadModel with the same logits; its tokenizer is the run's (tokenizer.json, or GPT-2's own
+with --tokenizer=gpt2).
 """
 import json
 import os
 
 import torch
 
+import data
 from data import DataError
 from model import GPT, GPTConfig
+
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # stored (in, out)
 
 
 def from_pretrained(path, block_size=None, log=print, **overrides):
@@ -53,10 +59,9 @@ def from_pretrained(path, block_size=None, log=print, **overrides):
     if ours != theirs:
         raise DataError(f"{path}: keys differ from GPT-2's: missing {sorted(ours - theirs)[:3]}, "
                         f"unexpected {sorted(theirs - ours)[:3]}")
-    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
     with torch.no_grad():
         for k, v in sd_hf.items():
-            v = v.t() if k.endswith(conv1d) else v  # GPT-2 stores these as Conv1D: (in, out)
+            v = v.t() if k.endswith(CONV1D) else v  # GPT-2 stores these as Conv1D: (in, out)
             target = sd["transformer." + k]
             if v.shape != target.shape:
                 raise DataError(f"{path}: {k} has shape {tuple(v.shape)}, expected {tuple(target.shape)}")
@@ -102,3 +107,41 @@ def gpt2_config(config, args):
         if c.get(key, fine) != fine:
             raise DataError(f"{file}: {key}={c[key]} is not what this GPT computes")
     return n_head
+
+
+def save_pretrained(model, folder):
+    """model (a GPT) as a GPT-2 checkpoint: folder/model.safetensors (transformers' key names, Conv1D
+    matrices (in, out), the tied LM head left out, no reward head) and folder/config.json. Each file
+    is written whole or not at all."""
+    from safetensors.torch import save_file
+    c = model.config
+    weights = {k: (v.t() if k.endswith(CONV1D) else v).detach().float().contiguous().cpu().clone()
+               for k, v in model.state_dict().items() if k.startswith("transformer.")}
+    config = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": c.vocab_size,
+              "n_positions": c.block_size, "n_ctx": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer,
+              "n_head": c.n_head, "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+              "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "scale_attn_weights": True,
+              "tie_word_embeddings": True, "bos_token_id": c.vocab_size - 1, "eos_token_id": c.vocab_size - 1}
+    os.makedirs(folder, exist_ok=True)
+    with data.atomic_path(os.path.join(folder, "model.safetensors")) as tmp:
+        save_file(weights, tmp, metadata={"format": "pt"})
+    data.write_json(os.path.join(folder, "config.json"), config)
+
+
+def export(argv):
+    """python gpt2.py export CHECKPOINT FOLDER: one of a run's models (a policy, sft.pt) as GPT-2."""
+    from runtime import load_checkpoint
+    if len(argv) != 2:
+        raise DataError("usage: python gpt2.py export CHECKPOINT FOLDER   (e.g. out/policy_vcb.pt out/vcb-gpt2)")
+    ck = load_checkpoint(argv[0])
+    if not isinstance(ck.get("model_args"), dict) or "model" not in ck:
+        raise DataError(f"{argv[0]}: not a checkpoint of this project (no model_args or model)")
+    model = GPT(GPTConfig(**{**ck["model_args"], "reward_head": False}))
+    model.load_state_dict({k: v for k, v in ck["model"].items() if not k.startswith("reward_head.")})
+    save_pretrained(model, argv[1])
+    print(f"wrote {argv[1]}/model.safetensors and config.json ({model.num_params() / 1e6:.2f}M parameters)")
+
+
+if __name__ == "__main__":
+    from runtime import command
+    command(lambda argv: export(argv[1:]) if argv[:1] == ["export"] else export([]))

@@ -27,7 +27,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # the whole pipeline in seconds: a one-layer model, a few steps of each stage
-TINY = ["--n_sft=200", "--n_prefs=64", "--n_align=12", "--n_eval=6", "--vocab_size=300", "--n_layer=1",
+TINY = ["--device=cpu", "--n_sft=200", "--n_prefs=64", "--n_align=12", "--n_eval=6", "--vocab_size=300", "--n_layer=1",
         "--n_head=2", "--n_embd=32", "--block_size=96", "--max_new_tokens=16", "--sft_steps=6", "--sft_batch=16",
         "--rm_steps=4", "--rm_batch=8", "--n_candidates=3", "--sample_batch=4", "--align_steps=3",
         "--align_batch=4", "--eval_samples=1", "--eval_batch=32", "--log_interval=2", "--ckpt_interval=2",
@@ -36,8 +36,10 @@ TINY = ["--n_sft=200", "--n_prefs=64", "--n_align=12", "--n_eval=6", "--vocab_si
 
 def run_train(out_dir, *args, tiny=True, env=None, timeout=300, script=("train.py",)):
     """python train.py in a subprocess (as a user runs it), one thread, returning the CompletedProcess.
-    script: another program and its leading arguments, e.g. ("experiments.py", "sweep")."""
-    cmd = [sys.executable, os.path.join(ROOT, script[0]), *script[1:], f"--out_dir={out_dir}", *(TINY if tiny else []), *args]
+    script: another program and its leading arguments, e.g. ("experiments.py", "sweep"). On the CPU
+    unless args name a device: on a machine with a GPU the suite runs as it does without one."""
+    device = [] if tiny or any(a.startswith("--device=") for a in args) else ["--device=cpu"]
+    cmd = [sys.executable, os.path.join(ROOT, script[0]), *script[1:], f"--out_dir={out_dir}", *(TINY if tiny else device), *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=full_env, timeout=timeout)
 

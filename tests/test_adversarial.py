@@ -286,7 +286,7 @@ def test_a_candidates_file_that_is_not_json_lines(tiny_copy):
 
 
 def test_weights_that_diverge_part_way_are_not_saved_as_the_last_good_checkpoint(tmp_path):
-    cfg = config.parse_args([f"--out_dir={tmp_path}", "--ckpt_interval=2", "--log_interval=100", "--warmup_steps=0",
+    cfg = config.parse_args([f"--out_dir={tmp_path}", "--device=cpu", "--ckpt_interval=2", "--log_interval=100", "--warmup_steps=0",
                              "--weight_decay=0"])
     env = runtime.setup(cfg)
     torch.manual_seed(0)

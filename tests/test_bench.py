@@ -11,7 +11,7 @@ from conftest import ROOT
 
 
 def test_bench_runs_every_measurement_on_a_tiny_preset(capsys):
-    bench.main(["--preset=tiny", "--new_tokens=8", "--n_candidates=4"])
+    bench.main(["--preset=tiny", "--device=cpu", "--new_tokens=8", "--n_candidates=4"])
     out = capsys.readouterr().out
     for text in ("matmul peak (measured", "train:", "MFU", "KV cache", "same tokens", "attention at the built-in task's lengths",
                  "attention at the GPT-2 HH preset's lengths", "x fewer", "align (VCB) step", "with the prefix-shared layout",
@@ -27,13 +27,19 @@ def test_datasheet_peaks_are_read_from_the_device_name():
 
 @pytest.mark.slow
 def test_gpu_check_runs_every_step_at_a_tiny_size_and_writes_one_report(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "gpu_check.py"), "--tiny", f"--out={tmp_path / 'check'}"],
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "gpu_check.py"), "--tiny", "--device=cpu", f"--out={tmp_path / 'check'}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     report = (tmp_path / "check" / "gpu_check.md").read_text()
-    for text in ("# gpu_check on", "| tests that need CUDA |", "| bench.py |", "| pipeline, default settings |",
-                 "| pipeline, GPT-2-small shape |", "matmul peak", "stage times: data", "| vcb |"):
+    for text in ("# gpu_check on", "| device tests | ", " passed", "| bench.py |", "| pipeline, default settings, --compile=true |",
+                 "| pipeline, GPT-2-small shape |", "matmul peak", "stage times: data", "torch.compile: ", "| vcb |"):
         assert text in report, text
+
+
+def test_gpu_check_counts_a_run_where_every_test_skipped_as_a_failure():
+    import gpu_check
+    assert gpu_check.passed("..........\n7 passed, 12 deselected in 4.80s\n") == 7
+    assert gpu_check.passed("sssss\n5 skipped in 0.10s\n") == 0 and gpu_check.passed("") == 0
 
 
 def test_gpu_check_says_what_to_do_without_a_gpu():

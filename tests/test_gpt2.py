@@ -1,7 +1,10 @@
 """GPT-2 weights from a local model.safetensors, and the offline GPT-2 tokenizer. Tested on small
 random checkpoints that the tests write in GPT-2's layout; nothing is downloaded."""
 import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,7 +13,7 @@ from safetensors.torch import save_file
 import data
 import gpt2
 import runtime
-from conftest import run_train
+from conftest import ROOT, run_train
 from model import GPT, GPTConfig
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -154,3 +157,43 @@ def test_gpt2_tokenizer_offline_fails_fast_and_says_what_to_provide(tmp_path, mo
     message = str(e.value)
     assert "is not in tiktoken's cache" in message and "TIKTOKEN_CACHE_DIR" in message and "\n" not in message
     assert not (tmp_path / "empty-cache").exists()  # nothing was fetched or written
+
+
+# ---- export: a policy back out in GPT-2's layout
+
+def test_an_exported_model_reads_back_with_the_same_logits(narrow_heads, tmp_path):
+    gpt2.save_pretrained(narrow_heads, tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == "gpt2" and config["n_head"] == 4 and config["activation_function"] == "gelu_new"
+    back = gpt2.from_pretrained(tmp_path / "out" / "model.safetensors").eval()
+    idx = torch.randint(97, (2, 20))
+    torch.testing.assert_close(back(idx), narrow_heads(idx))
+    assert not list((tmp_path / "out").glob("*.tmp*"))
+
+
+def test_an_exported_model_gives_transformers_the_same_logits(narrow_heads, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    gpt2.save_pretrained(narrow_heads, tmp_path / "out")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()
+    idx = torch.randint(97, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, narrow_heads(idx), atol=1e-4, rtol=1e-4)
+
+
+def export(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "gpt2.py"), "export", *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT)
+
+
+@pytest.mark.slow
+def test_a_trained_policy_is_exported_by_command(tiny_run, tmp_path):
+    proc = export(tiny_run[0] / "policy_vcb.pt", tmp_path / "vcb")
+    assert proc.returncode == 0, proc.stderr
+    ck = runtime.load_checkpoint(tiny_run[0] / "policy_vcb.pt")
+    ours = GPT(GPTConfig(**ck["model_args"]))
+    ours.load_state_dict(ck["model"])
+    back = gpt2.from_pretrained(tmp_path / "vcb" / "model.safetensors")
+    idx = torch.randint(ours.config.vocab_size, (2, 16))
+    torch.testing.assert_close(back.eval()(idx), ours.eval()(idx))
+    bad = export(tmp_path / "none.pt", tmp_path / "x")
+    assert bad.returncode == 2 and "no such checkpoint" in bad.stderr and "Traceback" not in bad.stderr

@@ -130,7 +130,7 @@ def test_checkpoint_whose_weights_do_not_fit_its_shape(tmp_path):
     other = GPT(GPTConfig(**{**args, "n_embd": 16}))
     runtime.save_checkpoint(tmp_path / "sft.pt", {"model": other.state_dict(), "model_args": args,
                                                   "tokenizer": data.fingerprint(data.byte_tokenizer())})
-    cfg = config.parse_args(["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--max_new_tokens=8"])
+    cfg = config.parse_args(["--device=cpu", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--max_new_tokens=8"])
     env = runtime.setup(cfg)
     with pytest.raises(data.DataError, match="sft.pt: weights do not fit the model it describes"):
         runtime.load_model(tmp_path / "sft.pt", env, data.byte_tokenizer(), cfg)
@@ -180,7 +180,7 @@ def test_writes_are_atomic(tmp_path):
 
 
 def test_a_non_finite_loss_stops_with_its_step_and_keeps_the_last_good_checkpoint(tmp_path):
-    cfg = config.parse_args([f"--out_dir={tmp_path}", "--ckpt_interval=2", "--log_interval=100", "--warmup_steps=0"])
+    cfg = config.parse_args([f"--out_dir={tmp_path}", "--device=cpu", "--ckpt_interval=2", "--log_interval=100", "--warmup_steps=0"])
     env = runtime.setup(cfg)
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=8, vocab_size=11, n_layer=1, n_head=1, n_embd=8))

@@ -12,7 +12,7 @@ from conftest import ROOT
 
 
 def sample(out, *args, stdin=None):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), f"--out_dir={out}", *args], input=stdin,
+    return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), f"--out_dir={out}", "--device=cpu", *args], input=stdin,
                           capture_output=True, text=True, cwd=ROOT, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 

@@ -134,3 +134,27 @@ def test_sweep_draws_a_frontier_with_seed_spread(tiny_copy):
     assert math.isfinite(mean) and std >= 0
     assert (tiny_copy / "sweep" / "frontier.png").read_bytes()[:4] == b"\x89PNG"
     assert "± " in (tiny_copy / "sweep" / "results.md").read_text()
+
+
+# ---- presets: a file of options
+
+def test_a_preset_file_sets_options_and_the_command_line_overrides_it(tmp_path):
+    cfg = config.parse_args(["--block_size=256", "--preset=presets/gpt2-hh.json"])  # wherever --preset stands
+    assert cfg.data == "hh" and cfg.tokenizer == "gpt2" and cfg.max_new_tokens == 128 and cfg.sft_lr == 1e-5
+    assert cfg.block_size == 256 and cfg.preset == "presets/gpt2-hh.json"
+    assert config.parse_args(["--preset=presets/gpt2-tldr.json"]).block_size == 640
+
+
+@pytest.mark.parametrize("text,message", [
+    ('{"block_sise": 512}', "unknown option 'block_sise'; did you mean 'block_size'?"),
+    ('{"block_size": "big"}', "option 'block_size' is big: expected int"),
+    ('{"block_size": [512]}', "option 'block_size' is [512], expected int"),
+    ('{"compile": 1}', "option 'compile' is 1, expected bool"),
+    ('[1, 2]', "expected a JSON object of options, got list"),
+    ('{"block_size": 5', "not JSON"),
+])
+def test_a_bad_preset_is_a_one_line_error_naming_the_file_and_option(tmp_path, text, message):
+    (tmp_path / "p.json").write_text(text)
+    with pytest.raises(config.ConfigError) as e:
+        config.parse_args([f"--preset={tmp_path / 'p.json'}"])
+    assert message in str(e.value) and "p.json" in str(e.value) and "\n" not in str(e.value)
