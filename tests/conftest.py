@@ -22,6 +22,19 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(autouse=True)
+def restore_torch_settings():
+    """Global settings a test may change (runtime.setup turns TF32 on for CUDA; a test may ask for
+    deterministic kernels or other threads) are put back after it, so no test runs under another's."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_default_dtype(),
+             torch.are_deterministic_algorithms_enabled(), torch.get_num_threads())
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
+    torch.set_default_dtype(saved[2])
+    torch.use_deterministic_algorithms(saved[3])
+    torch.set_num_threads(saved[4])
+
+
 # ---- running train.py at a tiny size -----------------------------------------------------------
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
