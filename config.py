@@ -22,7 +22,8 @@ import vcb
 from model import GPTConfig
 
 STAGES = ["data", "sft", "rm", "sample", "align", "eval"]
-METHODS = ["vcb", "dpo", "ipo", "slic", "rrhf", "ppo", "rloo"]
+METHODS = ["vcb", "dpo", "ipo", "slic", "rrhf", "ppo", "rloo", "rebel", "infonca", "odpo"]
+VALUE_AWARE = ["vcb", "rebel", "infonca", "odpo"]  # the methods that use the rewards' size, not only their order
 ONLINE = ["ppo", "rloo"]  # they sample from the policy as it learns (ppo.py); the others learn from the candidates
 
 
@@ -52,6 +53,7 @@ class Config:
     n_align: int = 320               # prompts that get n_candidates scored candidates each (likewise)
     n_eval: int = 128                # held-out prompts, and as many out-of-distribution ones (likewise)
     pref_tau: float = 0.25           # builtin: Bradley-Terry temperature of the labels on the gold reward
+    stakes: bool = False             # builtin: every other film's and restaurant's gold reward (so labels too) x0.1
     # ---- model
     init_from: str = "scratch"       # scratch, or the path of a GPT-2 model.safetensors (needs --tokenizer=gpt2)
     n_layer: int = GPTConfig.n_layer  # transformer blocks
@@ -81,7 +83,7 @@ class Config:
     top_p: float = 1.0               # top-p of the candidates (1: off)
     sample_batch: int = 64           # prompts per generate() call; each call has its own seed
     # ---- align
-    methods: str = "vcb,dpo,ipo,slic,rrhf,ppo,rloo"  # comma-separated, from vcb, dpo, ipo, slic, rrhf, ppo, rloo
+    methods: str = "vcb,dpo,ipo,slic,rrhf,ppo,rloo"  # comma-separated, from vcb, dpo, ipo, slic, rrhf, ppo, rloo, rebel, infonca, odpo
     beta: float = 1.0                # KL strength beta of every method (VCB: the reward gap / (beta sigma))
     lam: float = 0.1                 # VCB: LogSumExp temperature over a prompt's pairs (0: plain mean)
     sigma_floor: float = vcb.SIGMA_FLOOR  # VCB: prompts whose reward spread is at or under this are skipped
@@ -115,7 +117,7 @@ class Config:
 # settings each stage's outputs depend on, besides those of the stages before it
 STAGE_KEYS = {
     "data": ["data", "data_dir", "tokenizer", "vocab_size", "n_sft", "n_prefs", "n_align", "n_eval",
-             "pref_tau", "seed"],
+             "pref_tau", "stakes", "seed"],
     "sft": ["init_from", "n_layer", "n_head", "n_embd", "block_size", "dropout", "weight_decay",
             "grad_clip", "warmup_steps", "sft_steps", "sft_batch", "sft_lr"],
     "rm": ["rm_steps", "rm_batch", "rm_lr", "rm_holdout"],
@@ -232,6 +234,8 @@ def validate(cfg):
         raise ConfigError(f"--n_candidates={cfg.n_candidates}: VCB and the baselines compare candidates, they need at least 2")
     if cfg.data != "builtin" and not cfg.data_dir:
         raise ConfigError(f"--data={cfg.data} needs --data_dir=<folder with its files>")
+    if cfg.stakes and cfg.data != "builtin":
+        raise ConfigError(f"--stakes is a variant of the built-in task (--data=builtin), not of --data={cfg.data}")
     if cfg.data == "builtin" and cfg.data_dir:
         raise ConfigError(f"--data_dir={cfg.data_dir} is read only with --data=hh, tldr or jsonl (the built-in task "
                           f"makes its own data)")

@@ -99,6 +99,12 @@ def judge_name(cfg):
     return "gold" if cfg.data == "builtin" else "rm"
 
 
+def gold_reward(cfg, texts, prompts):
+    """The built-in task's gold reward of each response, scaled by its prompt's stake on the stakes
+    variant (--stakes=true): the judge of every win rate and reward on the built-in task."""
+    return reviews.gold_reward(texts, prompts if cfg.stakes else None)
+
+
 def beta_label(method, beta):
     return "-" if method in ("sft", "rrhf") or beta is None else f"{beta:g}"  # SFT and RRHF have no beta
 
@@ -123,7 +129,8 @@ def score_policy(cfg, env, enc, name, file, seed, refs):
     judges = [file, path(cfg, "sft.pt"), path(cfg, "rm.pt"), path(cfg, "tokenizer.json"),
               path(cfg, "data", "eval_prompts.jsonl"), path(cfg, "data", "ood_prompts.jsonl")]
     key = {"seed": seed, "inputs": fingerprints(cfg, judges),
-           "settings": {k: getattr(cfg, k) for k in ("eval_samples", "eval_batch", "max_new_tokens", "block_size", "data")}}
+           "settings": {k: getattr(cfg, k) for k in ("eval_samples", "eval_batch", "max_new_tokens", "block_size", "data",
+                                                     "stakes")}}
 
     def sample():
         pi = refs["sft"] if file == path(cfg, "sft.pt") else load_model(file, env, enc, cfg).eval()
@@ -165,7 +172,7 @@ def sample_and_score(cfg, env, enc, name, pi, sft, rm, prompts, seed, set_name):
         scores = dict(logp_pi=logp_pi, logp_sft=logp_pi if pi is sft else score_logps(cfg, env, sft, enc, sampled),
                       rm=score_rewards(cfg, env, rm, enc, texts))
         if cfg.data == "builtin":
-            scores["gold"] = reviews.gold_reward([r["text"] for r in chunk])
+            scores["gold"] = gold_reward(cfg, [r["text"] for r in chunk], [r["prompt"] for r in chunk])
         for j, r in enumerate(chunk):
             r.update({key: v[j] for key, v in scores.items()})
         rows += chunk

@@ -18,10 +18,11 @@ import torch
 
 import data
 import evaluate
+import records
 import report
 import reviews
 import train
-from config import METHODS, ONLINE, Config, ConfigError, method_list, stage_settings, sweep_list
+from config import METHODS, ONLINE, STAGES, Config, ConfigError, method_list, stage_settings, sweep_list
 from records import Task, file_hash, mark_done, up_to_date
 from runtime import command, load_candidates, load_model, load_tokenizer, log, path, setup
 
@@ -42,16 +43,18 @@ class Job:
     step: int = 0        # which snapshot this is (the steps ablation)
 
 
-_worker = {}  # per process: the environment, tokenizer, reference models and candidates, loaded once
+_workers = {}  # per process and run folder: the environment, tokenizer, reference models and candidates, loaded once
 
 
 def worker_context(cfg, env=None):
-    """What every job of this process reads: loaded at its first job (env: the main process's own)."""
-    if "enc" not in _worker:
-        env = env or dataclasses.replace(setup(cfg), bars=False)  # a worker's bars would mix with the others'
-        enc = load_tokenizer(cfg)
-        _worker.update(env=env, enc=enc, cands={}, refs=evaluate.reference_models(cfg, env, enc))
-    return _worker
+    """What every job of this process reads in cfg's run folder: loaded at its first job there (env:
+    the main process's own)."""
+    key = os.path.abspath(cfg.out_dir)
+    if key not in _workers:
+        env = env or next((w["env"] for w in _workers.values()), None) or dataclasses.replace(setup(cfg), bars=False)
+        enc = load_tokenizer(cfg)  # (a worker's progress bars would mix with the others')
+        _workers[key] = dict(env=env, enc=enc, cands={}, refs=evaluate.reference_models(cfg, env, enc))
+    return _workers[key]
 
 
 def run_job(job, score=True):
@@ -123,8 +126,9 @@ def policy_grid(cfg, env, prefix, folder, methods, betas, seeds, online_betas=()
                 else:  # the variants of an ablation share its folder: their files carry the variant's prefix
                     stem = tag if variant is None else f"{prefix}-{tag}"
                     jobs.append(Job(sub, method, seed, f"{prefix}-{tag}", path(cfg, folder, f"policy_{stem}.pt"), candidates))
-    scored = dict(zip([(j.method, j.cfg.beta if j.method not in ("sft", "rrhf") else None, j.seed) for j in jobs],
-                      run_jobs(cfg, env, jobs)))
+    keys = [(j.method, j.cfg.beta if j.method not in ("sft", "rrhf") else None, j.seed) for j in jobs]
+    scored = dict(zip(keys, run_jobs(cfg, env, jobs)))
+    curves = {k: (os.path.join(os.path.dirname(j.file), "curves.jsonl"), j.name) for k, j in zip(keys, jobs)}
     runs, all_betas = [], sorted(set(betas) | set(online_betas))
     for seed in seeds:
         for beta in all_betas:
@@ -135,7 +139,8 @@ def policy_grid(cfg, env, prefix, folder, methods, betas, seeds, online_betas=()
                         continue  # beta-free: counted once per seed, and not compared with DPO at one beta
                     r = {s: {**m, "win_rate_vs_dpo": None} for s, m in r.items()}
                 b = None if method in ("sft", "rrhf") else beta
-                runs.append({"method": method, "beta": b, "seed": seed, "variant": variant, **r, "rows": group[method]})
+                runs.append({"method": method, "beta": b, "seed": seed, "variant": variant, **r, "rows": group[method],
+                             "curve": curves[(method, b, seed)]})
     return runs
 
 
@@ -149,16 +154,23 @@ def reward_source(cfg, env):
     """Candidates scored by the reward model (the sweep's) against the same candidates scored by the
     gold reward itself, an oracle reward model: what each method gains from exact reward values."""
     need_gold(cfg, "reward_source")
-    gold = path(cfg, "ablations", "reward_source", "candidates_gold.jsonl")
-    if env.master:
-        records = data.read_jsonl(path(cfg, "candidates.jsonl"))
-        data.write_jsonl(gold, [{**r, "rewards": reviews.gold_reward(r["responses"])} for r in records])
+    gold = gold_candidates(cfg, env, "ablations/reward_source")
     betas, seeds = sweep_list(cfg, "sweep_betas", float), sweep_list(cfg, "sweep_seeds", int)
     runs = [{**r, "variant": "RM"} for r in main_grid(cfg, env, OFFLINE + ["rrhf"])]
     runs += policy_grid(cfg, env, "gold", "ablations/reward_source", OFFLINE + ["rrhf"], betas, seeds, candidates=gold,
                         variant="gold")
     write_results(cfg, env, "ablations/reward_source", runs, "Candidates scored by the RM or by the gold reward",
                   "Reward source: the RM's scores (the sweep) against the gold reward's (an oracle RM)")
+
+
+def gold_candidates(cfg, env, folder):
+    """The run's candidates scored by the gold reward itself (an oracle reward model), in folder."""
+    gold = path(cfg, folder, "candidates_gold.jsonl")
+    if env.master:
+        records = data.read_jsonl(path(cfg, "candidates.jsonl"))
+        data.write_jsonl(gold, [{**r, "rewards": evaluate.gold_reward(cfg, r["responses"], [r["prompt"]] * len(r["responses"]))}
+                                for r in records])
+    return gold
 
 
 RM_VARIANTS = {  # label -> the preference data of its reward model (the default: 3000 pairs at pref_tau 0.25)
@@ -255,13 +267,14 @@ STEPS_BETAS = {"vcb": 0.3, "dpo": 1.0, "ipo": 0.1, "slic": 1.0, "rrhf": None, "p
 
 def steps(cfg, env):
     """Gold reward and KL along training, out to steps_factor times the steps, for each method at one
-    beta (STEPS_BETAS) and every seed: which methods settle, which over-optimise, and where VCB sits
-    once it has reached its own targets. Each run saves its policy every 1/(2 steps_factor) of the way."""
+    beta (STEPS_BETAS: the run's methods that have one) and every seed: which methods settle, which
+    over-optimise, and where VCB sits once it has reached its own targets. Each run saves its policy
+    every 1/(2 steps_factor) of the way."""
     factor, folder, seeds = cfg.steps_factor, "ablations/steps", sweep_list(cfg, "sweep_seeds", int)
     trains, evals = [], []
     for seed in seeds:
         evals.append(Job(cfg, "sft", seed, f"steps-sft-seed{seed}", path(cfg, "sft.pt"), step=0))
-        for method in method_list(cfg):
+        for method in [m for m in method_list(cfg) if m in STEPS_BETAS]:
             beta = STEPS_BETAS[method]
             long = dataclasses.replace(cfg, beta=cfg.beta if beta is None else beta, align_steps=cfg.align_steps * factor,
                                        online_iters=cfg.online_iters * factor)
@@ -306,6 +319,53 @@ def write_steps(cfg, folder, rows, judge, factor):
     report.plot_curves(path(cfg, folder, "curves.jsonl"), path(cfg, folder, "curves.png"))
 
 
+VALUES = ["vcb", "rebel", "infonca", "odpo", "dpo", "slic"]  # the value-aware losses, and the order-based ones to beat
+
+
+def values(cfg, env):
+    """The value-aware losses (VCB, offline REBEL, InfoNCA, ODPO) against DPO and SLiC at matched KL,
+    on candidates scored by the reward model and by the gold reward (exact values: where a
+    value-aware loss should gain most, if anywhere); on the built-in task, and on its stakes
+    variant, where every other film's reviews matter 10x less (its own run: ablations/values/stakes/run).
+    Each writes the reward/KL tables and the level of each method's deltas along training."""
+    need_gold(cfg, "values")
+    stakes = dataclasses.replace(cfg, out_dir=path(cfg, "ablations", "values", "stakes", "run"), stakes=True)
+    if env.master:
+        os.makedirs(stakes.out_dir, exist_ok=True)
+        data.write_json(path(stakes, "config.json"), dataclasses.asdict(stakes))
+    for stage in STAGES[:STAGES.index("sample") + 1]:
+        train.run_stage(stakes, env, stage)
+    betas, seeds = sweep_list(cfg, "sweep_betas", float), sweep_list(cfg, "sweep_seeds", int)
+    for task, folder, gold_folder, name in ((cfg, "ablations/values", "ablations/reward_source", "the built-in task"),
+                                            (stakes, "ablations/values/stakes", "gold", "the stakes variant")):
+        runs = [{**r, "variant": "RM"} for r in main_grid(task, env, VALUES)]
+        runs += policy_grid(task, env, "gold", gold_folder, VALUES, betas, seeds, candidates=gold_candidates(task, env, gold_folder),
+                            variant="gold")
+        write_results(cfg, env, folder, runs, f"Value-aware and order-based losses on {name}",
+                      f"Value-aware and order-based losses on {name}, candidates scored by the RM or by the gold reward")
+        if env.master:
+            data.write_text(path(cfg, folder, "levels.md"), levels_table(runs) + "\n")
+
+
+def levels_table(runs, last=10):
+    """Each method's mean delta of a prompt's candidates (the `level` its curve logs) over the last
+    `last` steps of training, mean ± std over seeds, at each beta: the common level that the
+    difference methods leave free. A markdown table."""
+    table = {}
+    for r in runs:
+        if r["method"] != "sft" and r.get("beta") is not None:
+            rows = [c.get("level") for c in records.read_curves(r["curve"][0]) if c["task"] == r["curve"][1]]
+            rows = [v for v in rows[-last:] if v is not None]
+            if rows:
+                table.setdefault((r["method"], r["variant"]), {}).setdefault(r["beta"], []).append(sum(rows) / len(rows))
+    betas = sorted({b for by_beta in table.values() for b in by_beta})
+    lines = ["| method | " + " | ".join(f"level at beta {b:g}" for b in betas) + " |", "|---" * (len(betas) + 1) + "|"]
+    for (method, variant), by_beta in table.items():
+        cells = [report.fmt(report.spread(by_beta.get(b, []))) for b in betas]
+        lines.append(f"| {method} ({variant}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def ood(cfg, env):
     """The matched-KL summary out of distribution beside the one on held-out prompts, from the sweep's
     policies (trained here if the sweep has not run)."""
@@ -333,7 +393,7 @@ def rm_scores_on(cfg, env, enc, rm_file, pairs):
     rm = load_model(rm_file, env, enc, cfg).eval()
     scores = evaluate.score_rewards(cfg, env, rm, enc, [data.encode_group(enc, r["prompt"], [r["chosen"], r["rejected"]])
                                                         for r in pairs])
-    gold = reviews.gold_reward([y for r in pairs for y in (r["chosen"], r["rejected"])])
+    gold = evaluate.gold_reward(cfg, [y for r in pairs for y in (r["chosen"], r["rejected"])], [r["prompt"] for r in pairs for _ in (0, 1)])
     agree = [(a > b) == (ga > gb) for a, b, ga, gb in zip(scores[0::2], scores[1::2], gold[0::2], gold[1::2]) if ga != gb]
     return {"gold_accuracy": sum(agree) / max(len(agree), 1), "gold_correlation": report.pearson(scores, gold)}
 
@@ -353,7 +413,7 @@ def write_results(cfg, env, folder, runs, plot_title, heading, split="eval", ext
         if (label(r), r["beta"], r["seed"]) not in seen:
             seen.add((label(r), r["beta"], r["seed"]))
             labelled.append({**r, "method": label(r), "base": r["method"]})
-    plain = [{k: v for k, v in r.items() if k not in ("rows", "base")} for r in labelled]
+    plain = [{k: v for k, v in r.items() if k not in ("rows", "base", "curve")} for r in labelled]
     summary = report.summarise(plain)
     matched = {}
     for s in ("eval", "ood"):
@@ -390,7 +450,7 @@ def write_results(cfg, env, folder, runs, plot_title, heading, split="eval", ext
 
 
 EXPERIMENTS = {"sweep": sweep, "reward_source": reward_source, "rm_quality": rm_quality, "n_candidates": n_candidates,
-               "lam": lam, "steps": steps, "sigma": sigma, "ood": ood}
+               "lam": lam, "steps": steps, "sigma": sigma, "ood": ood, "values": values}
 
 
 def every(cfg, env):

@@ -21,7 +21,8 @@ import data
 import records
 
 COLORS = {"sft": "black", "rm": "tab:brown", "vcb": "tab:orange", "dpo": "tab:green", "ipo": "tab:blue", "slic": "tab:purple",
-          "rrhf": "tab:red", "ppo": "tab:cyan", "rloo": "tab:olive"}
+          "rrhf": "tab:red", "ppo": "tab:cyan", "rloo": "tab:olive", "rebel": "tab:pink", "infonca": "tab:gray",
+          "odpo": "gold"}
 
 
 def reward_key(judge):

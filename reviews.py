@@ -14,9 +14,17 @@ import random
 # -----------------------------------------------------------------------------
 # the gold reward
 
-def gold_reward(texts):
-    """VADER compound sentiment in [-1, 1] of each text (its lexicon ships inside the package)."""
-    return [vader(t) for t in texts]
+def gold_reward(texts, prompts=None):
+    """VADER compound sentiment in [-1, 1] of each text (its lexicon ships inside the package). With
+    the prompts of the stakes variant of the task, each scaled by its prompt's stake."""
+    return [vader(t) * (stake(p) if prompts is not None else 1.0) for t, p in zip(texts, prompts or texts)]
+
+
+def stake(prompt):
+    """How much a review matters on the stakes variant of the task (--stakes=true): 0.1 for every
+    other film and restaurant (LOW_STAKES), 1 for the rest. The KL-regularised optimum has one
+    temperature for every prompt, so it spends its KL where much is at stake."""
+    return 0.1 if any(name in prompt for name in LOW_STAKES) else 1.0
 
 
 @functools.lru_cache(maxsize=1 << 16)  # policies repeat themselves: short reviews recur across samples
@@ -67,6 +75,8 @@ RESTAURANTS = dict(  # the out-of-distribution family: same kind of language, ne
     it_is=["the place", "the meal", "it"],
     verdict="restaurant",
 )
+
+LOW_STAKES = MOVIES["names"][1::2] + RESTAURANTS["names"][1::2]  # the stakes variant: their reviews count 10x less
 
 # graded sentiment: strong and mild praise and complaints, negations, and plain facts
 ADJ = {2: ["wonderful", "brilliant", "amazing", "excellent", "superb", "fantastic"],
@@ -126,10 +136,11 @@ def review_response(rng, fam):
     return " " + " ".join(parts)
 
 
-def builtin_task(seed=0, n_sft=4000, n_prefs=3000, n_align=512, n_eval=128, n_ood=128, pref_tau=0.25):
+def builtin_task(seed=0, n_sft=4000, n_prefs=3000, n_align=512, n_eval=128, n_ood=128, pref_tau=0.25, stakes=False):
     """The built-in task's files as lists of records. Evaluation prompts are drawn first and never
     appear in training. Preference labels: the winner of (a, b) is a with probability
-    sigmoid((g_a - g_b) / pref_tau), g the gold reward (Bradley-Terry noise, like human labels)."""
+    sigmoid((g_a - g_b) / pref_tau), g the gold reward (Bradley-Terry noise, like human labels);
+    with stakes, g is scaled by the prompt's stake, so a low-stakes pair's label is nearly a coin flip."""
     rng = random.Random(seed)
     eval_prompts = unique_prompts(rng, MOVIES, n_eval, set())
     ood_prompts = unique_prompts(rng, RESTAURANTS, n_ood, set())
@@ -146,7 +157,7 @@ def builtin_task(seed=0, n_sft=4000, n_prefs=3000, n_align=512, n_eval=128, n_oo
         a, b = review_response(rng, MOVIES), review_response(rng, MOVIES)
         if p in seen or a == b:
             continue
-        ga, gb = gold_reward([a, b])
+        ga, gb = gold_reward([a, b], [p, p] if stakes else None)
         a_wins = rng.random() < 1 / (1 + math.exp(-(ga - gb) / pref_tau))
         prefs.append({"prompt": p, "chosen": a if a_wins else b, "rejected": b if a_wins else a})
     return {"sft": sft, "prefs": prefs,

@@ -42,7 +42,7 @@ import report
 import reviews
 import vcb
 from config import ONLINE, STAGES, ConfigError, align_settings, method_list, stage_settings
-from evaluate import beta_label, decode, evaluate, judge_name, sample_candidates, score_rewards
+from evaluate import beta_label, decode, evaluate, gold_reward, judge_name, sample_candidates, score_rewards
 from model import GPT, GPTConfig, response_logps
 from records import Task, mark_done, up_to_date
 from runtime import (TrainingError, barrier, batch_indices, check_healthy, command, compiled, encode_groups, kept_checkpoint,
@@ -177,7 +177,8 @@ def finish(cfg, env, task, model, enc, **extra):
 def stage_data(cfg, env, task):
     if env.master:
         if cfg.data == "builtin":
-            files = reviews.builtin_task(cfg.seed, cfg.n_sft, cfg.n_prefs, cfg.n_align, cfg.n_eval, cfg.n_eval, cfg.pref_tau)
+            files = reviews.builtin_task(cfg.seed, cfg.n_sft, cfg.n_prefs, cfg.n_align, cfg.n_eval, cfg.n_eval, cfg.pref_tau,
+                                         cfg.stakes)
         else:
             limits = dict(sft=cfg.n_sft, prefs=cfg.n_prefs, align_prompts=cfg.n_align, eval_prompts=cfg.n_eval,
                           ood_prompts=cfg.n_eval)
@@ -274,7 +275,7 @@ def train_rm(cfg, env, enc, prefs, task):
         r_w, r_l = scores[0::2], scores[1::2]
         metrics["heldout_accuracy"] = sum(a > b for a, b in zip(r_w, r_l)) / len(held)
         if cfg.data == "builtin":
-            gold = reviews.gold_reward([r["chosen"] for r in held] + [r["rejected"] for r in held])
+            gold = gold_reward(cfg, [r["chosen"] for r in held] + [r["rejected"] for r in held], [r["prompt"] for r in held] * 2)
             metrics["gold_correlation"] = report.pearson(r_w + r_l, gold)
         log(env, f"{task.name}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f" on {len(held)} held-out pairs")
     return model, metrics
@@ -336,24 +337,33 @@ def offline(cfg, env, enc, cands, method, seed, task):
         log(env, f"{name}: {no_pair} of {B} prompts have no strictly ordered pair and give no loss")
     torch.manual_seed(seed)
     model = load_model(path(cfg, "sft.pt"), env, enc, cfg)
-    sigma = candidate_sigma(cfg, cands.rewards)
+    spread = reward_spread(cands.rewards)
     return train(cfg, env, task, model, B, cfg.align_steps, cfg.align_batch, cfg.align_lr,
-                 lambda m, idx: align_loss(cfg, env, enc, m, cands, method, idx, sigma),
+                 lambda m, idx: align_loss(cfg, env, enc, m, cands, method, idx, spread),
                  lambda idx: loss_count(cfg, method, cands.rewards[idx]), seed, enc)
 
 
-def candidate_sigma(cfg, rewards):
-    """The spread VCB divides each prompt's reward gaps by: None for each prompt's own sigma(x) (the
-    paper's), or with --vcb_sigma=global one sigma, that of every candidate reward of the set."""
-    return vcb.reward_sigma(rewards.flatten()[None]) if cfg.vcb_sigma == "global" else None
+def reward_spread(rewards):
+    """The population std of every candidate reward of the set (1,): the one scale of the methods that
+    use one for every prompt (VCB with --vcb_sigma=global, REBEL, InfoNCA, ODPO)."""
+    return vcb.reward_sigma(rewards.flatten()[None])
 
 
-def offline_loss(cfg, method, logps, ref_logps, rewards, sigma=None, reduction="sum"):
-    """An offline method's loss from vcb.py on b prompts' n candidates (b, n); sigma: candidate_sigma."""
+def offline_loss(cfg, method, logps, ref_logps, rewards, spread, reduction="sum"):
+    """An offline method's loss from vcb.py on b prompts' n candidates (b, n). spread: reward_spread
+    of the whole set. The value-aware peers are set so that their optimum on the candidates is VCB's
+    with one sigma: delta_i - delta_j = (r_i - r_j) / (beta * spread) (docs/method.md)."""
     if method == "vcb":
+        sigma = spread if cfg.vcb_sigma == "global" else None  # None: each prompt's own sigma(x), the paper's
         return vcb.vcb_loss(logps, ref_logps, rewards, cfg.beta, cfg.lam, cfg.sigma_floor, sigma, reduction)
     if method == "rrhf":
         return vcb.rrhf_loss(logps, rewards, reduction=reduction)
+    if method == "rebel":
+        return vcb.rebel_loss(logps, ref_logps, rewards, 1 / (cfg.beta * spread), reduction)
+    if method == "infonca":
+        return vcb.infonca_loss(logps, ref_logps, rewards, cfg.beta, spread, reduction)
+    if method == "odpo":
+        return vcb.odpo_pairwise_loss(logps, ref_logps, rewards, cfg.beta, spread, reduction=reduction)
     return vcb.pairwise_loss(PAIR_LOSSES[method], logps, ref_logps, rewards, cfg.beta, reduction)
 
 
@@ -361,29 +371,36 @@ def loss_count(cfg, method, rewards):
     """What a method's mean divides its summed loss by, for these prompts' rewards (b, n)."""
     if method == "vcb":
         return vcb.vcb_count(rewards, cfg.sigma_floor)
-    return vcb.pair_count(rewards) if method in PAIR_LOSSES else len(rewards)
+    if method == "rebel":
+        return len(rewards) * rewards.size(1) * (rewards.size(1) - 1) // 2  # every unordered pair
+    return vcb.pair_count(rewards) if method in PAIR_LOSSES or method == "odpo" else len(rewards)
 
 
-def align_loss(cfg, env, enc, model, cands, method, idx, sigma=None):
+def align_loss(cfg, env, enc, model, cands, method, idx, spread):
     """One micro-batch of an offline method: the prompts idx with their candidates packed after them
-    (the prompt is read once, not n times). Returns (the summed loss, metrics)."""
+    (the prompt is read once, not n times). spread: reward_spread. Returns (the summed loss, metrics)."""
     n = cands.rewards.size(1)
     p = data.pack([cands.groups[i] for i in idx], cfg.block_size).to(env.device)
     logps = response_logps(model, p, average=method == "rrhf").view(-1, n)                # (b, n)
     ref, rewards = cands.ref_logps[idx].to(env.device), cands.rewards[idx].to(env.device)
-    loss = offline_loss(cfg, method, logps, ref, rewards, sigma)
-    return loss, align_metrics(method, logps.detach(), ref, rewards, cfg, sigma)
+    loss = offline_loss(cfg, method, logps, ref, rewards, spread.to(env.device))
+    return loss, align_metrics(method, logps.detach(), ref, rewards, cfg, spread.to(env.device))
 
 
-def align_metrics(method, logps, ref, rewards, cfg, sigma=None):
+def align_metrics(method, logps, ref, rewards, cfg, spread):
     """What a user watches, for every method on the same footing: over the step's ordered pairs, the
-    implicit reward margin beta * h and the pair accuracy (h > 0); for VCB also the gap correlation
-    and the share of skipped prompts. RRHF has no reference: its h is the gap in length-averaged logp."""
+    implicit reward margin beta * h and the pair accuracy (h > 0); the mean delta of the candidates
+    (`level`: the common level of a prompt's candidates, which the difference methods leave free);
+    for VCB also the gap correlation and the share of skipped prompts. RRHF has no reference: its h
+    is the gap in length-averaged logp, and it has no level."""
     b, w, l = vcb.preference_pairs(rewards)
     ref = torch.zeros_like(ref) if method == "rrhf" else ref
     h = vcb.margin(logps[b, w], logps[b, l], ref[b, w], ref[b, l])
     out = {"margin": (cfg.beta * h).mean() if len(h) else 0.0, "acc": (h > 0).float().mean() if len(h) else 0.0}
+    if method != "rrhf":
+        out["level"] = (logps - ref).mean()
     if method == "vcb":
+        sigma = spread if cfg.vcb_sigma == "global" else None
         diag = vcb.vcb_diagnostics(logps, ref, rewards, cfg.beta, cfg.sigma_floor, sigma)
         out.update(gap_corr=diag["gap_corr"], skipped=diag["skipped"])
     return out
@@ -471,6 +488,14 @@ def align_task(cfg, method, seed, name, file, candidates=None):
     return Task(name, "align", align_settings(cfg, method, seed), inputs, [file])
 
 
+def run_stage(cfg, env, stage):
+    """Every task of a stage that is not up to date, each recorded when done."""
+    for task, run in stage_tasks(cfg, stage):
+        if not up_to_date(cfg, env, task):
+            run(cfg, env, task)
+            mark_done(cfg, env, task)
+
+
 def main(argv, then=None, doc=__doc__):
     """The stages (--stage, default all), each task skipped when up to date, then `then(cfg, env)`
     if given (experiments.py)."""
@@ -480,10 +505,7 @@ def main(argv, then=None, doc=__doc__):
         if env.device_type == "cuda":
             torch.cuda.reset_peak_memory_stats(env.device)
         t = time.time()
-        for task, run in stage_tasks(cfg, stage):
-            if not up_to_date(cfg, env, task):
-                run(cfg, env, task)
-                mark_done(cfg, env, task)
+        run_stage(cfg, env, stage)
         peak = f", peak GPU memory {torch.cuda.max_memory_allocated(env.device) / 2**30:.2f} GiB" if env.device_type == "cuda" else ""
         times.append(f"{stage} {time.time() - t:.1f}s{peak}")
     log(env, "stage times: " + "; ".join(times))

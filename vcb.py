@@ -16,6 +16,9 @@ named after the paper:
     SLiC      max(0, 1 - beta * h)
     RRHF      sum_{r_i < r_j} max(0, p_i - p_j) - p_best     (p: length-averaged log-prob under pi)
     BT        -log sigmoid(r(x, y_w) - r(x, y_l))            (the reward model's Bradley-Terry loss)
+    REBEL     ((delta_i - delta_j) - eta (r_i - r_j))^2       (value-aware: one scale eta for every prompt)
+    InfoNCA   -sum_i softmax(r / alpha)_i log softmax(beta delta)_i
+    ODPO      -log sigmoid(beta * h - offset),  offset = alpha log((r_w - r_l) / scale)     (DPO with an offset)
     PPO       per-token rewards, GAE, whitening, the clipped policy and value losses (online)
     RLOO      leave-one-out advantages, REINFORCE (online)
 
@@ -70,6 +73,12 @@ def packed_logps(token_logps, seq, lengths, average=False):
 # -----------------------------------------------------------------------------
 # VCB (docs/method.md, "VCB: the difference method keeps the reward")
 
+def all_pairs(x):
+    """x (B, n) -> (x_i - x_j) (B, n(n-1)/2) over every unordered pair i < j."""
+    i, j = torch.triu_indices(x.size(-1), x.size(-1), offset=1, device=x.device)
+    return x[:, i] - x[:, j]
+
+
 def reward_sigma(rewards):
     """sigma(x): population standard deviation of each prompt's n candidate rewards. (B, n) -> (B,)."""
     return f32(rewards).std(dim=-1, unbiased=False)
@@ -103,9 +112,8 @@ def vcb_pair_terms(policy_logps, ref_logps, rewards, beta, sigma_floor=SIGMA_FLO
     ok = own > sigma_floor
     sigma = own if sigma is None else f32(torch.as_tensor(sigma, device=r.device)).expand_as(own)
     sigma = torch.where(ok, sigma, torch.ones_like(sigma))         # no 0/0 for skipped prompts
-    i, j = torch.triu_indices(r.size(-1), r.size(-1), offset=1, device=r.device)
-    learned_gap = delta[:, i] - delta[:, j]                        # (B, P)
-    target_gap = (r[:, i] - r[:, j]) / (beta * sigma[:, None])     # (B, P)
+    learned_gap = all_pairs(delta)                                 # (B, P)
+    target_gap = all_pairs(r) / (beta * sigma[:, None])            # (B, P)
     return (learned_gap - target_gap) ** 2, learned_gap, target_gap, ok
 
 
@@ -230,6 +238,54 @@ def bradley_terry_loss(chosen_rewards, rejected_rewards):
     """The reward model's loss (Bradley and Terry 1952; docs/method.md, "The pipeline"), per pair:
     -log sigmoid(r(x, y_w) - r(x, y_l)). (P,) -> (P,)."""
     return -F.logsigmoid(f32(chosen_rewards) - f32(rejected_rewards))
+
+
+# -----------------------------------------------------------------------------
+# value-aware peers of VCB: they use the rewards' size too (docs/method.md, "The value-aware peers")
+
+def rebel_loss(policy_logps, ref_logps, rewards, eta, reduction="mean"):
+    """Offline REBEL (Gao et al. 2024, "REBEL: Reinforcement Learning via Regressing Relative Rewards",
+    arXiv 2404.16767, eq. 2), with the frozen reference in place of REBEL's previous iterate: regress
+    the gap of log-ratios onto the reward gap, one scale eta for every prompt,
+        l_ij = ((delta_i - delta_j) - eta (r_i - r_j))^2      over every unordered pair i < j:
+    VCB's pair term without the per-prompt sigma and without the LogSumExp. eta: a number, or (B,)
+    one per prompt. (B, n) -> the mean over all pairs ("sum", or "none": (B, n(n-1)/2))."""
+    eta = f32(torch.as_tensor(eta, device=rewards.device)).reshape(-1, 1)
+    delta = f32(policy_logps) - f32(ref_logps)
+    losses = (all_pairs(delta) - eta * all_pairs(f32(rewards.detach()))) ** 2
+    return reduce(losses, reduction, losses.numel())
+
+
+def infonca_loss(policy_logps, ref_logps, rewards, beta, alpha, reduction="mean"):
+    """InfoNCA (Chen et al. 2024, "Noise Contrastive Alignment of Language Models with Explicit
+    Rewards", arXiv 2402.05369, eq. 5): the cross-entropy between the target softmax(r / alpha)
+    over a prompt's n candidates and the model's softmax(beta * delta) over the same candidates,
+        L(x) = -sum_i softmax(r / alpha)_i log softmax(beta delta)_i.
+    On the candidates its optimum is beta delta_i = r_i / alpha + c: VCB's, with alpha = sigma(x).
+    alpha: a number, or (B,) one per prompt. (B, n) -> the mean over prompts ("sum", "none": (B,))."""
+    alpha = f32(torch.as_tensor(alpha, device=rewards.device)).reshape(-1, 1)
+    target = torch.softmax(f32(rewards.detach()) / alpha, dim=-1)
+    model = torch.log_softmax(beta * (f32(policy_logps) - f32(ref_logps)), dim=-1)
+    return reduce(-(target * model).sum(-1), reduction, len(target))
+
+
+def odpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, offset):
+    """ODPO (Amini et al. 2024, "Direct Preference Optimization with an Offset", arXiv 2402.10571,
+    eq. 9): -log sigmoid(beta h - offset), the margin must exceed an offset (P,) that grows with the
+    reward gap (ODPO's alpha log(r_w - r_l)). A zero offset is DPO. Returns (P,)."""
+    h = margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    return -F.logsigmoid(beta * h - f32(offset))
+
+
+def odpo_pairwise_loss(policy_logps, ref_logps, rewards, beta, scale, alpha=1.0, reduction="mean"):
+    """ODPO on every ordered pair of B prompts' n candidates (B, n), each with its offset
+    alpha log((r_w - r_l) / scale): the reward gap in units of scale (the set's spread of rewards),
+    so that the offset has no unit; a pair that barely differs gets a large negative offset and asks
+    for little. The mean over the pairs (0 if there are none), their sum, or each ("none")."""
+    b, w, l = preference_pairs(rewards)
+    offset = alpha * torch.log((f32(rewards[b, w]) - f32(rewards[b, l])) / f32(torch.as_tensor(scale)).to(rewards.device))
+    losses = odpo_loss(policy_logps[b, w], policy_logps[b, l], ref_logps[b, w], ref_logps[b, l], beta, offset.reshape(-1))
+    return reduce(losses, reduction, len(losses))
 
 
 # -----------------------------------------------------------------------------

@@ -14,7 +14,8 @@ import torch
 from hypothesis import settings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import reviews  # noqa: E402  (after the path is set)
+import config  # noqa: E402  (after the path is set)
+import reviews  # noqa: E402
 import train  # noqa: E402
 
 settings.register_profile("default", deadline=None, max_examples=60, derandomize=True)
@@ -44,7 +45,8 @@ TINY = ["--device=cpu", "--n_sft=200", "--n_prefs=64", "--n_align=12", "--n_eval
         "--n_head=2", "--n_embd=32", "--block_size=96", "--max_new_tokens=16", "--sft_steps=6", "--sft_batch=16",
         "--rm_steps=4", "--rm_batch=8", "--n_candidates=3", "--sample_batch=4", "--align_steps=3",
         "--align_batch=4", "--eval_samples=1", "--eval_batch=32", "--log_interval=2", "--ckpt_interval=2",
-        "--warmup_steps=2", "--online_iters=2", "--online_prompts=4", "--online_k=2"]
+        "--warmup_steps=2", "--online_iters=2", "--online_prompts=4", "--online_k=2",
+        "--methods=" + ",".join(config.METHODS)]  # every method, end to end
 
 
 def run_train(out_dir, *args, tiny=True, env=None, timeout=300, script=("train.py",)):

@@ -76,7 +76,7 @@ def test_every_experiment_runs_on_a_tiny_run_and_writes_its_files(tiny_copy):
     proc = run_experiment(tiny_copy, "all", *grid, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for folder in ["sweep"] + [f"ablations/{a}" for a in ("reward_source", "rm_quality", "n_candidates", "lam", "sigma",
-                                                             "steps", "ood")]:
+                                                             "steps", "ood", "values", "values/stakes")]:
         for name in ("results.json", "results.md", "steps.png" if folder.endswith("steps") else "frontier.png"):
             assert (tiny_copy / folder / name).exists(), (folder, name)
     quality = json.loads((tiny_copy / "ablations/rm_quality/results.json").read_text())
@@ -89,6 +89,11 @@ def test_every_experiment_runs_on_a_tiny_run_and_writes_its_files(tiny_copy):
     steps = json.loads((tiny_copy / "ablations/steps/results.json").read_text())["runs"]
     assert {(r["method"], r["step"]) for r in steps if r["seed"] == 0} >= {("vcb", s) for s in range(1, 7)}
     assert "Reward at matched KL" in (tiny_copy / "sweep/results.md").read_text()
+    values = json.loads((tiny_copy / "ablations/values/results.json").read_text())["summary"]
+    assert {f"{m} ({v})" for m in ("vcb", "rebel", "infonca", "odpo", "dpo", "slic") for v in ("RM", "gold")} <= values.keys()
+    assert "| rebel (gold) |" in (tiny_copy / "ablations/values/stakes/levels.md").read_text()
+    stakes = json.loads((tiny_copy / "ablations/values/stakes/run/config.json").read_text())
+    assert stakes["stakes"] is True  # the stakes variant has a run of its own
 
 
 @pytest.mark.slow

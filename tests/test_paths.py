@@ -120,26 +120,28 @@ def candidates(seed, B=5, n=4, ties=True):
 
 
 @pytest.mark.parametrize("method,sigma", [("vcb", "prompt"), ("vcb", "global"), ("dpo", "prompt"), ("ipo", "prompt"),
-                                          ("slic", "prompt"), ("rrhf", "prompt")])
+                                          ("slic", "prompt"), ("rrhf", "prompt"), ("rebel", "prompt"), ("infonca", "prompt"),
+                                          ("odpo", "prompt")])
 def test_the_align_step_loss_is_the_pure_loss_on_padded_log_probs(method, sigma):
     cfg = config.parse_args(["--device=cpu", "--block_size=64", "--beta=0.5", "--lam=0.3", f"--vcb_sigma={sigma}"])
     env = runtime.setup(cfg)
     cands, idx = candidates(3), [3, 0, 4]
     model = sharp_gpt(4, block_size=64)
-    s = train.candidate_sigma(cfg, cands.rewards)
-    loss, metrics = train.align_loss(cfg, env, ENC, model, cands, method, idx, s)
+    spread = vcb.reward_sigma(cands.rewards.flatten()[None])  # the set's, not the micro-batch's
+    loss, metrics = train.align_loss(cfg, env, ENC, model, cands, method, idx, train.reward_spread(cands.rewards))
     x, mask = padded([cands.groups[i] for i in idx], 64)
     logps = vcb.sequence_logps(model(x), x, mask, average=method == "rrhf").view(len(idx), 4)
     ref, rewards = cands.ref_logps[idx], cands.rewards[idx]
-    if method == "vcb":
-        want = vcb.vcb_loss(logps, ref, rewards, 0.5, 0.3, sigma=s, reduction="sum")
-    elif method == "rrhf":
-        want = vcb.rrhf_loss(logps, rewards, reduction="sum")
-    else:
-        want = vcb.pairwise_loss(train.PAIR_LOSSES[method], logps, ref, rewards, 0.5, reduction="sum")
+    want = {"vcb": lambda: vcb.vcb_loss(logps, ref, rewards, 0.5, 0.3, sigma=spread if sigma == "global" else None,
+                                        reduction="sum"),
+            "rrhf": lambda: vcb.rrhf_loss(logps, rewards, reduction="sum"),
+            "rebel": lambda: vcb.rebel_loss(logps, ref, rewards, 1 / (0.5 * spread), reduction="sum"),
+            "infonca": lambda: vcb.infonca_loss(logps, ref, rewards, 0.5, spread, reduction="sum"),
+            "odpo": lambda: vcb.odpo_pairwise_loss(logps, ref, rewards, 0.5, spread, reduction="sum")}.get(
+        method, lambda: vcb.pairwise_loss(train.PAIR_LOSSES[method], logps, ref, rewards, 0.5, reduction="sum"))()
     torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-5)
     assert loss.requires_grad and loss.item() != 0
-    assert train.loss_count(cfg, method, rewards) == {"vcb": 2, "rrhf": 3}.get(method, 2 * 6)  # prompt 0 ties
+    assert train.loss_count(cfg, method, rewards) == {"vcb": 2, "rrhf": 3, "infonca": 3, "rebel": 3 * 6}.get(method, 2 * 6)
     if method == "vcb":
         assert metrics["skipped"] == pytest.approx(1 / 3)
 
@@ -147,11 +149,9 @@ def test_the_align_step_loss_is_the_pure_loss_on_padded_log_probs(method, sigma)
 def test_reward_sigma_is_the_population_standard_deviation_and_global_is_one_for_the_set():
     rewards = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 1.0]])
     torch.testing.assert_close(vcb.reward_sigma(rewards), torch.tensor([1.25 ** 0.5, (3 / 16) ** 0.5]))
-    cfg = config.parse_args(["--vcb_sigma=global"])
     everything = torch.tensor([1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 0.0, 1.0])
     mean = everything.mean()
-    torch.testing.assert_close(train.candidate_sigma(cfg, rewards), ((everything - mean) ** 2).mean().sqrt()[None])
-    assert train.candidate_sigma(config.parse_args([]), rewards) is None  # each prompt its own
+    torch.testing.assert_close(train.reward_spread(rewards), ((everything - mean) ** 2).mean().sqrt()[None])
     # with one sigma s, each target gap is (r_i - r_j) / (beta s); at lam = 0 the loss is the mean squared error
     policy, ref, s = torch.tensor([[0.0, 1.0, -1.0, 2.0]]), torch.zeros(1, 4), 2.0
     i, j = torch.triu_indices(4, 4, 1)

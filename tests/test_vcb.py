@@ -291,3 +291,78 @@ def test_sequence_logps_ignores_padding_and_shifts_by_one(B, T, pad, seed):
     close(padded, out)
     n = mask[:, 1:].sum(-1).clamp(min=1)
     close(vcb.sequence_logps(logits, targets, mask, average=True), out / n)
+
+
+# ---- the value-aware peers (docs/method.md, "The value-aware peers") and what ties them to VCB
+
+@given(candidate_sets(), BETAS)
+def test_vcb_at_lambda_zero_is_n_times_a_pointwise_regression_around_the_prompts_mean(sets, beta):
+    """sum_{i<j} (e_i - e_j)^2 = n sum_i (e_i - mean e)^2, e_i = delta_i - r_i / (beta sigma): VCB's
+    all-pairs loss is a regression of each delta on its target up to a per-prompt offset, which is free."""
+    policy, ref, r = sets
+    n, pairs = r.size(1), r.size(1) * (r.size(1) - 1) / 2
+    e = (policy - ref) - r / (beta * vcb.reward_sigma(r)[:, None])
+    per_prompt, _ = vcb.vcb_prompt_losses(policy, ref, r, beta, lam=0.0)
+    close(per_prompt * pairs, n * ((e - e.mean(-1, keepdim=True)) ** 2).sum(-1))
+
+
+@given(candidate_sets(), BETAS)
+def test_rebel_with_one_sigma_per_prompt_is_vcb_at_lambda_zero(sets, beta):
+    policy, ref, r = sets
+    eta = 1 / (beta * vcb.reward_sigma(r))                     # (B,): REBEL's one scale, made per prompt
+    close(vcb.rebel_loss(policy, ref, r, eta), vcb.vcb_loss(policy, ref, r, beta, 0.0))
+
+
+@given(candidate_sets(max_n=5, max_b=3), st.sampled_from([0.5, 1.0, 2.0]))
+def test_vcb_rebel_and_infonca_reach_the_same_optimum_on_a_free_softmax(sets, beta):
+    """Each, on a free softmax over a prompt's candidates, converges to the KL-regularised optimum on
+    the set with VCB's sigma: REBEL with eta = 1 / (beta sigma(x)), InfoNCA with alpha = sigma(x)."""
+    _, ref, r = sets
+    ref = torch.log_softmax(ref / 10, -1)
+    sigma = vcb.reward_sigma(r)
+    optimum = vcb.optimal_policy(ref, r, beta)
+    for loss in (lambda lp: vcb.vcb_loss(lp, ref, r, beta, 0.0),
+                 lambda lp: vcb.rebel_loss(lp, ref, r, 1 / (beta * sigma)),
+                 lambda lp: vcb.infonca_loss(lp, ref, r, beta, sigma)):
+        close(minimise(loss, ref), optimum, tol=1e-5)
+
+
+def minimise(loss_fn, ref_logps):
+    """A free softmax over the candidates (one logit each, started at the reference) taken to the
+    minimum of loss_fn(policy_logps) by L-BFGS: plain gradient descent crawls where the optimum gives
+    a candidate little probability. Returns the log-probs (B, n)."""
+    theta = ref_logps.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([theta], lr=1, max_iter=200, tolerance_grad=1e-12, tolerance_change=1e-14,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(torch.log_softmax(theta, -1))
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return torch.log_softmax(theta.detach(), -1)
+
+
+@given(candidate_sets(min_n=2, max_n=2), BETAS)
+def test_odpo_with_no_offset_and_infonca_with_two_candidates_and_a_one_hot_target_are_dpo(sets, beta):
+    policy, ref, r = sets
+    w, l = r.argmax(-1), r.argmin(-1)                           # distinct rewards: one winner per prompt
+    pick = lambda x, k: x.gather(1, k[:, None]).squeeze(1)      # noqa: E731
+    dpo = vcb.dpo_loss(pick(policy, w), pick(policy, l), pick(ref, w), pick(ref, l), beta)
+    close(vcb.odpo_loss(pick(policy, w), pick(policy, l), pick(ref, w), pick(ref, l), beta, torch.zeros_like(dpo)), dpo)
+    one_hot = vcb.infonca_loss(policy, ref, r, beta, alpha=1e-12, reduction="none")  # softmax(r / alpha): the winner
+    close(one_hot, dpo)
+
+
+def test_odpo_asks_a_larger_margin_where_the_rewards_differ_more():
+    zero = torch.zeros(2, dtype=torch.float64)
+    h = torch.tensor([1.0, 1.0], dtype=torch.float64)           # the same margin for two pairs
+    rewards = torch.tensor([[0.0, 0.1, 3.0]], dtype=torch.float64)
+    loss = vcb.odpo_pairwise_loss(torch.zeros(1, 3, dtype=torch.float64), torch.zeros(1, 3, dtype=torch.float64), rewards,
+                                  1.0, scale=1.0, reduction="none")
+    b, w, l = vcb.preference_pairs(rewards)
+    gaps = rewards[b, w] - rewards[b, l]
+    assert (loss[gaps.argsort()].diff() > 0).all()              # a wider reward gap, a larger offset, a larger loss
+    assert (vcb.odpo_loss(h, zero, zero, zero, 1.0, torch.tensor([0.0, 2.0], dtype=torch.float64)).diff() > 0).all()
