@@ -27,7 +27,7 @@ from types import SimpleNamespace
 
 import torch
 
-import data
+import packing
 import vcb
 from config import ConfigError, parse_options
 from model import GPT, GPTConfig, response_logps
@@ -104,7 +104,7 @@ def candidate_groups(lengths, G, n, vocab_size, seed):
 
 
 def attention_scores(p):
-    """Query-key scores per head and layer of a data.Packed batch: (the dense rows compute, the packed
+    """Query-key scores per head and layer of a packing.Packed batch: (the dense rows compute, the packed
     layout computes, the layout needs). Dense rows are each prompt and its responses, padded to the
     longest row, every token against every other; packed_attention computes its prompts (padded to
     the longest) and its buckets (responses and their prompts' keys each padded to the bucket's
@@ -118,7 +118,7 @@ def attention_scores(p):
 
 
 def attention_line(name, lengths, n, G):
-    dense, packed, needed = attention_scores(data.pack(candidate_groups(lengths, G, n, 1000, seed=0), 10_000))
+    dense, packed, needed = attention_scores(packing.pack(candidate_groups(lengths, G, n, 1000, seed=0), 10_000))
     return (f"attention at the {name}'s lengths, {G} prompts x {n} candidates: the dense rows compute {dense:,} query-key "
             f"scores per head and layer, the prefix-shared layout {packed:,} ({dense / packed:.1f}x fewer; the layout "
             f"needs {needed:,})")
@@ -188,8 +188,8 @@ def main(argv):
     print(attention_line("GPT-2 HH preset", PRESETS["gpt2"]["lengths"], 8, 2))
     model.train()
     n, G = opts["n_candidates"], max(1, B // opts["n_candidates"])
-    packed = data.pack(candidate_groups(p["lengths"], G, n, cfg.vocab_size, seed=0), cfg.block_size).to(device)
-    demos = data.pack(candidate_groups(p["lengths"], G * n, 1, cfg.vocab_size, seed=1), cfg.block_size).to(device)
+    packed = packing.pack(candidate_groups(p["lengths"], G, n, cfg.vocab_size, seed=0), cfg.block_size).to(device)
+    demos = packing.pack(candidate_groups(p["lengths"], G * n, 1, cfg.vocab_size, seed=1), cfg.block_size).to(device)
     dense = [t.to(device) for t in packed.to("cpu").dense()]
     ref, rewards = torch.randn(G, n, device=device) - 50, torch.randn(G, n, device=device)
 
@@ -252,7 +252,7 @@ def precision(out_dir, env, n_prompts=64):
         policy = []
         for i in range(0, len(groups), cfg.align_batch):
             with env.autocast():
-                policy += response_logps(model, data.pack(groups[i:i + cfg.align_batch], cfg.block_size).to(env.device)).tolist()
+                policy += response_logps(model, packing.pack(groups[i:i + cfg.align_batch], cfg.block_size).to(env.device)).tolist()
         delta = (torch.tensor(policy) - ref).abs()
         prompts = [g[0] for g in groups[:16]]  # <|endoftext|> + prompt, as the candidates were sampled
         with env.autocast():

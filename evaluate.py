@@ -3,7 +3,7 @@ evaluate.py: models reading text in batches, and the evaluation of policies.
 
 - Sampling in seeded chunks shared round-robin by the processes (what a chunk gets does not depend
   on how many processes there are), reward-model scores r(x, y), summed response log-probs; both
-  read a prompt's responses packed after it (data.pack), so the prompt is computed once.
+  read a prompt's responses packed after it (packing.pack), so the prompt is computed once.
 - `evaluate`: each policy samples on the held-out and the out-of-distribution prompts at
   temperature 1 with no top-k/top-p (samples from pi itself, which the KL estimate needs); each
   sample is scored by the gold reward (built-in task), the reward model and both log-probs, and
@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import packing
 import report
 import reviews
 from model import response_logps
@@ -53,11 +54,11 @@ def chunks(groups, size):
 
 @torch.no_grad()
 def score_rewards(cfg, env, rm, enc, groups):
-    """RM scores r(x, y) of every response of groups [(prompt ids, [response ids])] (data.encode_group),
+    """RM scores r(x, y) of every response of groups [(prompt ids, [response ids])] (packing.encode_group),
     read at each response's last token, packed and in batches of about eval_batch. A flat list."""
     out = []
     for chunk in chunks(groups, cfg.eval_batch):
-        p = data.pack(chunk, cfg.block_size).to(env.device)
+        p = packing.pack(chunk, cfg.block_size).to(env.device)
         with env.autocast():
             out += rm(p, head="reward").tolist()
     return out
@@ -69,7 +70,7 @@ def score_logps(cfg, env, model, enc, groups):
     batches of about eval_batch. A flat list."""
     out = []
     for chunk in chunks(groups, cfg.eval_batch):
-        p = data.pack(chunk, cfg.block_size).to(env.device)
+        p = packing.pack(chunk, cfg.block_size).to(env.device)
         with env.autocast():
             out += response_logps(model, p).tolist()
     return out
@@ -167,7 +168,7 @@ def sample_and_score(cfg, env, enc, name, pi, sft, rm, prompts, seed, set_name):
         chunk = [{"prompt_idx": c + j // k, "sample": j % k, "prompt": batch[j // k], "text": decode(enc, o)}
                  for j, o in enumerate(outs)]
         sampled = [(ids[i], outs[i * k:(i + 1) * k]) for i in range(len(batch))]  # the exact tokens
-        texts = [data.encode_group(enc, p, [r["text"] for r in chunk[i * k:(i + 1) * k]]) for i, p in enumerate(batch)]
+        texts = [packing.encode_group(enc, p, [r["text"] for r in chunk[i * k:(i + 1) * k]]) for i, p in enumerate(batch)]
         # logp_pi comes with the samples; logp_sft needs the SFT model on the same tokens (SFT: the same number)
         scores = dict(logp_pi=logp_pi, logp_sft=logp_pi if pi is sft else score_logps(cfg, env, sft, enc, sampled),
                       rm=score_rewards(cfg, env, rm, enc, texts))
@@ -192,7 +193,7 @@ def sample_candidates(cfg, env, enc, prompts, n, seed):
     for c, batch, _, outs in sample_chunks(cfg, env, enc, sft, prompts, seed, temperature=cfg.temperature,
                                            top_k=cfg.top_k or None, top_p=cfg.top_p, num_samples=n):
         texts = [[decode(enc, o) for o in outs[i * n:(i + 1) * n]] for i in range(len(batch))]
-        groups = [data.encode_group(enc, p, ys) for p, ys in zip(batch, texts)]  # the text, as alignment reads it
+        groups = [packing.encode_group(enc, p, ys) for p, ys in zip(batch, texts)]  # the text, as alignment reads it
         mine.append((c, batch, texts, groups, score_logps(cfg, env, sft, enc, groups)))
     del sft
     rm = load_model(path(cfg, "rm.pt"), env, enc, cfg).eval()

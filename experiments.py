@@ -18,6 +18,7 @@ import torch
 
 import data
 import evaluate
+import packing
 import records
 import report
 import reviews
@@ -381,7 +382,7 @@ def need_gold(cfg, name):
 def rescore(cfg, env, enc, rm, file):
     """The run's candidates with their rewards from another reward model, written to file."""
     records = data.read_jsonl(path(cfg, "candidates.jsonl"))
-    scores = evaluate.score_rewards(cfg, env, rm, enc, [data.encode_group(enc, r["prompt"], r["responses"]) for r in records])
+    scores = evaluate.score_rewards(cfg, env, rm, enc, [packing.encode_group(enc, r["prompt"], r["responses"]) for r in records])
     n = len(records[0]["responses"])
     if env.master:
         data.write_jsonl(file, [{**r, "rewards": scores[i * n:(i + 1) * n]} for i, r in enumerate(records)])
@@ -391,7 +392,7 @@ def rm_scores_on(cfg, env, enc, rm_file, pairs):
     """A reward model judged by the gold reward on preference pairs: how often it orders a pair as the
     gold reward does, and the correlation of its scores with the gold reward."""
     rm = load_model(rm_file, env, enc, cfg).eval()
-    scores = evaluate.score_rewards(cfg, env, rm, enc, [data.encode_group(enc, r["prompt"], [r["chosen"], r["rejected"]])
+    scores = evaluate.score_rewards(cfg, env, rm, enc, [packing.encode_group(enc, r["prompt"], [r["chosen"], r["rejected"]])
                                                         for r in pairs])
     gold = evaluate.gold_reward(cfg, [y for r in pairs for y in (r["chosen"], r["rejected"])], [r["prompt"] for r in pairs for _ in (0, 1)])
     agree = [(a > b) == (ga > gb) for a, b, ga, gb in zip(scores[0::2], scores[1::2], gold[0::2], gold[1::2]) if ga != gb]

@@ -11,7 +11,7 @@ and go out through gpt2.py.
 Padding conventions, which the whole project relies on:
 - Training and scoring use RIGHT padding: real tokens first, padding after. Attention is causal, so a
   real position never sees the padding that follows it; no attention mask is needed.
-- A prompt's responses packed after it (data.pack) are real tokens only, with no padding; each sees
+- A prompt's responses packed after it (packing.pack) are real tokens only, with no padding; each sees
   the prompt and its own earlier tokens, at the positions it would have alone (packed_attention).
 - `generate` LEFT-pads prompts of different lengths, and then needs an explicit mask and positions
   so that each row sees exactly what it would see alone in the batch.
@@ -99,11 +99,11 @@ class CausalSelfAttention(nn.Module):
 
 
 def packed_attention(qkv, p, masks, dropout_p=0.0):
-    """Attention at the T real tokens of a data.Packed batch: qkv (T, 3, n_head, head_dim), the queries,
+    """Attention at the T real tokens of a packing.Packed batch: qkv (T, 3, n_head, head_dim), the queries,
     keys and values of each token -> (T, n_head, head_dim). The prompts attend causally among
     themselves, all at once (G, P); each response attends to its prompt's keys and values and,
     causally, to its own, in one or two buckets of responses of about the same length
-    (data.Bucket). Nothing is computed between responses. masks: attention_masks(p), made once for
+    (packing.Bucket). Nothing is computed between responses. masks: attention_masks(p), made once for
     all layers. The queries, and the keys and values, are read in one gather each and the outputs
     written in place: few kernels, and each one's backward adds in a fixed order, so the same batch
     gives the same gradients, bit for bit, run after run."""
@@ -125,7 +125,7 @@ def packed_attention(qkv, p, masks, dropout_p=0.0):
 
 
 def attention_masks(p):
-    """Per bucket of a data.Packed batch, (S, 1, R, P + R): a response's token sees the real tokens of
+    """Per bucket of a packing.Packed batch, (S, 1, R, P + R): a response's token sees the real tokens of
     its prompt and, causally, its own. Built on the device, from the lengths."""
     masks = []
     for b in p.buckets:
@@ -213,7 +213,7 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def hidden_packed(self, p):
-        """The final hidden states (T, n_embd) of the real tokens of a data.Packed batch: the linear
+        """The final hidden states (T, n_embd) of the real tokens of a packing.Packed batch: the linear
         layers run on those T tokens only, the attention follows the layout (packed_attention)."""
         x = self.transformer.drop(self.transformer.wte(p.idx) + self.transformer.wpe(p.pos))
         masks = attention_masks(p)
@@ -223,7 +223,7 @@ class GPT(nn.Module):
 
     def forward(self, x, targets=None, head="lm"):
         """The one way in, so that DistributedDataParallel and torch.compile see every use of the model.
-        x is token ids (B, T) of right-padded rows, or a data.Packed batch (prompts, each with its
+        x is token ids (B, T) of right-padded rows, or a packing.Packed batch (prompts, each with its
         responses after it):
           ids,    head "lm":     logits (B, T, vocab); with targets (B, T), the float32 log-probs
                                  log p(targets[:, t] | x[:, :t+1]) (B, T) (vcb.sequence_logps shifts for you)
@@ -399,7 +399,7 @@ class GPT(nn.Module):
 
 
 def response_logps(model, packed, average=False):
-    """log p(y|x) of every response of a data.Packed batch, (S,) float32: summed over its tokens, or
+    """log p(y|x) of every response of a packing.Packed batch, (S,) float32: summed over its tokens, or
     averaged (RRHF). model: a GPT, or one wrapped by DistributedDataParallel or torch.compile."""
     return vcb.packed_logps(model(packed), packed.seq, packed.lengths, average)
 

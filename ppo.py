@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 import data
+import packing
 import vcb
 from evaluate import decode, score_rewards
 from runtime import batch_indices, compiled, load_data, load_model, lr_at, path
@@ -91,7 +92,7 @@ def rollout(cfg, env, enc, o, seed, it):
         outs = o.policy.generate(ids, cfg.max_new_tokens, temperature=1.0, stop_token=enc.eot_token, num_samples=k, generator=g)
     groups = [(ids[i], outs[i * k:(i + 1) * k]) for i in range(len(ids))]        # the exact sampled tokens
     texts = [decode(enc, out) for out in outs]
-    raw = torch.tensor(score_rewards(cfg, env, o.rm, enc, [data.encode_group(enc, p, texts[i * k:(i + 1) * k])
+    raw = torch.tensor(score_rewards(cfg, env, o.rm, enc, [packing.encode_group(enc, p, texts[i * k:(i + 1) * k])
                                                             for i, p in enumerate(chosen)]), device=env.device)
     eos = torch.tensor([out[-1] == enc.eot_token for out in outs], device=env.device)
     scores = (raw - o.mu) / o.sd - cfg.eos_penalty * (~eos).float()  # a response cut short is penalised (docs/method.md)
@@ -105,8 +106,8 @@ def rollout(cfg, env, enc, o, seed, it):
     return batch
 
 
-def packed(cfg, enc, groups, env):  # the responses packed after their prompts (data.pack), on the device
-    return data.pack(groups, cfg.block_size).to(env.device)
+def packed(cfg, enc, groups, env):  # the responses packed after their prompts (packing.pack), on the device
+    return packing.pack(groups, cfg.block_size).to(env.device)
 
 
 def per_token(model, p, env, head="lm"):

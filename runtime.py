@@ -20,6 +20,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
+import packing
 import vcb
 from config import ConfigError, parse_args
 from data import DataError
@@ -325,16 +326,16 @@ def load_tokenizer(cfg):
 
 def encode_groups(cfg, env, enc, prompts, responses, what):
     """Each prompt with its responses (one demonstration, or a chosen and a rejected one) as token ids
-    for data.pack, logging how many sequences will be cut to fit block_size."""
-    groups = [data.encode_group(enc, p, rs) for p, rs in zip(prompts, responses)]
-    log_cut(cfg, env, what, sum(data.fit(p, rs, cfg.block_size)[2] for p, rs in groups), sum(len(rs) for rs in responses))
+    for packing.pack, logging how many sequences will be cut to fit block_size."""
+    groups = [packing.encode_group(enc, p, rs) for p, rs in zip(prompts, responses)]
+    log_cut(cfg, env, what, sum(packing.fit(p, rs, cfg.block_size)[2] for p, rs in groups), sum(len(rs) for rs in responses))
     return groups
 
 
 @dataclass
 class Candidates:
     """The scored candidates, ready for alignment: groups[i] is prompt i with its n candidates as
-    token ids (data.encode_group, what data.pack reads); ref_logps and rewards are (B, n) float32."""
+    token ids (packing.encode_group, what packing.pack reads); ref_logps and rewards are (B, n) float32."""
     groups: list
     ref_logps: torch.Tensor
     rewards: torch.Tensor
@@ -360,8 +361,8 @@ def load_candidates(cfg, env, enc, file=None):
         bad = (~values.isfinite()).any(-1).nonzero()
         if len(bad):  # finite in JSON's float64, but not in float32 (or their spread is not)
             raise DataError(f"{file}:{int(bad[0]) + 1}: field '{key}' has values too large for float32 (|value| < 1e38)")
-    groups = [data.encode_group(enc, r["prompt"], r["responses"]) for r in records]
-    log_cut(cfg, env, "candidates", sum(data.fit(p, rs, cfg.block_size)[2] for p, rs in groups), n * len(groups))
+    groups = [packing.encode_group(enc, r["prompt"], r["responses"]) for r in records]
+    log_cut(cfg, env, "candidates", sum(packing.fit(p, rs, cfg.block_size)[2] for p, rs in groups), n * len(groups))
     return Candidates(groups, ref_logps, rewards)
 
 

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import torch
 
 import data
+import packing
 from config import METHODS, Config, ConfigError, check_finite, parse_options
 from data import DataError
 from evaluate import decode, gold_reward, score_logps, score_rewards
@@ -134,7 +135,7 @@ def show(opts, cfg, env, enc, models, sft, rm, prompt, new_tokens):
         texts = [decode(enc, o) for o in outs]
         cut = ["" if o and o[-1] == enc.eot_token else " [cut at max_new_tokens]" for o in outs]
         logp_sft = score_logps(cfg, env, sft, enc, [(ids, outs)])  # on the exact sampled tokens
-        rm_scores = score_rewards(cfg, env, rm, enc, [data.encode_group(enc, prompt, texts)]) if rm else [None] * len(texts)
+        rm_scores = score_rewards(cfg, env, rm, enc, [packing.encode_group(enc, prompt, texts)]) if rm else [None] * len(texts)
         gold = gold_reward(cfg, texts, [prompt] * len(texts)) if cfg.data == "builtin" else [None] * len(texts)
         for text, r, g_, lp, c in zip(texts, rm_scores, gold, logp_sft, cut):
             print(f"  {name:{width}}  {fmt(r)} {fmt(g_)} {lp:9.2f}  {text!r}{c}")

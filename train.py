@@ -36,6 +36,8 @@ from tqdm import tqdm
 import corpora
 import data
 import gpt2
+import methods
+import packing
 import ppo
 import records
 import report
@@ -49,7 +51,6 @@ from runtime import (TrainingError, barrier, batch_indices, check_healthy, comma
                      load_candidates, load_checkpoint, load_data, load_model, load_tokenizer, log, lr_at, model_args,
                      note_progress, path, progress_file, resume, save_model, save_progress, save_snapshot, start)
 
-PAIR_LOSSES = {"dpo": vcb.dpo_loss, "ipo": vcb.ipo_loss, "slic": vcb.slic_loss}
 
 
 # -----------------------------------------------------------------------------
@@ -222,10 +223,10 @@ def stage_sft(cfg, env, task):
     model.to(env.device)
     log(env, f"sft: {model.num_params() / 1e6:.2f}M parameters, {len(examples)} demonstrations")
 
-    tokens = [len(data.fit(p, rs, cfg.block_size)[1][0]) for p, rs in examples]  # response tokens of each, once cut
+    tokens = [len(packing.fit(p, rs, cfg.block_size)[1][0]) for p, rs in examples]  # response tokens of each, once cut
 
     def loss_fn(m, idx):  # summed NLL of the response tokens (the prompt is given, not learned)
-        p = data.pack([examples[i] for i in idx], cfg.block_size).to(env.device)
+        p = packing.pack([examples[i] for i in idx], cfg.block_size).to(env.device)
         return -m(p).sum(), {}                                       # m(p): (N,) float32 log-probs
 
     def count_fn(idx):  # response tokens in the step
@@ -262,7 +263,7 @@ def train_rm(cfg, env, enc, prefs, task):
     model = load_model(path(cfg, "sft.pt"), env, enc, cfg, reward_head=True, dropout=cfg.dropout)
 
     def loss_fn(m, idx):  # Bradley-Terry on each pair, the prompt read once for both responses
-        r = m(data.pack([pairs[i] for i in idx], cfg.block_size).to(env.device), head="reward")  # (2b,): chosen, rejected, ...
+        r = m(packing.pack([pairs[i] for i in idx], cfg.block_size).to(env.device), head="reward")  # (2b,): chosen, rejected, ...
         r_w, r_l = r[0::2], r[1::2]
         return vcb.bradley_terry_loss(r_w, r_l).sum(), {"acc": (r_w > r_l).float().mean()}
 
@@ -270,7 +271,7 @@ def train_rm(cfg, env, enc, prefs, task):
     model.eval()
     metrics = {}
     if held:
-        scores = score_rewards(cfg, env, model, enc, [data.encode_group(enc, r["prompt"], [r["chosen"], r["rejected"]])
+        scores = score_rewards(cfg, env, model, enc, [packing.encode_group(enc, r["prompt"], [r["chosen"], r["rejected"]])
                                                       for r in held])
         r_w, r_l = scores[0::2], scores[1::2]
         metrics["heldout_accuracy"] = sum(a > b for a, b in zip(r_w, r_l)) / len(held)
@@ -333,77 +334,25 @@ def offline(cfg, env, enc, cands, method, seed, task):
         log(env, f"{name}: {B - vcb.vcb_count(cands.rewards, cfg.sigma_floor)} of {B} prompts have candidates of equal "
                  f"reward (sigma <= {cfg.sigma_floor:g}) and are skipped")
     no_pair = sum(vcb.pair_count(r[None]) == 0 for r in cands.rewards)
-    if method in PAIR_LOSSES and no_pair:
+    if method in methods.PAIR_LOSSES and no_pair:
         log(env, f"{name}: {no_pair} of {B} prompts have no strictly ordered pair and give no loss")
     torch.manual_seed(seed)
     model = load_model(path(cfg, "sft.pt"), env, enc, cfg)
-    spread = reward_spread(cands.rewards)
+    spread = methods.reward_spread(cands.rewards)
     return train(cfg, env, task, model, B, cfg.align_steps, cfg.align_batch, cfg.align_lr,
                  lambda m, idx: align_loss(cfg, env, enc, m, cands, method, idx, spread),
-                 lambda idx: loss_count(cfg, method, cands.rewards[idx]), seed, enc)
-
-
-def reward_spread(rewards):
-    """The population std of every candidate reward of the set (1,): the one scale of the methods that
-    use one for every prompt (VCB with --vcb_sigma=global, REBEL, InfoNCA, ODPO)."""
-    return vcb.reward_sigma(rewards.flatten()[None])
-
-
-def offline_loss(cfg, method, logps, ref_logps, rewards, spread, reduction="sum"):
-    """An offline method's loss from vcb.py on b prompts' n candidates (b, n). spread: reward_spread
-    of the whole set. The value-aware peers are set so that their optimum on the candidates is VCB's
-    with one sigma: delta_i - delta_j = (r_i - r_j) / (beta * spread) (docs/method.md)."""
-    if method == "vcb":
-        sigma = spread if cfg.vcb_sigma == "global" else None  # None: each prompt's own sigma(x), the paper's
-        return vcb.vcb_loss(logps, ref_logps, rewards, cfg.beta, cfg.lam, cfg.sigma_floor, sigma, reduction)
-    if method == "rrhf":
-        return vcb.rrhf_loss(logps, rewards, reduction=reduction)
-    if method == "rebel":
-        return vcb.rebel_loss(logps, ref_logps, rewards, 1 / (cfg.beta * spread), reduction)
-    if method == "infonca":
-        return vcb.infonca_loss(logps, ref_logps, rewards, cfg.beta, spread, reduction)
-    if method == "odpo":
-        return vcb.odpo_pairwise_loss(logps, ref_logps, rewards, cfg.beta, spread, reduction=reduction)
-    return vcb.pairwise_loss(PAIR_LOSSES[method], logps, ref_logps, rewards, cfg.beta, reduction)
-
-
-def loss_count(cfg, method, rewards):
-    """What a method's mean divides its summed loss by, for these prompts' rewards (b, n)."""
-    if method == "vcb":
-        return vcb.vcb_count(rewards, cfg.sigma_floor)
-    if method == "rebel":
-        return len(rewards) * rewards.size(1) * (rewards.size(1) - 1) // 2  # every unordered pair
-    return vcb.pair_count(rewards) if method in PAIR_LOSSES or method == "odpo" else len(rewards)
+                 lambda idx: methods.loss_count(cfg, method, cands.rewards[idx]), seed, enc)
 
 
 def align_loss(cfg, env, enc, model, cands, method, idx, spread):
     """One micro-batch of an offline method: the prompts idx with their candidates packed after them
     (the prompt is read once, not n times). spread: reward_spread. Returns (the summed loss, metrics)."""
     n = cands.rewards.size(1)
-    p = data.pack([cands.groups[i] for i in idx], cfg.block_size).to(env.device)
+    p = packing.pack([cands.groups[i] for i in idx], cfg.block_size).to(env.device)
     logps = response_logps(model, p, average=method == "rrhf").view(-1, n)                # (b, n)
     ref, rewards = cands.ref_logps[idx].to(env.device), cands.rewards[idx].to(env.device)
-    loss = offline_loss(cfg, method, logps, ref, rewards, spread.to(env.device))
-    return loss, align_metrics(method, logps.detach(), ref, rewards, cfg, spread.to(env.device))
-
-
-def align_metrics(method, logps, ref, rewards, cfg, spread):
-    """What a user watches, for every method on the same footing: over the step's ordered pairs, the
-    implicit reward margin beta * h and the pair accuracy (h > 0); the mean delta of the candidates
-    (`level`: the common level of a prompt's candidates, which the difference methods leave free);
-    for VCB also the gap correlation and the share of skipped prompts. RRHF has no reference: its h
-    is the gap in length-averaged logp, and it has no level."""
-    b, w, l = vcb.preference_pairs(rewards)
-    ref = torch.zeros_like(ref) if method == "rrhf" else ref
-    h = vcb.margin(logps[b, w], logps[b, l], ref[b, w], ref[b, l])
-    out = {"margin": (cfg.beta * h).mean() if len(h) else 0.0, "acc": (h > 0).float().mean() if len(h) else 0.0}
-    if method != "rrhf":
-        out["level"] = (logps - ref).mean()
-    if method == "vcb":
-        sigma = spread if cfg.vcb_sigma == "global" else None
-        diag = vcb.vcb_diagnostics(logps, ref, rewards, cfg.beta, cfg.sigma_floor, sigma)
-        out.update(gap_corr=diag["gap_corr"], skipped=diag["skipped"])
-    return out
+    loss = methods.offline_loss(cfg, method, logps, ref, rewards, spread.to(env.device))
+    return loss, methods.align_metrics(method, logps.detach(), ref, rewards, cfg, spread.to(env.device))
 
 
 def online(cfg, env, enc, method, seed, task, cands):

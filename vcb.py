@@ -63,7 +63,7 @@ def sequence_logps(logits, targets, mask, average=False):
 
 
 def packed_logps(token_logps, seq, lengths, average=False):
-    """Per-sequence log p(y|x) from the log-probs of packed response tokens (data.pack): token_logps
+    """Per-sequence log p(y|x) from the log-probs of packed response tokens (packing.pack): token_logps
     (N,) float32, seq (N,) the sequence of each token, lengths (S,) tokens per sequence. Returns (S,);
     average=True divides by the length (RRHF's length-averaged p)."""
     total = torch.zeros(len(lengths), dtype=torch.float32, device=token_logps.device).index_add(0, seq, f32(token_logps))

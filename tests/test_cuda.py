@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import config
 import data
+import packing
 import runtime
 import train
 import vcb
@@ -43,7 +44,7 @@ def test_log_probs_under_autocast_are_float32_from_the_final_hidden_state(device
     """Every log-prob that enters a loss, a ratio or a KL is computed in float32 from the final hidden
     state, whatever the autocast dtype: the LM head's logits are not rounded to 16 bits."""
     model = sharp_gpt(3, block_size=64, reward_head=True).to(device)
-    p = data.pack([([256, 3, 4, 5], [[7, 8, 256], [9, 256]]), ([256, 6], [[13, 256]])], 64).to(device)
+    p = packing.pack([([256, 3, 4, 5], [[7, 8, 256], [9, 256]]), ([256, 6], [[13, 256]])], 64).to(device)
     with torch.no_grad(), torch.autocast(device, dtype=dtype):
         hidden = model.hidden_packed(p)
         logps = model(p)
@@ -83,7 +84,7 @@ def test_the_causal_kernel_equals_the_masked_path(device):
 def test_the_packed_path_equals_the_padded_path(device):
     model = small_gpt(3).to(device).eval()
     groups = [([256, 3, 4, 5], [[7, 8, 256], [9, 256], [10, 11, 12, 256]]), ([256, 6], [[13, 256], [14, 15, 256]])]
-    p = data.pack(groups, 128).to(device)
+    p = packing.pack(groups, 128).to(device)
     x, mask = data.collate([(pr + r, len(pr)) for pr, rs in groups for r in rs], 256)
     with torch.no_grad():
         packed = response_logps(model, p)

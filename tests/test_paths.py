@@ -9,6 +9,8 @@ import torch
 import config
 import data
 import evaluate
+import methods
+import packing
 import records
 import runtime
 import train
@@ -21,7 +23,7 @@ EOT = ENC.eot_token
 
 
 def groups_of(seed, n_groups, n, prompt_len=(3, 12), response_len=(1, 14)):
-    """Random prompt groups as data.encode_group gives them: (<|endoftext|> + prompt, [response +
+    """Random prompt groups as packing.encode_group gives them: (<|endoftext|> + prompt, [response +
     <|endoftext|>, ...]), of random lengths."""
     g = torch.Generator().manual_seed(seed)
     rand = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))  # noqa: E731
@@ -32,10 +34,10 @@ def groups_of(seed, n_groups, n, prompt_len=(3, 12), response_len=(1, 14)):
 
 def padded(groups, block_size):
     """Every (prompt, response) of groups as its own right-padded row, cut to block_size as pack() cuts
-    a group (data.fit): the reference that packing must reproduce. Returns (idx, response mask)."""
+    a group (packing.fit): the reference that packing must reproduce. Returns (idx, response mask)."""
     rows = []
     for prompt, responses in groups:
-        prompt, responses, _ = data.fit(prompt, responses, block_size)
+        prompt, responses, _ = packing.fit(prompt, responses, block_size)
         rows += [(prompt + r, len(prompt)) for r in responses]
     return data.collate(rows, EOT)
 
@@ -47,8 +49,8 @@ def test_packed_log_probs_and_rewards_equal_each_sequence_alone(block_size):
     model = sharp_gpt(1, block_size=block_size, reward_head=True)
     groups = groups_of(0, 4, 3)
     if block_size == 20:
-        assert sum(data.fit(p, rs, block_size)[2] for p, rs in groups) > 0  # the cut is exercised
-    p = data.pack(groups, block_size)
+        assert sum(packing.fit(p, rs, block_size)[2] for p, rs in groups) > 0  # the cut is exercised
+    p = packing.pack(groups, block_size)
     x, mask = padded(groups, block_size)
     with torch.no_grad():
         for average in (False, True):
@@ -56,7 +58,7 @@ def test_packed_log_probs_and_rewards_equal_each_sequence_alone(block_size):
             alone = vcb.sequence_logps(model(x), x, mask, average)
             torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
         real = torch.arange(x.size(1))[None] < torch.tensor([len(prompt) + len(r) for prompt, rs in
-                                                             (data.fit(q, qs, block_size)[:2] for q, qs in groups)
+                                                             (packing.fit(q, qs, block_size)[:2] for q, qs in groups)
                                                              for r in rs])[:, None]
         scores = model(p, head="reward")
         torch.testing.assert_close(scores, model.reward(x, real), atol=1e-5, rtol=1e-5)
@@ -68,7 +70,7 @@ def test_prefix_shared_attention_equals_the_dense_masked_rows(n, lengths):
     by length) against the dense rows it replaces, masked to let each token see the same: the same
     hidden states and the same gradients."""
     model = sharp_gpt(5, block_size=128).train()
-    p = data.pack(groups_of(6, 5, n, response_len=lengths), 128)
+    p = packing.pack(groups_of(6, 5, n, response_len=lengths), 128)
     assert n == 1 or len(p.buckets) > 1  # responses of several lengths: several buckets
     idx, pos, mask, where = p.dense()
     packed = model.hidden_packed(p)
@@ -83,9 +85,9 @@ def test_prefix_shared_attention_equals_the_dense_masked_rows(n, lengths):
 
 def test_fit_keeps_the_end_of_text_first_and_cuts_prompts_from_the_left_and_responses_from_the_right():
     prompt, responses = [EOT, 1, 2, 3, 4, 5, 6], [[7, 8, EOT], [9] * 12 + [EOT]]
-    cut_prompt, cut_responses, n = data.fit(prompt, responses, 10)
+    cut_prompt, cut_responses, n = packing.fit(prompt, responses, 10)
     assert cut_prompt == [EOT, 6] and cut_responses == [[7, 8, EOT], [9] * 8] and n == 2
-    assert data.fit(prompt, responses[:1], 10) == (prompt, responses[:1], 0)
+    assert packing.fit(prompt, responses[:1], 10) == (prompt, responses[:1], 0)
 
 
 # ---- 2. the sampler's log-probs are the scorer's
@@ -128,7 +130,7 @@ def test_the_align_step_loss_is_the_pure_loss_on_padded_log_probs(method, sigma)
     cands, idx = candidates(3), [3, 0, 4]
     model = sharp_gpt(4, block_size=64)
     spread = vcb.reward_sigma(cands.rewards.flatten()[None])  # the set's, not the micro-batch's
-    loss, metrics = train.align_loss(cfg, env, ENC, model, cands, method, idx, train.reward_spread(cands.rewards))
+    loss, metrics = train.align_loss(cfg, env, ENC, model, cands, method, idx, methods.reward_spread(cands.rewards))
     x, mask = padded([cands.groups[i] for i in idx], 64)
     logps = vcb.sequence_logps(model(x), x, mask, average=method == "rrhf").view(len(idx), 4)
     ref, rewards = cands.ref_logps[idx], cands.rewards[idx]
@@ -138,10 +140,10 @@ def test_the_align_step_loss_is_the_pure_loss_on_padded_log_probs(method, sigma)
             "rebel": lambda: vcb.rebel_loss(logps, ref, rewards, 1 / (0.5 * spread), reduction="sum"),
             "infonca": lambda: vcb.infonca_loss(logps, ref, rewards, 0.5, spread, reduction="sum"),
             "odpo": lambda: vcb.odpo_pairwise_loss(logps, ref, rewards, 0.5, spread, reduction="sum")}.get(
-        method, lambda: vcb.pairwise_loss(train.PAIR_LOSSES[method], logps, ref, rewards, 0.5, reduction="sum"))()
+        method, lambda: vcb.pairwise_loss(methods.PAIR_LOSSES[method], logps, ref, rewards, 0.5, reduction="sum"))()
     torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-5)
     assert loss.requires_grad and loss.item() != 0
-    assert train.loss_count(cfg, method, rewards) == {"vcb": 2, "rrhf": 3, "infonca": 3, "rebel": 3 * 6}.get(method, 2 * 6)
+    assert methods.loss_count(cfg, method, rewards) == {"vcb": 2, "rrhf": 3, "infonca": 3, "rebel": 3 * 6}.get(method, 2 * 6)
     if method == "vcb":
         assert metrics["skipped"] == pytest.approx(1 / 3)
 
@@ -151,7 +153,7 @@ def test_reward_sigma_is_the_population_standard_deviation_and_global_is_one_for
     torch.testing.assert_close(vcb.reward_sigma(rewards), torch.tensor([1.25 ** 0.5, (3 / 16) ** 0.5]))
     everything = torch.tensor([1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 0.0, 1.0])
     mean = everything.mean()
-    torch.testing.assert_close(train.reward_spread(rewards), ((everything - mean) ** 2).mean().sqrt()[None])
+    torch.testing.assert_close(methods.reward_spread(rewards), ((everything - mean) ** 2).mean().sqrt()[None])
     # with one sigma s, each target gap is (r_i - r_j) / (beta s); at lam = 0 the loss is the mean squared error
     policy, ref, s = torch.tensor([[0.0, 1.0, -1.0, 2.0]]), torch.zeros(1, 4), 2.0
     i, j = torch.triu_indices(4, 4, 1)
