@@ -18,7 +18,6 @@ It measures
 and then prints the estimated peak GPU memory and time per stage of the GPT-2-small HH preset.
 """
 import dataclasses
-import json
 import os
 import statistics
 import time
@@ -240,10 +239,7 @@ def precision(out_dir, env, n_prompts=64):
     import config
     import evaluate
     from runtime import load_candidates, load_model, load_tokenizer
-    cfg = config.parse_args([f"--out_dir={out_dir}", f"--device={env.device}"])
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in json.load(open(os.path.join(out_dir, "config.json"))).items()
-                                      if k in ("block_size", "max_new_tokens", "eval_batch", "align_batch", "n_layer",
-                                               "n_head", "n_embd", "init_from")}, out_dir=out_dir)
+    cfg = dataclasses.replace(config.run_config(out_dir), device=env.device)
     enc = load_tokenizer(cfg)
     model = load_model(os.path.join(out_dir, "sft.pt"), env, enc, cfg).eval()
     groups = load_candidates(cfg, env, enc).groups[:n_prompts]

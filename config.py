@@ -12,13 +12,14 @@ is refused.
 import dataclasses
 import difflib
 import inspect
-import json
-import math
+import os
 import re
 import sys
 from dataclasses import dataclass
 
+import data
 import vcb
+from data import DataError, valid_unicode
 from model import GPTConfig
 
 STAGES = ["data", "sft", "rm", "sample", "align", "eval"]
@@ -114,6 +115,98 @@ class Config:
     ckpt_interval: int = 50          # steps between resumable checkpoints
 
 
+# The range of every number option: what the computation holds, checked by parse_options for every
+# command. A seed goes to torch's generators times about 1e6, so it is a 32-bit number; counts and
+# sizes stay within int32, what some CUDA kernels index with; a beta, a temperature or a lam divides
+# or scales float32 values, so 1e-6 to 1e6 keeps every exp and square finite (tests/test_fuzz_options.py
+# checks the losses at both ends). `zero`: what 0 means where it is allowed below lo. Every command's
+# number options are here, one name for one thing.
+@dataclass(frozen=True)
+class Range:
+    lo: float       # the smallest value (besides 0, where zero says what it means)
+    hi: float       # the largest value
+    zero: str = ""  # "off", "all", ...: 0 is allowed and means this
+    why: str = ""   # said with the error, where the range is not obvious
+
+    def error(self, key, value):
+        show = lambda x: f"{x:g}" if isinstance(x, float) else str(x)  # noqa: E731  (ints in full)
+        return (f"--{key}={value}: must be {'0 (' + self.zero + ') or ' if self.zero else ''}a number from {show(self.lo)} "
+                f"to {show(self.hi)}" + (f" ({self.why})" if self.why else ""))
+
+
+COUNT = 2**31 - 1   # the most of anything: steps, examples, tokens
+SCALE = 1e6         # the largest (and 1/SCALE the smallest) multiplier of float32 values
+RANGES = {
+    "seed": Range(0, 2**32 - 1, why="a 32-bit seed"), "steps_factor": Range(1, 1000), "jobs": Range(1, 1024, "auto"),
+    "vocab_size": Range(257, 2**20, why="256 bytes and <|endoftext|> at least"),
+    **{k: Range(1, 10**8, "all (hh, tldr and jsonl)") for k in ("n_sft", "n_prefs", "n_align", "n_eval")},
+    "pref_tau": Range(1 / SCALE, SCALE),
+    "n_layer": Range(1, 1024), "n_head": Range(1, 1024), "n_embd": Range(1, 2**16), "block_size": Range(2, 2**20),
+    "dropout": Range(0, 0.99), "weight_decay": Range(0, 1e3), "grad_clip": Range(1 / SCALE, SCALE, "off"),
+    "warmup_steps": Range(0, COUNT), "grad_accum": Range(1, COUNT),
+    **{k: Range(1, COUNT) for k in ("sft_steps", "sft_batch", "rm_steps", "rm_batch", "align_steps", "align_batch",
+                                     "sample_batch", "online_iters", "online_prompts", "ppo_minibatches",
+                                     "ppo_kl_horizon", "eval_batch", "log_interval", "ckpt_interval", "max_new_tokens")},
+    # a learning rate large enough to blow the weights up is caught by the health check (runtime.check_healthy)
+    **{k: Range(1e-12, 1e30) for k in ("sft_lr", "rm_lr", "align_lr", "online_lr", "critic_lr")},
+    "rm_holdout": Range(0, 0.9), "n_candidates": Range(2, 1024, why="VCB and the baselines compare candidates"), "temperature": Range(1 / SCALE, SCALE),
+    "top_k": Range(1, COUNT, "off"), "top_p": Range(1 / SCALE, 1),
+    "beta": Range(1 / SCALE, SCALE), "lam": Range(1 / SCALE, SCALE, "a plain mean"), "sigma_floor": Range(0, SCALE),
+    "online_k": Range(1, 1024), "ppo_epochs": Range(1, 1000), "ppo_clip": Range(1 / SCALE, 0.99),
+    "ppo_vf_coef": Range(1 / SCALE, SCALE), "ppo_gamma": Range(0, 1), "ppo_lambda": Range(0, 1),
+    "ppo_target_kl": Range(1 / SCALE, SCALE, "off"), "eos_penalty": Range(0, SCALE), "eval_samples": Range(1, 1024),
+    # the other commands' own: sample.py, bench.py, gpu_check.py, rehearse.py
+    "num_samples": Range(1, 1024), "new_tokens": Range(1, COUNT), "limit": Range(1, 7 * 24 * 3600), "steps": Range(1, COUNT),
+}
+
+
+# What every option that names a choice or lists values may hold: a check of the value alone that
+# returns what is wrong with it (or None), run by check_ranges with the ranges above, so that a value
+# from a preset or a run's config.json is refused naming its file. Checks of options together are in
+# validate.
+def one_of(*allowed):
+    return lambda v: None if v in allowed else f"expected one of {', '.join(allowed)}"
+
+
+def method_names(raw):
+    names = [m.strip() for m in raw.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    twice = [m for m in METHODS if names.count(m) > 1]
+    if unknown:
+        return f"unknown method {unknown[0]!r}; known: {', '.join(METHODS)}"
+    if not names:
+        return "no method: name at least one of " + ", ".join(METHODS)
+    if twice:
+        return f"{twice[0]} is named twice (each method trains one policy file)"
+
+
+def number_list(kind, like):
+    """The check of a comma-separated list of numbers, each a `kind` within the range of option `like`,
+    none twice (the same policy would be trained twice, into one file)."""
+    def check(raw):
+        try:
+            values = [kind(v) for v in raw.split(",")]
+        except ValueError:
+            return f"expected comma-separated {'numbers' if kind is float else 'whole numbers'}"
+        r = RANGES[like]
+        for v in values:
+            if not r.lo <= v <= r.hi:
+                return f"{v} is not " + r.error(like, v).split(": must be ", 1)[1].removeprefix("a number ")
+            if values.count(v) > 1:
+                return f"{v:g} appears twice"
+    return check
+
+
+RANGES.update({
+    "stage": one_of(*STAGES, "all"), "data": one_of("builtin", "hh", "tldr", "jsonl"), "tokenizer": one_of("bpe", "gpt2"),
+    "dtype": one_of("auto", "float32", "bfloat16", "float16"), "vcb_sigma": one_of("prompt", "global"),
+    "device": lambda v: None if re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) else
+    "expected auto, cpu, cuda or cuda:N (other devices are not supported)",
+    "methods": method_names, "sweep_betas": number_list(float, "beta"), "sweep_online_betas": number_list(float, "beta"),
+    "sweep_seeds": number_list(int, "seed"),
+})
+
+
 # settings each stage's outputs depend on, besides those of the stages before it
 STAGE_KEYS = {
     "data": ["data", "data_dir", "tokenizer", "vocab_size", "n_sft", "n_prefs", "n_align", "n_eval",
@@ -134,30 +227,31 @@ ONLINE_KEYS = ["beta", "online_iters", "online_prompts", "online_k", "online_lr"
 
 class ConfigError(ValueError):
     """A bad command-line option, with a one-line message."""
+    def __init__(self, message):
+        super().__init__(data.one_line(message))
 
 
 def parse_args(argv, doc=""):
     """train.py's and experiments.py's options: Config with --key=value applied, validated."""
     cfg = parse_options(Config(), argv, doc)
-    validate(cfg)
+    try:
+        validate(cfg)
+    except ConfigError as e:  # options wrong together: name the preset where it set one of them
+        if cfg.preset and any(f"--{k}=" in str(e) for k in read_options(cfg.preset)):
+            raise ConfigError(f"{cfg.preset}: {e}") from None
+        raise
     return cfg
 
 
-def parse_options(cfg, argv, doc=""):
+def parse_options(cfg, argv, doc="", ranges=RANGES):
     """--key=value options onto the dataclass instance cfg, each converted to its field's type; a bare
     --flag sets a bool. doc: the calling program's docstring, printed above the options by --help.
-    For Config, a --preset=FILE applies the file's options first, whatever its place."""
+    For Config, a --preset=FILE applies the file's options first, whatever its place. Every value
+    is then checked against its range (check_ranges)."""
     fields = {f.name: f for f in dataclasses.fields(cfg)}
     presets = [a.split("=", 1)[1] for a in argv if a.startswith("--preset=")] if isinstance(cfg, Config) else []
     for file in presets[-1:]:
-        for key, value in read_preset(file).items():
-            if key not in fields or key == "preset":
-                raise ConfigError(f"{file}: unknown option '{key}'" + (f"; did you mean '{near[0]}'?" if (
-                    near := difflib.get_close_matches(key, fields, n=1)) else ""))
-            kind = type(getattr(type(cfg), key))
-            if isinstance(value, bool) != (kind is bool) or not isinstance(value, (str, int, float, bool)):
-                raise ConfigError(f"{file}: option '{key}' is {json.dumps(value)[:40]}, expected {kind.__name__}")
-            setattr(cfg, key, convert(key, str(value).lower() if isinstance(value, bool) else str(value), kind, file))
+        apply_options(cfg, read_options(file, "--preset"), file, exclude=("preset",))
     for arg in argv:
         if arg in ("-h", "--help"):
             print(usage(doc, type(cfg)))
@@ -173,21 +267,73 @@ def parse_options(cfg, argv, doc=""):
         if raw is None and kind is not bool:
             raise ConfigError(f"--{key} needs a value: --{key}=<{kind.__name__}>")
         setattr(cfg, key, convert(key, "true" if raw is None else raw, kind))
+    check_ranges(cfg, ranges)
     return cfg
 
 
-def read_preset(file):
-    """A preset: a JSON object of options, {"block_size": 512, ...}."""
+def check_ranges(opts, ranges=RANGES):
+    """Every option of a dataclass instance, each alone, within what the computation holds: a number
+    within its Range (a NaN is within none), a string that is text a file or a path can hold (no NUL,
+    no lone surrogate from undecodable command-line bytes) and, where ranges has a check for it, one
+    of its choices."""
+    for f in dataclasses.fields(opts):
+        v, kind = getattr(opts, f.name), type(getattr(type(opts), f.name))
+        if kind in (int, float):
+            r = ranges[f.name]  # a KeyError here is a bug: every number option has a range
+            if not (r.lo <= v <= r.hi or (r.zero and v == 0)):
+                raise ConfigError(r.error(f.name, v))
+        elif kind is str:
+            if "\0" in v or not valid_unicode(v):
+                raise ConfigError(f"--{f.name}={v!a}: not text (a NUL character, or bytes that are not UTF-8)")
+            wrong = ranges[f.name](v) if ranges.get(f.name) else None
+            if wrong:
+                raise ConfigError(f"--{f.name}={v}: {wrong}")
+
+
+def read_options(file, option=""):
+    """A JSON object of options (a preset, a run's config.json), read as data.read_json reads a file;
+    option: the command-line option that named the file, to begin the error with."""
     try:
-        with open(file, encoding="utf-8") as f:
-            options = json.load(f)
-    except OSError as e:
-        raise ConfigError(f"--preset={file}: cannot read it ({e.strerror})") from None
-    except ValueError as e:
-        raise ConfigError(f"--preset={file}: not JSON ({e})") from None
-    if not isinstance(options, dict):
-        raise ConfigError(f"--preset={file}: expected a JSON object of options, got {type(options).__name__}")
-    return options
+        return data.read_json(file)
+    except DataError as e:
+        raise ConfigError(f"{option}={e}" if option else str(e)) from None
+
+
+def apply_options(cfg, options, file, exclude=(), unknown="error"):
+    """The options of a JSON object {key: value} onto cfg, each converted and checked as if given as
+    --key=value, errors naming the file. unknown="skip": keys cfg does not have are left out (a
+    run's config.json from an older version of this file)."""
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    for key, value in options.items():
+        if key not in fields or key in exclude:
+            if unknown == "skip":
+                continue
+            near = difflib.get_close_matches(key, fields, n=1)
+            raise ConfigError(f"{file}: unknown option '{key}'" + (f"; did you mean '{near[0]}'?" if near else ""))
+        kind = type(getattr(type(cfg), key))
+        if isinstance(value, bool) != (kind is bool) or not isinstance(value, (str, int, float, bool)):
+            raise ConfigError(f"{file}: option '{key}' is {data.shown(value)}, expected {kind.__name__}")
+        setattr(cfg, key, convert(key, str(value).lower() if isinstance(value, bool) else str(value), kind, file))
+    try:
+        check_ranges(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{file}: {e}") from None
+    return cfg
+
+
+def run_config(out_dir):
+    """The Config a run in out_dir was made with (its config.json), checked as the run checked it."""
+    if not os.path.isdir(out_dir):
+        raise DataError(f"{out_dir}: no such folder (python train.py --out_dir={out_dir} writes it)")
+    file = os.path.join(out_dir, "config.json")
+    if not os.path.exists(file):
+        raise DataError(f"{file}: missing; is {out_dir} a folder written by python train.py?")
+    cfg = apply_options(Config(), read_options(file), file, unknown="skip")
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{file}: {e}") from None
+    return dataclasses.replace(cfg, out_dir=out_dir)
 
 
 def convert(key, raw, kind, where=None):
@@ -202,36 +348,16 @@ def convert(key, raw, kind, where=None):
 
 
 def validate(cfg):
-    """Every option checked before anything runs, so that nothing fails late or does nonsense."""
-    choices = dict(stage=STAGES + ["all"], data=["builtin", "hh", "tldr", "jsonl"], tokenizer=["bpe", "gpt2"],
-                   dtype=["auto", "float32", "bfloat16", "float16"], vcb_sigma=["prompt", "global"])
-    for key, allowed in choices.items():
-        if getattr(cfg, key) not in allowed:
-            raise ConfigError(f"--{key}={getattr(cfg, key)}: expected one of {', '.join(allowed)}")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
-        raise ConfigError(f"--device={cfg.device}: expected auto, cpu, cuda or cuda:N (other devices are not supported)")
-    for m in method_list(cfg):
-        if m not in METHODS:
-            raise ConfigError(f"--methods: unknown method {m!r}; known: {', '.join(METHODS)}")
-    if not method_list(cfg):
-        raise ConfigError("--methods is empty: name at least one of " + ", ".join(METHODS))
-    may_be_zero = ("seed", "lam", "top_k", "grad_clip", "warmup_steps", "sigma_floor", "dropout", "rm_holdout",
-                   "weight_decay", "jobs", "ppo_target_kl", "eos_penalty", "ppo_lambda")
-    if cfg.data != "builtin":
-        may_be_zero += ("n_sft", "n_prefs", "n_align", "n_eval")  # 0: every record
-    check_finite(cfg)
-    for f in dataclasses.fields(Config):
-        v = getattr(cfg, f.name)
-        if f.type in (int, float) and (v < 0 or (v == 0 and f.name not in may_be_zero)):
-            raise ConfigError(f"--{f.name}={v}: must be " + (">= 0" if f.name in may_be_zero else "positive"))
-    if not 0 <= cfg.dropout < 1 or not 0 < cfg.top_p <= 1 or not 0 <= cfg.rm_holdout < 1:
-        raise ConfigError("--dropout and --rm_holdout must be in [0, 1), --top_p in (0, 1]")
+    """The options checked together before anything runs, so that nothing fails late or does nonsense
+    (each alone was checked by check_ranges)."""
+    if cfg.data == "builtin":  # 0 means every record of a data set; the built-in task makes what it is asked for
+        for key in ("n_sft", "n_prefs", "n_align", "n_eval"):
+            if getattr(cfg, key) == 0:
+                raise ConfigError(f"--{key}=0: the built-in task makes as many records as asked; 0 (all) is for hh, tldr and jsonl")
     if cfg.n_embd % cfg.n_head:
         raise ConfigError(f"--n_embd={cfg.n_embd} must be a multiple of --n_head={cfg.n_head}")
     if cfg.max_new_tokens >= cfg.block_size:
         raise ConfigError(f"--max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in --block_size={cfg.block_size}")
-    if cfg.n_candidates < 2:
-        raise ConfigError(f"--n_candidates={cfg.n_candidates}: VCB and the baselines compare candidates, they need at least 2")
     if cfg.data != "builtin" and not cfg.data_dir:
         raise ConfigError(f"--data={cfg.data} needs --data_dir=<folder with its files>")
     if cfg.stakes and cfg.data != "builtin":
@@ -244,33 +370,13 @@ def validate(cfg):
             raise ConfigError(f"--{key}={getattr(cfg, key)} cannot be split into --grad_accum={cfg.grad_accum} micro-batches")
     if "rloo" in method_list(cfg) and cfg.online_k < 2:
         raise ConfigError(f"--online_k={cfg.online_k}: RLOO's baseline is the other samples of a prompt, it needs at least 2")
-    if cfg.ppo_gamma > 1 or cfg.ppo_lambda > 1 or cfg.ppo_clip >= 1:
-        raise ConfigError("--ppo_gamma and --ppo_lambda must be in [0, 1], --ppo_clip in (0, 1)")
-    if cfg.ppo_minibatches > cfg.online_prompts:
+    if "ppo" in method_list(cfg) and cfg.ppo_minibatches > cfg.online_prompts:
         raise ConfigError(f"--ppo_minibatches={cfg.ppo_minibatches} is more than the --online_prompts={cfg.online_prompts} to split")
-    sweep_list(cfg, "sweep_betas", float)
-    sweep_list(cfg, "sweep_online_betas", float)
-    sweep_list(cfg, "sweep_seeds", int)
-
-
-def check_finite(opts):
-    """Every float option of a dataclass instance must be finite: a NaN passes every comparison."""
-    for f in dataclasses.fields(opts):
-        if f.type is float and not math.isfinite(getattr(opts, f.name)):
-            raise ConfigError(f"--{f.name}={getattr(opts, f.name)}: must be a finite number")
 
 
 def sweep_list(cfg, key, kind):
-    """A comma-separated option as a list: positive finite betas, seeds that are whole numbers >= 0."""
-    raw = getattr(cfg, key)
-    try:
-        values = [kind(v) for v in raw.split(",")]
-    except ValueError:
-        raise ConfigError(f"--{key}={raw}: expected comma-separated {'numbers' if kind is float else 'whole numbers'}") from None
-    for v in values:
-        if not math.isfinite(v) or (v <= 0 if kind is float else v < 0):
-            raise ConfigError(f"--{key}={raw}: {v} is not {'a positive finite number' if kind is float else '>= 0'}")
-    return values
+    """A comma-separated option as a list of numbers: betas, or seeds (checked by RANGES[key])."""
+    return [kind(v) for v in getattr(cfg, key).split(",")]
 
 
 def method_list(cfg):

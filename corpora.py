@@ -13,7 +13,7 @@ The built-in task is in reviews.py.
 import os
 import random
 
-from data import SCHEMAS, TASK_FILES, DataError, parse_json_line, read_jsonl, text_lines
+from data import SCHEMAS, TASK_FILES, DataError, field, parse_json_line, read_jsonl, text_lines
 
 
 def load_task(kind, folder, limits, seed=0):
@@ -76,19 +76,29 @@ def split_hh(transcript):
 
 
 def hh_pair(rec, where):
-    """(prompt, chosen response, rejected response) of one HH record, or a reason it is malformed."""
-    if not isinstance(rec.get("chosen"), str) or not isinstance(rec.get("rejected"), str):
-        return f"{where}: fields 'chosen' and 'rejected' must be strings"
-    chosen = split_hh(rec["chosen"])
-    if chosen is None:
-        return f"{where}: field 'chosen' has no '\\n\\nAssistant:' turn"
-    prompt, good = chosen
-    if not rec["rejected"].startswith(prompt):
-        return f"{where}: field 'rejected' does not continue the prompt of 'chosen'"
-    bad = rec["rejected"][len(prompt):]
+    """(prompt, chosen response, rejected response) of one HH record, or a DataError saying why not."""
+    chosen, rejected = field(rec, "chosen", str, where), field(rec, "rejected", str, where)
+    split = split_hh(chosen)
+    if split is None:
+        raise DataError(f"{where}: field 'chosen' has no '\\n\\nAssistant:' turn")
+    prompt, good = split
+    if not rejected.startswith(prompt):
+        raise DataError(f"{where}: field 'rejected' does not continue the prompt of 'chosen'")
+    bad = rejected[len(prompt):]
     if not good.strip() or not bad.strip():
-        return f"{where}: empty response in 'chosen' or 'rejected'"
+        raise DataError(f"{where}: empty response in 'chosen' or 'rejected'")
     return prompt, good, bad
+
+
+def records(file, bad, read):
+    """read(record, 'file:line') of each record of a JSON-lines file, leniently: a line that cannot
+    be read, or whose fields are not what read() needs (a DataError from data.field), is skipped and
+    its reason goes to `bad`."""
+    for n, rec in json_lines(file, bad):
+        try:
+            yield read(rec, f"{file}:{n}")
+        except DataError as e:
+            bad.append(str(e))
 
 
 def load_hh(folder):
@@ -97,11 +107,8 @@ def load_hh(folder):
     bad, task = [], {n: [] for n in TASK_FILES}
     for split, names in (("train", ["train.jsonl.gz", "train.jsonl"]), ("test", ["test.jsonl.gz", "test.jsonl"])):
         file = first_file(folder, names)
-        for n, rec in json_lines(file, bad):
-            pair = hh_pair(rec, f"{file}:{n}")
-            if isinstance(pair, str):
-                bad.append(pair)
-            elif split == "train":
+        for pair in records(file, bad, hh_pair):
+            if split == "train":
                 task["sft"].append({"prompt": pair[0], "response": pair[1]})
                 task["prefs"].append({"prompt": pair[0], "chosen": pair[1], "rejected": pair[2]})
             else:
@@ -109,9 +116,26 @@ def load_hh(folder):
     return finish_task(task, folder, bad), bad
 
 
-def tldr_prompt(info):
-    """The TL;DR prompt format of Stiennon et al. (2020), as DPO used it."""
-    return f"SUBREDDIT: r/{info['subreddit']}\nTITLE: {info['title']}\nPOST: {info['post']}\nTL;DR:"
+def tldr_prompt(rec, where, at=""):
+    """The TL;DR prompt format of Stiennon et al. (2020), as DPO used it, from the post's fields
+    (under `at`: 'info.' in a comparison)."""
+    subreddit, title, post = (field(rec, at + k, str, where) for k in ("subreddit", "title", "post"))
+    return f"SUBREDDIT: r/{subreddit}\nTITLE: {title}\nPOST: {post}\nTL;DR:"
+
+
+def tldr_post(rec, where):
+    """(prompt, summary) of one post of train.jsonl or test.jsonl."""
+    return tldr_prompt(rec, where), " " + field(rec, "summary", str, where).strip()
+
+
+def tldr_comparison(rec, where):
+    """(split, prompt, chosen, rejected) of one human comparison of two summaries."""
+    texts = [" " + field(rec, f"summaries[{k}].text", str, where).strip() for k in (0, 1)]
+    if len(field(rec, "summaries", list, where)) != 2:
+        raise DataError(f"{where}: field 'summaries' should hold 2 summaries, got {len(rec['summaries'])}")
+    choice = field(rec, "choice", int, where, lo=0, hi=1)
+    split = field(rec, "split", str, where) if "split" in rec else "train"
+    return split, tldr_prompt(rec, where, "info."), texts[choice], texts[1 - choice]
 
 
 def load_tldr(folder):
@@ -119,16 +143,13 @@ def load_tldr(folder):
     test.jsonl (or valid.jsonl) of {"subreddit", "title", "post", "summary"}, and comparisons/*.json of
     {"info": {"subreddit", "title", "post"}, "summaries": [{"text"}, {"text"}], "choice": 0 or 1}."""
     bad, task = [], {n: [] for n in TASK_FILES}
-    fields = ("subreddit", "title", "post")
     for split, names in (("train", ["train.jsonl"]), ("test", ["test.jsonl", "valid.jsonl"])):
         file = first_file(folder, names)
-        for n, rec in json_lines(file, bad):
-            if not all(isinstance(rec.get(k), str) for k in fields + ("summary",)) or not rec["summary"].strip():
-                bad.append(f"{file}:{n}: needs string fields subreddit, title, post and a non-empty summary")
-            elif split == "train":
-                task["sft"].append({"prompt": tldr_prompt(rec), "response": " " + rec["summary"].strip()})
+        for prompt, summary in records(file, bad, tldr_post):
+            if split == "train":
+                task["sft"].append({"prompt": prompt, "response": summary})
             else:
-                task["eval_prompts"].append({"prompt": tldr_prompt(rec)})
+                task["eval_prompts"].append({"prompt": prompt})
     comparisons = os.path.join(folder, "comparisons")
     files = sorted(os.path.join(comparisons, f) for f in os.listdir(comparisons)) if os.path.isdir(comparisons) else []
     bad += [f"{f}: not a comparisons file (*.json or *.jsonl), ignored" for f in files
@@ -137,16 +158,9 @@ def load_tldr(folder):
     if not files:
         raise DataError(f"{comparisons}: no comparison files (comparisons/*.json from summarize-from-feedback)")
     for file in files:
-        for n, rec in json_lines(file, bad):
-            info, summaries, choice = rec.get("info"), rec.get("summaries"), rec.get("choice")
-            ok = (isinstance(info, dict) and all(isinstance(info.get(k), str) for k in fields)
-                  and isinstance(summaries, list) and len(summaries) == 2 and choice in (0, 1)
-                  and all(isinstance(s, dict) and isinstance(s.get("text"), str) and s["text"].strip() for s in summaries))
-            if not ok:
-                bad.append(f"{file}:{n}: needs info.subreddit/title/post, two summaries with text and choice 0 or 1")
-            elif str(rec.get("split", "train")).startswith("train"):
-                texts = [" " + s["text"].strip() for s in summaries]
-                task["prefs"].append({"prompt": tldr_prompt(info), "chosen": texts[choice], "rejected": texts[1 - choice]})
+        for split, prompt, chosen, rejected in records(file, bad, tldr_comparison):
+            if split.startswith("train"):
+                task["prefs"].append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return finish_task(task, folder, bad), bad
 
 

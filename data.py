@@ -37,8 +37,16 @@ PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|
 # -----------------------------------------------------------------------------
 # files: one-line errors, atomic writes
 
+def one_line(text):
+    """text with each character that would break its line or fail to print (a newline, a lone
+    surrogate) escaped: error messages quote paths, options and records as they are."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in str(text))
+
+
 class DataError(ValueError):
     """Bad input, with a message of one line that names the file, line and field."""
+    def __init__(self, message):
+        super().__init__(one_line(message))
 
 
 @contextlib.contextmanager
@@ -124,33 +132,66 @@ def text_lines(path):
                         f"({type(e).__name__}: {e})") from None
 
 
+def parse_json(text, where):
+    """A JSON value from text, or a DataError saying why not. Every JSON reader passes here: beyond
+    malformed text, Python's parser also fails on nesting deeper than its recursion limit and on an
+    integer of more than 4300 digits; each is one line naming `where`."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply to read") from None
+    except ValueError as e:  # "Exceeds the limit (4300 digits) for integer string conversion"
+        raise DataError(f"{where}: unreadable JSON ({str(e)[:120]})") from None
+
+
 def parse_json_line(line, where):
     """One JSON-lines record (a dict), or a DataError saying why not."""
     if not line.strip():
         raise DataError(f"{where}: empty line")
-    try:
-        rec = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+    rec = parse_json(line, where)
     if not isinstance(rec, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        raise DataError(f"{where}: expected a JSON object, got {json_type(rec)}")
     bad = not_unicode(rec)
     if bad:
         raise DataError(f"{where}: field '{bad}' is not valid Unicode text (a lone surrogate such as \\ud800)")
     return rec
 
 
+def read_json(path, kind=dict):
+    """A whole JSON file (a tokenizer, a preset, a run's config.json, stages.json), read like a
+    JSON line: a regular UTF-8 file holding one value of `kind` (object: any), or a DataError
+    naming the file."""
+    check_file(path)
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror})") from None
+    value = parse_json(text, path)
+    if not isinstance(value, kind):
+        raise DataError(f"{path}: expected a JSON {'object' if kind is dict else json_type(kind())}, got {json_type(value)}")
+    bad = not_unicode(value)
+    if bad:
+        raise DataError(f"{path}: field '{bad}' is not valid Unicode text (a lone surrogate such as \\ud800)")
+    return value
+
+
 def read_jsonl(path, schema=None):
-    """Read a JSON-lines file into a list of dicts, strictly. schema {field: type} checks that each
-    record has the field with that type (a (list, item type) tuple checks list items). Any bad line
-    is a DataError naming the file, line and field."""
+    """Read a JSON-lines file into a list of dicts, strictly. schema {field: kind} checks each record's
+    fields with field() (kind (list, item kind) checks a list and its items). Any bad line is a
+    DataError naming the file, line and field."""
     records = []
     for n, line in text_lines(path):
         if isinstance(line, DataError):
             raise line
         rec = parse_json_line(line, f"{path}:{n}")
-        for field, kind in (schema or {}).items():
-            check_field(rec, field, kind, f"{path}:{n}")
+        for name, kind in (schema or {}).items():
+            kind, items = kind if isinstance(kind, tuple) else (kind, None)
+            field(rec, name, kind, f"{path}:{n}", items=items)
         records.append(rec)
     if not records:
         raise DataError(f"{path}: empty file, no records")
@@ -180,27 +221,59 @@ def not_unicode(value, name=""):
     return None
 
 
-def check_field(rec, field, kind, where, nonempty=True):
-    """One field of a record: present, of its type, finite if a number, non-empty if a string (list
-    items may be empty strings: a sampled response can be empty)."""
-    item = None
-    if isinstance(kind, tuple):
-        kind, item = kind
-    if field not in rec:
-        raise DataError(f"{where}: missing field '{field}'")
-    value = rec[field]
+# -----------------------------------------------------------------------------
+# the typed field accessor: every reader of a record, a spec or a checkpoint reads its fields here
+
+FLOAT32_MAX = 3.4028234663852886e38  # every number read goes into float32 tensors
+
+
+def json_type(value):
+    """A decoded value's type as a reader names it: str, int, float, bool, list, dict, null."""
+    return "null" if value is None else type(value).__name__
+
+
+def field(obj, name, kind, where, *, empty=False, items=None, lo=None, hi=None):
+    """The field `name` of a decoded JSON object (or a checkpoint's dict), checked, or a DataError
+    '{where}: field NAME ...'. name walks into the value: 'info.title', 'summaries[1].text'. kind:
+    str (non-empty unless empty=True), int (a whole number, not a bool or a float, in [lo, hi]),
+    float (an int or float, finite in float32, in [lo, hi]), bool, list (items: the kind of each item,
+    whose strings may be empty: a sampled response can be) or dict. Returns the value."""
+    value, at = obj, ""
+    for key in re.findall(r"[^.[\]]+|\[\d+\]", name):
+        index = key[0] == "["
+        if index and not isinstance(value, list) or not index and not isinstance(value, dict):
+            raise DataError(f"{where}: field '{at}' should be {'list' if index else 'dict'}, got {json_type(value)}")
+        at = f"{at}{key}" if index else f"{at}.{key}" if at else key
+        if index and int(key[1:-1]) >= len(value) or not index and key not in value:
+            raise DataError(f"{where}: missing field '{at}'")
+        value = value[int(key[1:-1])] if index else value[key]
+    check_value(value, name, kind, where, empty, lo, hi)
+    for k, v in enumerate(value if items is not None else ()):
+        check_value(v, f"{name}[{k}]", items, where, True, lo, hi)
+    return value
+
+
+def check_value(value, name, kind, where, empty=False, lo=None, hi=None):
     ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         ok = True  # JSON writes 1.0 as 1
     if not ok:
-        raise DataError(f"{where}: field '{field}' should be {kind.__name__}, got {type(value).__name__}")
-    if item is not None:
-        for k, v in enumerate(value):
-            check_field({f"{field}[{k}]": v}, f"{field}[{k}]", item, where, nonempty=False)
-    if kind is str and nonempty and not value.strip():
-        raise DataError(f"{where}: field '{field}' is empty")
-    if kind is float and not math.isfinite(value):
-        raise DataError(f"{where}: field '{field}' is {value}, not a finite number")
+        raise DataError(f"{where}: field '{name}' should be {kind.__name__}, got {json_type(value)}")
+    if kind is str and not empty and not value.strip():
+        raise DataError(f"{where}: field '{name}' is empty")
+    if kind is float and not abs(value) <= FLOAT32_MAX:  # False for NaN too; exact for a huge int
+        raise DataError(f"{where}: field '{name}' is {shown(value)}, not a finite float32 number (|value| < 3.4e38)")
+    if kind in (int, float) and (lo is not None and value < lo or hi is not None and value > hi):
+        raise DataError(f"{where}: field '{name}' is {shown(value)}, expected {lo} to {hi}")
+
+
+def shown(value, width=40):
+    """A value as an error message quotes it: its JSON text, cut to width (an integer may have
+    thousands of digits)."""
+    if isinstance(value, int) and value.bit_length() > 128:  # str() refuses past 4300 digits
+        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+    text = str(value) if isinstance(value, (int, float)) else json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 # the pipeline's files: one JSON object per line, the usual preference-data convention
@@ -303,19 +376,22 @@ def save_tokenizer(enc, path):
 
 def load_tokenizer(path):
     """Parse a rank file written by save_tokenizer; a corrupt one is a DataError that says why."""
+    spec = read_json(path)
+    if field(spec, "format", str, path) != "vcb-tokenizer-1":
+        raise DataError(f"{path}: field 'format' is {shown(spec['format'])}, not a tokenizer file of this project (vcb-tokenizer-1)")
+    name, pat_str = field(spec, "name", str, path), field(spec, "pat_str", str, path)
+    vocab = []
+    for k, token in enumerate(field(spec, "tokens", list, path, items=str)):
+        try:
+            vocab.append(base64.b64decode(token, validate=True))
+        except ValueError:
+            raise DataError(f"{path}: field 'tokens[{k}]' is not base64") from None
+    if len(set(vocab)) != len(vocab) or not {bytes([i]) for i in range(256)} <= set(vocab):
+        raise DataError(f"{path}: field 'tokens': every single byte must be a token and no token may repeat")
     try:
-        with open_text(path) as f:
-            spec = json.load(f)
-        if spec.get("format") != "vcb-tokenizer-1":
-            raise ValueError(f"unknown format {spec.get('format')!r}")
-        vocab = [base64.b64decode(t, validate=True) for t in spec["tokens"]]
-        if len(set(vocab)) != len(vocab) or not {bytes([i]) for i in range(256)} <= set(vocab):
-            raise ValueError("every single byte must be a token and no token may repeat")
-        return make_encoding(spec["name"], spec["pat_str"], vocab)
-    except DataError:
-        raise
-    except Exception as e:  # JSON, base64, key or regex errors all mean the same thing to a user
-        raise DataError(f"{path}: corrupt tokenizer file ({type(e).__name__}: {e})") from None
+        return make_encoding(name, pat_str, vocab)
+    except ValueError as e:  # tiktoken's regex engine refuses the pattern
+        raise DataError(f"{path}: field 'pat_str' is not a pattern tiktoken can use ({str(e)[:120]})") from None
 
 
 def gpt2_tokenizer():

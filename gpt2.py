@@ -11,13 +11,13 @@ MLP width or attention scaling) is refused with one line. An exported policy loa
 GPT2LMHeadModel with the same logits; its tokenizer is the run's (tokenizer.json, or GPT-2's own
 with --tokenizer=gpt2).
 """
-import json
 import os
+import re
 
 import torch
 
 import data
-from data import DataError
+from data import DataError, field
 from model import GPT, GPTConfig
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # stored (in, out)
@@ -44,7 +44,7 @@ def from_pretrained(path, block_size=None, log=print, **overrides):
             raise DataError(f"{path}: no '{key}': not a GPT-2 checkpoint")
     n_embd = sd_hf["wte.weight"].shape[1]
     args = dict(block_size=sd_hf["wpe.weight"].shape[0], vocab_size=sd_hf["wte.weight"].shape[0],
-                n_layer=1 + max(int(k.split(".")[1]) for k in sd_hf if k.startswith("h.")),
+                n_layer=1 + max(int(m[1]) for k in sd_hf if (m := re.match(r"h\.(\d+)\.", k))),
                 n_head=max(1, n_embd // 64), n_embd=n_embd, bias=True)  # GPT-2's heads are 64 wide
     config = read_gpt2_config(os.path.join(os.path.dirname(os.path.abspath(path)), "config.json"))
     if config is not None:
@@ -52,20 +52,24 @@ def from_pretrained(path, block_size=None, log=print, **overrides):
     else:
         log(f"{path}: no GPT-2 config.json beside it; n_head = n_embd / 64 = {args['n_head']} as in OpenAI's GPT-2 "
             f"sizes (a checkpoint with other heads needs its config.json)")
-    model = GPT(GPTConfig(**{**args, **overrides}))
-    sd = model.state_dict()
+    config = GPTConfig(**{**args, **overrides})
+    with torch.device("meta"):  # keys and shapes first, with no memory: the file may describe a huge model
+        sd = GPT(config).state_dict()
     ours = {k for k in sd if not k.startswith(("lm_head.", "reward_head."))}
     theirs = {"transformer." + k for k in sd_hf}
     if ours != theirs:
         raise DataError(f"{path}: keys differ from GPT-2's: missing {sorted(ours - theirs)[:3]}, "
                         f"unexpected {sorted(theirs - ours)[:3]}")
+    for k, v in sd_hf.items():
+        shape = v.t().shape if k.endswith(CONV1D) else v.shape  # GPT-2 stores these as Conv1D: (in, out)
+        if shape != sd["transformer." + k].shape or not v.is_floating_point():
+            raise DataError(f"{path}: {k} has shape {tuple(shape)}, expected {tuple(sd['transformer.' + k].shape)} "
+                            f"(and a floating-point tensor, this one is {v.dtype})")
+    model = GPT(config)
+    sd = model.state_dict()
     with torch.no_grad():
         for k, v in sd_hf.items():
-            v = v.t() if k.endswith(CONV1D) else v  # GPT-2 stores these as Conv1D: (in, out)
-            target = sd["transformer." + k]
-            if v.shape != target.shape:
-                raise DataError(f"{path}: {k} has shape {tuple(v.shape)}, expected {tuple(target.shape)}")
-            target.copy_(v)
+            sd["transformer." + k].copy_(v.t() if k.endswith(CONV1D) else v)
     if block_size is not None and block_size < model.config.block_size:
         model.crop_block_size(block_size)
     return model
@@ -74,37 +78,34 @@ def from_pretrained(path, block_size=None, log=print, **overrides):
 def read_gpt2_config(file):
     """(file, its dict) when file is a Hugging Face GPT-2 config.json (model_type gpt2), else None: a
     missing file, or another program's config.json (a run folder of ours has one)."""
-    try:
-        with open(file, encoding="utf-8") as f:
-            c = json.load(f)
-    except FileNotFoundError:
+    if not os.path.exists(file):
         return None
-    except (OSError, ValueError) as e:
-        raise DataError(f"{file}: not a readable config.json ({e})") from None
+    c = data.read_json(file, kind=object)
     return (file, c) if isinstance(c, dict) and c.get("model_type") == "gpt2" else None
 
 
 def gpt2_config(config, args):
     """The n_head of a GPT-2 config.json, (file, dict), after checking that the rest of it describes a
-    model our GPT is (args: the shape read off the weights); anything else is a one-line DataError."""
+    model our GPT is (args: the shape read off the weights); anything else is a one-line DataError.
+    Each field is read through data.field, so a value of another type is named, not a traceback."""
     file, c = config
     checks = [("n_embd", args["n_embd"]), ("n_layer", args["n_layer"]), ("vocab_size", args["vocab_size"]),
               ("n_positions", args["block_size"])]
     for key, want in checks:
-        if key in c and c[key] != want:
+        if key in c and field(c, key, int, file) != want:
             raise DataError(f"{file}: {key} is {c[key]} but the weights say {want}")
-    n_head = c.get("n_head", c.get("num_attention_heads"))
-    if not isinstance(n_head, int) or n_head < 1 or args["n_embd"] % n_head:
-        raise DataError(f"{file}: n_head is {n_head!r}, not a whole divisor of n_embd={args['n_embd']}")
-    if c.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+    n_head = field(c, "n_head" if "n_head" in c else "num_attention_heads", int, file, lo=1)
+    if args["n_embd"] % n_head:
+        raise DataError(f"{file}: n_head is {n_head}, not a whole divisor of n_embd={args['n_embd']}")
+    if "activation_function" in c and field(c, "activation_function", str, file) not in ("gelu_new", "gelu_pytorch_tanh"):
         raise DataError(f"{file}: activation_function {c['activation_function']!r} is not GPT-2's tanh GELU, "
                         f"the only one this GPT has")
-    if abs(c.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
+    if "layer_norm_epsilon" in c and abs(field(c, "layer_norm_epsilon", float, file) - 1e-5) > 1e-12:
         raise DataError(f"{file}: layer_norm_epsilon {c['layer_norm_epsilon']} is not GPT-2's 1e-5, the only one this GPT has")
-    if c.get("n_inner") not in (None, 4 * args["n_embd"]):
+    if c.get("n_inner") is not None and field(c, "n_inner", int, file) != 4 * args["n_embd"]:
         raise DataError(f"{file}: n_inner {c['n_inner']} is not 4 * n_embd, the only MLP width this GPT has")
     for key, fine in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False), ("add_cross_attention", False)):
-        if c.get(key, fine) != fine:
+        if key in c and field(c, key, bool, file) != fine:
             raise DataError(f"{file}: {key}={c[key]} is not what this GPT computes")
     return n_head
 
@@ -130,15 +131,11 @@ def save_pretrained(model, folder):
 
 def export(argv):
     """python gpt2.py export CHECKPOINT FOLDER: one of a run's models (a policy, sft.pt) as GPT-2."""
-    from runtime import load_checkpoint
+    from runtime import checkpoint_model, load_checkpoint
     if len(argv) != 2:
         raise DataError("usage: python gpt2.py export CHECKPOINT FOLDER   (e.g. out/policy_vcb.pt out/vcb-gpt2)")
-    ck = load_checkpoint(argv[0])
-    if not isinstance(ck.get("model_args"), dict) or "model" not in ck:
-        raise DataError(f"{argv[0]}: not a checkpoint of this project (no model_args or model)")
-    model = GPT(GPTConfig(**{**ck["model_args"], "reward_head": False}))
-    model.load_state_dict({k: v for k, v in ck["model"].items() if not k.startswith("reward_head.")})
-    save_pretrained(model, argv[1])
+    model = checkpoint_model(argv[0], load_checkpoint(argv[0]))
+    save_pretrained(model, argv[1])  # without the reward head, if it has one
     print(f"wrote {argv[1]}/model.safetensors and config.json ({model.num_params() / 1e6:.2f}M parameters)")
 
 

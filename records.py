@@ -17,6 +17,7 @@ import stat
 from dataclasses import dataclass
 
 import data
+from data import DataError
 from config import STAGES, ConfigError, align_settings, method_list, stage_settings
 from runtime import barrier, log, note_progress, path
 
@@ -84,12 +85,11 @@ def read_records(cfg):
     """stages.json, {task name: record}; a missing or unreadable file, or a record that is not one,
     counts as nothing done (the work is redone, never taken for finished)."""
     try:
-        with open(path(cfg, "stages.json")) as f:
-            records = json.load(f)
-        keys = {"stage", "settings", "inputs", "outputs"}
-        return {k: v for k, v in records.items() if isinstance(v, dict) and keys <= set(v)}
-    except (OSError, ValueError, AttributeError):
+        records = data.read_json(path(cfg, "stages.json"))
+    except DataError:
         return {}
+    keys = {"stage", "settings", "inputs", "outputs"}
+    return {k: v for k, v in records.items() if isinstance(v, dict) and keys <= set(v)}
 
 
 def update_records(cfg, env, change):
@@ -149,11 +149,10 @@ def kept(file, key, compute, env):
     while the key is the same: the scored samples of a policy are computed once however many tables
     read them. Only the main process writes (every process has the same gathered result)."""
     try:
-        with open(file, encoding="utf-8") as f:
-            found = json.load(f)
-        if found["key"] == key:
+        found = data.read_json(file)
+        if found.get("key") == key and "value" in found:
             return found["value"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except DataError:
         pass  # none yet, or unreadable: compute it again
     value = compute()
     if env.master:
@@ -169,8 +168,8 @@ def read_curves(file):
     out = []
     for _, line in data.text_lines(file) if os.path.exists(file) else []:
         try:
-            out.append(json.loads(line))
-        except (TypeError, ValueError):  # TypeError: a line that was not UTF-8 comes as a DataError
+            out.append(data.parse_json(line, file) if isinstance(line, str) else None)  # not UTF-8: a DataError
+        except DataError:
             pass
     return [r for r in out if isinstance(r, dict) and "task" in r and "step" in r]
 

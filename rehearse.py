@@ -64,8 +64,6 @@ def write_hh(folder, n=300):
 
 def main(argv):
     opts = parse_options(RehearseConfig(), argv, __doc__)
-    if opts.steps < 1:
-        raise ConfigError(f"--steps={opts.steps}: must be positive")
     out, log = os.path.abspath(opts.out), []
     run_dir, weights = os.path.join(out, "run"), os.path.join(out, "gpt2-small")
     options = ["--preset=" + os.path.join(ROOT, "presets", "gpt2-hh.json"), f"--out_dir={run_dir}",

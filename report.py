@@ -14,7 +14,6 @@ import math
 import os
 import re
 import shutil
-import sys
 from dataclasses import dataclass
 
 import data
@@ -340,4 +339,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from runtime import command  # one line and exit status 2 for a bad option or file
+    command(main)

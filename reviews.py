@@ -10,6 +10,8 @@ import functools
 import math
 import random
 
+from data import DataError
+
 
 # -----------------------------------------------------------------------------
 # the gold reward
@@ -151,14 +153,19 @@ def builtin_task(seed=0, n_sft=4000, n_prefs=3000, n_align=512, n_eval=128, n_oo
         p = review_prompt(rng, MOVIES)
         if p not in seen:
             sft.append({"prompt": p, "response": review_response(rng, MOVIES)})
-    prefs = []
+    prefs, misses = [], 0
     while len(prefs) < n_prefs:
         p = review_prompt(rng, MOVIES)
         a, b = review_response(rng, MOVIES), review_response(rng, MOVIES)
         if p in seen or a == b:
+            misses += 1
+            if misses > MISSES:
+                raise DataError(f"--n_prefs={n_prefs}: the built-in task's training prompts are used up by --n_eval and "
+                                f"--n_align ({len(seen)} prompts); ask for fewer")
             continue
+        misses = 0
         ga, gb = gold_reward([a, b], [p, p] if stakes else None)
-        a_wins = rng.random() < 1 / (1 + math.exp(-(ga - gb) / pref_tau))
+        a_wins = rng.random() < 1 / (1 + math.exp(min(-(ga - gb) / pref_tau, 700)))  # exp(> 709) overflows a float
         prefs.append({"prompt": p, "chosen": a if a_wins else b, "rejected": b if a_wins else a})
     return {"sft": sft, "prefs": prefs,
             "align_prompts": [{"prompt": p} for p in align_prompts],
@@ -166,17 +173,20 @@ def builtin_task(seed=0, n_sft=4000, n_prefs=3000, n_align=512, n_eval=128, n_oo
             "ood_prompts": [{"prompt": p} for p in ood_prompts]}
 
 
+MISSES = 10_000  # draws in a row with nothing new: the generator's prompts are used up
+
+
 def unique_prompts(rng, fam, n, exclude):
-    out, seen = [], set(exclude)
-    for _ in range(100 * n):
-        if len(out) == n:
-            break
+    out, seen, misses = [], set(exclude), 0
+    while len(out) < n and misses <= MISSES:
         p = review_prompt(rng, fam)
+        misses = misses + 1 if p in seen else 0
         if p not in seen:
             seen.add(p)
             out.append(p)
     if len(out) < n:
-        raise ValueError(f"the review generator has fewer than {n} distinct prompts")
+        raise DataError(f"--n_eval, --n_align: the built-in task has {len(out)} distinct prompts of this kind left, "
+                        f"not the {n} asked for")
     return out
 
 

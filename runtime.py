@@ -22,14 +22,16 @@ from tqdm import tqdm
 import data
 import packing
 import vcb
-from config import ConfigError, parse_args
-from data import DataError
+from config import RANGES, ConfigError, parse_args
+from data import DataError, field
 from model import GPT, GPTConfig
 
 
 class TrainingError(RuntimeError):
     """Training had to stop (a non-finite loss, broken weights), with a one-line message. The three
     errors a program ends with: ConfigError (an option), DataError (a file), TrainingError (a run)."""
+    def __init__(self, message):
+        super().__init__(data.one_line(message))
 
 
 def command(main):
@@ -38,6 +40,11 @@ def command(main):
         main(sys.argv[1:])
     except (ConfigError, DataError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (MemoryError, torch.OutOfMemoryError) as e:  # sizes the options allow but this machine does not hold
+        during = f" during {running}" if running else ""
+        print(f"error: out of memory{during} ({str(e).splitlines()[0][:120] if str(e) else 'MemoryError'}): lower the batch "
+              f"sizes (--eval_batch, --sample_batch, ...), raise --grad_accum, or use a smaller model", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         during = f" during {running}" if running else ""
@@ -175,12 +182,51 @@ def load_checkpoint(file):
     if not os.path.exists(file):
         raise DataError(f"{file}: no such checkpoint (run the stage that writes it first)")
     try:
-        return torch.load(file, map_location="cpu", weights_only=True)
+        ck = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         detail = str(e).splitlines()[0][:160]
         raise DataError(f"{file}: refused: it holds pickled Python objects, which could run code ({detail})") from None
     except Exception as e:
         raise DataError(f"{file}: not a readable checkpoint ({type(e).__name__}: {str(e)[:160]})") from None
+    if not isinstance(ck, dict):
+        raise DataError(f"{file}: holds a {type(ck).__name__}, not a checkpoint of this project (a dict of its parts)")
+    return ck
+
+
+def checkpoint_model(file, ck, **overrides):
+    """The GPT a checkpoint of ours describes, with its weights loaded: every part read through
+    data.field, the shape within its options' ranges (config.RANGES) and the weights finite
+    floating-point tensors that fit it; anything else is a one-line DataError naming the field.
+    overrides: GPTConfig fields (dropout, reward_head)."""
+    shape = {k: field(ck, f"model_args.{k}", int, file, lo=RANGES[k].lo, hi=RANGES[k].hi)
+             for k in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size")}
+    flags = {k: field(ck, f"model_args.{k}", bool, file) for k in ("bias", "reward_head")}
+    if shape["n_embd"] % shape["n_head"]:
+        raise DataError(f"{file}: field 'model_args.n_embd' ({shape['n_embd']}) is not a multiple of n_head ({shape['n_head']})")
+    weights = field(ck, "model", dict, file)
+    for k, v in weights.items():
+        if not (torch.is_tensor(v) and v.is_floating_point()):
+            raise DataError(f"{file}: field 'model.{k}' should be a floating-point tensor, got "
+                            f"{v.dtype if torch.is_tensor(v) else type(v).__name__}")
+        if not v.isfinite().all():
+            raise DataError(f"{file}: field 'model.{k}' holds non-finite weights (training diverged): redo the stage that wrote it")
+    config = GPTConfig(**{**shape, **flags, **overrides})
+    with torch.device("meta"):  # the shapes it needs, with no memory: a checkpoint may describe a huge model
+        expected = GPT(config).state_dict()
+    new_head = overrides.get("reward_head") and not flags["reward_head"]
+    missing = [k for k in expected if k not in weights and not (new_head and k.startswith("reward_head."))]
+    unexpected = [k for k in weights if k not in expected]
+    wrong = [k for k in weights if k in expected and weights[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        raise DataError(f"{file}: weights do not fit the model it describes: missing {missing[:3]}, unexpected "
+                        f"{unexpected[:3]}, other shape {[f'{k} {tuple(weights[k].shape)}' for k in wrong[:3]]}")
+    model = GPT(config)
+    model.load_state_dict(weights, strict=False)
+    loaded = model.state_dict()  # tied weights (the embedding and lm_head) are one tensor: the last one read wins
+    for k, v in weights.items():
+        if not torch.equal(loaded[k], v.to(loaded[k].dtype)):
+            raise DataError(f"{file}: field 'model.{k}' differs from the weight the model ties it to")
+    return model
 
 
 def finite_weights(model):
@@ -224,13 +270,18 @@ def resume(cfg, env, task, state):
     if ck.get("settings") != task.settings:
         log(env, f"{task.name}: {file} was made with other settings; starting over")
         return 0, {}
-    for k, v in state.items():
-        v.load_state_dict(ck[k])
-    torch.set_rng_state(ck["rng"])
-    if env.device_type == "cuda" and "cuda_rng" in ck:
-        torch.cuda.set_rng_state(ck["cuda_rng"], env.device)
-    log(env, f"{task.name}: resuming from {file} at step {ck['step']}")
-    return ck["step"], ck.get("extra", {})
+    step, extra = field(ck, "step", int, file, lo=0), field(ck, "extra", dict, file) if "extra" in ck else {}
+    try:  # what torch checks of a state dict (keys, shapes, an optimizer's groups) is all there is to check
+        for k, v in state.items():
+            v.load_state_dict(field(ck, k, dict, file))
+        torch.set_rng_state(ck["rng"])
+        if env.device_type == "cuda" and "cuda_rng" in ck:
+            torch.cuda.set_rng_state(ck["cuda_rng"], env.device)
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise DataError(f"{file}: not a resumable checkpoint of {task.name} ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+                        f"delete it to start the task over") from None
+    log(env, f"{task.name}: resuming from {file} at step {step}")
+    return step, extra
 
 
 def check_healthy(cfg, env, task, models, probe, step, last_good):
@@ -267,31 +318,18 @@ def load_model(file, env, enc, cfg, reward_head=None, dropout=0.0):
     settings. reward_head=True on an SFT checkpoint starts a reward model: SFT's weights, a new head.
     dropout: 0 for scoring and alignment (dropout would make log pi(y|x) noisy)."""
     ck = load_checkpoint(file)
-    args = ck.get("model_args")
-    if not isinstance(args, dict) or "model" not in ck or "tokenizer" not in ck:
-        raise DataError(f"{file}: not a checkpoint of this project (no model_args, model or tokenizer)")
-    if args.get("vocab_size") != enc.n_vocab:
-        raise DataError(f"{file}: vocab_size is {args.get('vocab_size')} in the checkpoint but the tokenizer has "
+    model = checkpoint_model(file, ck, dropout=dropout, reward_head=bool(reward_head or field(ck, "model_args.reward_head", bool, file)))
+    c = model.config
+    if c.vocab_size != enc.n_vocab:
+        raise DataError(f"{file}: vocab_size is {c.vocab_size} in the checkpoint but the tokenizer has "
                         f"{enc.n_vocab} tokens: it was made with another tokenizer")
     for key in ("n_layer", "n_head", "n_embd", "block_size") if cfg.init_from == "scratch" else ("block_size",):
-        if args.get(key) != getattr(cfg, key):
-            raise DataError(f"{file}: {key} is {args.get(key)} in the checkpoint but --{key}={getattr(cfg, key)} in this "
+        if getattr(c, key) != getattr(cfg, key):
+            raise DataError(f"{file}: {key} is {getattr(c, key)} in the checkpoint but --{key}={getattr(cfg, key)} in this "
                             f"run: redo the stage that wrote it with these settings, or use another --out_dir")
-    if ck.get("tokenizer") != data.fingerprint(enc):
+    if field(ck, "tokenizer", str, file) != data.fingerprint(enc):
         raise DataError(f"{file}: made with another tokenizer than {path(cfg, 'tokenizer.json')} (same size, other "
                         f"tokens): redo the stage that wrote it, or use the tokenizer it was made with")
-    bad = [k for k, v in ck["model"].items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()]
-    if bad:
-        raise DataError(f"{file}: {bad[0]} holds non-finite weights (training diverged): redo the stage that wrote it")
-    new_head = reward_head and not args.get("reward_head")
-    args = {**args, "dropout": dropout, "reward_head": bool(reward_head or args.get("reward_head"))}
-    try:
-        model = GPT(GPTConfig(**args))
-        missing, unexpected = model.load_state_dict(ck["model"], strict=False)
-    except (TypeError, RuntimeError) as e:
-        raise DataError(f"{file}: weights do not fit the model it describes ({str(e).splitlines()[0][:200]})") from None
-    if unexpected or (missing and not (new_head and set(missing) == {"reward_head.weight", "reward_head.bias"})):
-        raise DataError(f"{file}: weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return model.to(env.device)
 
 

@@ -12,16 +12,15 @@ SFT the policy has gone to write it).
 The run's own settings (context length, data, precision) come from its config.json; a seed gives
 the same samples every time.
 """
-import json
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
 
 import data
 import packing
-from config import METHODS, Config, ConfigError, check_finite, parse_options
+from config import COUNT, METHODS, RANGES, ConfigError, Range, parse_options, run_config
 from data import DataError
 from evaluate import decode, gold_reward, score_logps, score_rewards
 from runtime import command, load_model, load_tokenizer, path, setup
@@ -42,20 +41,9 @@ class SampleConfig:
     device: str = "auto"             # auto, cpu, cuda, cuda:N
 
 
-def run_config(out_dir):
-    """The Config the run in out_dir was made with (its config.json)."""
-    if not os.path.isdir(out_dir):
-        raise DataError(f"{out_dir}: no such folder (python train.py --out_dir={out_dir} writes it)")
-    file = os.path.join(out_dir, "config.json")
-    try:
-        with open(file, encoding="utf-8") as f:
-            saved = json.load(f)
-        known = {f.name for f in fields(Config)}
-        return Config(**{k: v for k, v in saved.items() if k in known})
-    except FileNotFoundError:
-        raise DataError(f"{file}: missing; is {out_dir} a folder written by python train.py?") from None
-    except (ValueError, TypeError, AttributeError) as e:
-        raise DataError(f"{file}: not a run configuration ({type(e).__name__}: {e})") from None
+RANGES_HERE = {**RANGES, "max_new_tokens": Range(1, COUNT, "the run's"),  # here 0 means what the run used
+               "temperature": Range(RANGES["temperature"].lo, RANGES["temperature"].hi, "greedy"),
+               "methods": None}  # sft and the methods in the folder: checked against its files (policies)
 
 
 def policies(cfg, methods):
@@ -87,12 +75,8 @@ def read_prompts(opts):
 
 
 def main(argv):
-    opts = parse_options(SampleConfig(), argv, __doc__)
-    check_finite(opts)
-    if opts.num_samples < 1 or opts.max_new_tokens < 0 or opts.temperature < 0 or opts.top_k < 0 or not 0 < opts.top_p <= 1:
-        raise ConfigError("--num_samples must be >= 1, --max_new_tokens, --temperature and --top_k >= 0, --top_p in (0, 1]")
+    opts = parse_options(SampleConfig(), argv, __doc__, RANGES_HERE)
     cfg = run_config(opts.out_dir)
-    cfg.out_dir = opts.out_dir
     env = setup(SimpleNamespace(device=opts.device, dtype=cfg.dtype))
     enc = load_tokenizer(cfg)
     new_tokens = opts.max_new_tokens or cfg.max_new_tokens

@@ -1,7 +1,7 @@
 """Shared test settings: hermetic, seeded and quick on a 2-core CPU.
 
-Hypothesis runs derandomised (the same examples every run, so CI is reproducible) and without a
-per-example deadline (shared CI machines are noisy; speed is measured by bench.py, not by tests).
+Hypothesis runs derandomised (the same examples every run, so CI is reproducible; HYPOTHESIS_PROFILE=fuzz
+draws new ones, 20 times as many) and without a per-example deadline (shared CI machines are noisy; speed is measured by bench.py, not by tests).
 """
 import json
 import os
@@ -19,6 +19,9 @@ import reviews  # noqa: E402
 import train  # noqa: E402
 
 settings.register_profile("default", deadline=None, max_examples=60, derandomize=True)
+# the longer run of the fuzz tests (test_fuzz.py, test_fuzz_options.py): 20 times the examples, new
+# ones each run (a failure prints its example)
+settings.register_profile("fuzz", deadline=None, max_examples=1200, derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

@@ -66,19 +66,19 @@ def test_saved_tokenizer_loads_identically_and_a_rewritten_file_is_reread(bpe, t
     assert data.load_tokenizer(path).n_vocab == 300
 
 
-@pytest.mark.parametrize("corruption", [
-    lambda spec: "{not json",
-    lambda spec: json.dumps({**spec, "format": "other"}),
-    lambda spec: json.dumps({**spec, "tokens": spec["tokens"][:10]}),
-    lambda spec: json.dumps({**spec, "tokens": spec["tokens"] + ["%%%"]}),
-    lambda spec: json.dumps({**spec, "tokens": spec["tokens"] + [spec["tokens"][300]]}),
-    lambda spec: json.dumps({k: v for k, v in spec.items() if k != "pat_str"}),
+@pytest.mark.parametrize("corruption, message", [
+    (lambda spec: "{not json", "malformed JSON"),
+    (lambda spec: json.dumps({**spec, "format": "other"}), "field 'format' is \"other\", not a tokenizer file"),
+    (lambda spec: json.dumps({**spec, "tokens": spec["tokens"][:10]}), "field 'tokens': every single byte must be a token"),
+    (lambda spec: json.dumps({**spec, "tokens": spec["tokens"] + ["%%%"]}), "field 'tokens\\[1023\\]' is not base64"),
+    (lambda spec: json.dumps({**spec, "tokens": spec["tokens"] + [spec["tokens"][300]]}), "field 'tokens': every single byte must be a token and no token may repeat"),
+    (lambda spec: json.dumps({k: v for k, v in spec.items() if k != "pat_str"}), "missing field 'pat_str'"),
 ])
-def test_corrupt_tokenizer_file_is_a_one_line_error(bpe, tmp_path, corruption):
+def test_corrupt_tokenizer_file_is_a_one_line_error(bpe, tmp_path, corruption, message):
     path = tmp_path / "tokenizer.json"
     data.save_tokenizer(bpe, path)
     path.write_text(corruption(json.loads(path.read_text())))
-    with pytest.raises(data.DataError, match="tokenizer.json: corrupt tokenizer file") as e:
+    with pytest.raises(data.DataError, match="tokenizer.json: " + message) as e:
         data.load_tokenizer(path)
     assert "\n" not in str(e.value)
 

@@ -96,7 +96,7 @@ def test_a_prompt_whose_candidates_tie_is_skipped_and_counted(tiny_copy, capsys)
 
 
 def test_command_line_errors_are_one_line_without_traceback(tmp_path):
-    for args, message in [(["--methods=vcb,ppo2"], "error: --methods: unknown method 'ppo2'"),
+    for args, message in [(["--methods=vcb,ppo2"], "error: --methods=vcb,ppo2: unknown method 'ppo2'"),
                           (["--lr=3"], "error: unknown option --lr"),
                           (["--n_layer=two"], "error: --n_layer=two: expected int"),
                           (["--stage=rm"], "tokenizer.json: missing; run --stage=data first")]:
@@ -121,7 +121,7 @@ def test_missing_foreign_or_mismatched_checkpoints_and_a_corrupt_tokenizer(tiny_
     with pytest.raises(data.DataError, match="sft.pt: vocab_size is 300 in the checkpoint but the tokenizer has 257"):
         run(tiny_copy, "--stage=rm")
     (tiny_copy / "tokenizer.json").write_text('{"format": "vcb-tokenizer-1", "tokens": ["AA=="')
-    with pytest.raises(data.DataError, match="tokenizer.json: corrupt tokenizer file"):
+    with pytest.raises(data.DataError, match="tokenizer.json: malformed JSON"):
         run(tiny_copy, "--stage=rm")
 
 

@@ -41,8 +41,8 @@ def test_prompts_from_a_file_or_typed(tiny_run, tmp_path):
 def test_clear_one_line_errors(tiny_copy, tmp_path):
     for args, message in [([f"--out_dir={tmp_path / 'none'}"], "no such folder"),
                           (["--methods=sft,ppo2"], "--methods: unknown policy 'ppo2'"),
-                          (["--top_p=0"], "--top_p in (0, 1]"),
-                          (["--temperature=nan"], "--temperature=nan: must be a finite number")]:
+                          (["--top_p=0"], "--top_p=0.0: must be a number from 1e-06 to 1"),
+                          (["--temperature=nan"], "--temperature=nan: must be 0 (greedy) or a number from 1e-06")]:
         proc = sample(tiny_copy, "--prompt=x", *args)
         assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     (tiny_copy / "policy_vcb.pt").unlink()
