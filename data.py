@@ -150,13 +150,18 @@ def parse_json_line(line, where):
     """One JSON-lines record (a dict), or a DataError saying why not."""
     if not line.strip():
         raise DataError(f"{where}: empty line")
-    rec = parse_json(line, where)
-    if not isinstance(rec, dict):
-        raise DataError(f"{where}: expected a JSON object, got {json_type(rec)}")
-    bad = not_unicode(rec)
+    return json_value(line, where, dict)
+
+
+def json_value(text, where, kind=dict):
+    """The JSON text's value, of `kind` (object: any) and valid Unicode throughout, or a DataError."""
+    value = parse_json(text, where)
+    if not isinstance(value, kind):
+        raise DataError(f"{where}: expected a JSON {'object' if kind is dict else json_type(kind())}, got {json_type(value)}")
+    bad = not_unicode(value)
     if bad:
         raise DataError(f"{where}: field '{bad}' is not valid Unicode text (a lone surrogate such as \\ud800)")
-    return rec
+    return value
 
 
 def read_json(path, kind=dict):
@@ -171,13 +176,7 @@ def read_json(path, kind=dict):
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:
         raise DataError(f"{path}: cannot read it ({e.strerror})") from None
-    value = parse_json(text, path)
-    if not isinstance(value, kind):
-        raise DataError(f"{path}: expected a JSON {'object' if kind is dict else json_type(kind())}, got {json_type(value)}")
-    bad = not_unicode(value)
-    if bad:
-        raise DataError(f"{path}: field '{bad}' is not valid Unicode text (a lone surrogate such as \\ud800)")
-    return value
+    return json_value(text, path, kind)
 
 
 def read_jsonl(path, schema=None):
