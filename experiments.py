@@ -23,6 +23,7 @@ import records
 import report
 import reviews
 import train
+import vcb
 from config import METHODS, ONLINE, STAGES, Config, ConfigError, method_list, stage_settings, sweep_list
 from records import Task, file_hash, mark_done, up_to_date
 from runtime import command, load_candidates, load_model, load_tokenizer, log, path, setup
@@ -337,15 +338,33 @@ def values(cfg, env):
     for stage in STAGES[:STAGES.index("sample") + 1]:
         train.run_stage(stakes, env, stage)
     betas, seeds = sweep_list(cfg, "sweep_betas", float), sweep_list(cfg, "sweep_seeds", int)
+    candidate_sets = []
     for task, folder, gold_folder, name in ((cfg, "ablations/values", "ablations/reward_source", "the built-in task"),
                                             (stakes, "ablations/values/stakes", "gold", "the stakes variant")):
+        gold = gold_candidates(task, env, gold_folder)
         runs = [{**r, "variant": "RM"} for r in main_grid(task, env, VALUES)]
-        runs += policy_grid(task, env, "gold", gold_folder, VALUES, betas, seeds, candidates=gold_candidates(task, env, gold_folder),
-                            variant="gold")
+        runs += policy_grid(task, env, "gold", gold_folder, VALUES, betas, seeds, candidates=gold, variant="gold")
         write_results(cfg, env, folder, runs, f"Value-aware and order-based losses on {name}",
                       f"Value-aware and order-based losses on {name}, candidates scored by the RM or by the gold reward")
         if env.master:
             data.write_text(path(cfg, folder, "levels.md"), levels_table(runs) + "\n")
+        candidate_sets += [(f"{name}, RM", path(task, "candidates.jsonl")), (f"{name}, gold", gold)]
+    if env.master:
+        data.write_text(path(cfg, "ablations/values/spreads.md"), spreads_table(candidate_sets) + "\n")
+
+
+def spreads_table(candidate_sets):
+    """sigma(x), the spread of a prompt's candidate rewards, on the prompts the stakes variant scales
+    by 0.1 (reviews.LOW_STAKES) and on the others, mean ± std over prompts, for each candidate set
+    [(label, file)]: whether the stakes reach the rewards a method trains on. A markdown table."""
+    lines = ["| candidates | sigma(x), prompts at stake 1 | sigma(x), prompts at stake 0.1 on the stakes variant |", "|---|---|---|"]
+    for label, file in candidate_sets:
+        recs = data.read_jsonl(file)
+        sigma = vcb.reward_sigma(torch.tensor([r["rewards"] for r in recs])).tolist()
+        low = [reviews.stake(r["prompt"]) < 1 for r in recs]
+        cells = [report.fmt(report.spread([s for s, is_low in zip(sigma, low) if is_low == want])) for want in (False, True)]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def levels_table(runs, last=10):

@@ -70,6 +70,19 @@ def test_a_policy_is_sampled_once_and_again_when_it_changes(tiny_copy, monkeypat
     assert evaluate.score_policy(cfg, env, enc, "vcb", file, 1, refs) != again  # another seed: other samples
 
 
+def test_the_spreads_table_splits_the_prompts_by_their_stake(tmp_path):
+    import data
+    import experiments
+    import reviews
+    low, high = reviews.LOW_STAKES[0], next(n for n in reviews.MOVIES["names"] if n not in reviews.LOW_STAKES)
+    recs = [{"prompt": f"I watched {high}.", "responses": ["a", "b"], "rewards": [0.0, 2.0]},    # sigma 1
+            {"prompt": f"I watched {high} again.", "responses": ["a", "b"], "rewards": [0.0, 4.0]},  # sigma 2
+            {"prompt": f"I watched {low}.", "responses": ["a", "b"], "rewards": [0.0, 0.2]}]     # sigma 0.1
+    data.write_jsonl(tmp_path / "c.jsonl", recs)
+    table = experiments.spreads_table([("set", tmp_path / "c.jsonl")])
+    assert table.splitlines()[-1] == "| set | 1.500 ± 0.500 | 0.100 ± 0.000 |"
+
+
 @pytest.mark.slow
 def test_every_experiment_runs_on_a_tiny_run_and_writes_its_files(tiny_copy):
     grid = ["--sweep_betas=0.5,2", "--sweep_seeds=0,1", "--sweep_online_betas=0.5", "--steps_factor=2", "--jobs=1"]
@@ -92,6 +105,7 @@ def test_every_experiment_runs_on_a_tiny_run_and_writes_its_files(tiny_copy):
     values = json.loads((tiny_copy / "ablations/values/results.json").read_text())["summary"]
     assert {f"{m} ({v})" for m in ("vcb", "rebel", "infonca", "odpo", "dpo", "slic") for v in ("RM", "gold")} <= values.keys()
     assert "| rebel (gold) |" in (tiny_copy / "ablations/values/stakes/levels.md").read_text()
+    assert "| the stakes variant, gold |" in (tiny_copy / "ablations/values/spreads.md").read_text()
     stakes = json.loads((tiny_copy / "ablations/values/stakes/run/config.json").read_text())
     assert stakes["stakes"] is True  # the stakes variant has a run of its own
 
