@@ -17,13 +17,18 @@ def reward_spread(rewards):
     return vcb.reward_sigma(rewards.flatten()[None])
 
 
+def vcb_sigma(cfg, spread):
+    """The sigma VCB divides reward gaps by: None for each prompt's own sigma(x) (the paper's), or with
+    --vcb_sigma=global the set's spread."""
+    return spread if cfg.vcb_sigma == "global" else None
+
+
 def offline_loss(cfg, method, logps, ref_logps, rewards, spread, reduction="sum"):
     """An offline method's loss from vcb.py on b prompts' n candidates (b, n). spread: reward_spread
     of the whole set. The value-aware peers are set so that their optimum on the candidates is VCB's
     with one sigma: delta_i - delta_j = (r_i - r_j) / (beta * spread) (docs/method.md)."""
     if method == "vcb":
-        sigma = spread if cfg.vcb_sigma == "global" else None  # None: each prompt's own sigma(x), the paper's
-        return vcb.vcb_loss(logps, ref_logps, rewards, cfg.beta, cfg.lam, cfg.sigma_floor, sigma, reduction)
+        return vcb.vcb_loss(logps, ref_logps, rewards, cfg.beta, cfg.lam, cfg.sigma_floor, vcb_sigma(cfg, spread), reduction)
     if method == "rrhf":
         return vcb.rrhf_loss(logps, rewards, reduction=reduction)
     if method == "rebel":
@@ -57,7 +62,6 @@ def align_metrics(method, logps, ref, rewards, cfg, spread):
     if method != "rrhf":
         out["level"] = (logps - ref).mean()
     if method == "vcb":
-        sigma = spread if cfg.vcb_sigma == "global" else None
-        diag = vcb.vcb_diagnostics(logps, ref, rewards, cfg.beta, cfg.sigma_floor, sigma)
+        diag = vcb.vcb_diagnostics(logps, ref, rewards, cfg.beta, cfg.sigma_floor, vcb_sigma(cfg, spread))
         out.update(gap_corr=diag["gap_corr"], skipped=diag["skipped"])
     return out

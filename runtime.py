@@ -318,18 +318,18 @@ def load_model(file, env, enc, cfg, reward_head=None, dropout=0.0):
     settings. reward_head=True on an SFT checkpoint starts a reward model: SFT's weights, a new head.
     dropout: 0 for scoring and alignment (dropout would make log pi(y|x) noisy)."""
     ck = load_checkpoint(file)
-    model = checkpoint_model(file, ck, dropout=dropout, reward_head=bool(reward_head or field(ck, "model_args.reward_head", bool, file)))
-    c = model.config
-    if c.vocab_size != enc.n_vocab:
-        raise DataError(f"{file}: vocab_size is {c.vocab_size} in the checkpoint but the tokenizer has "
+    args = {k: field(ck, f"model_args.{k}", int, file) for k in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size")}
+    if args["vocab_size"] != enc.n_vocab:  # this run's checks first: a checkpoint of another run is refused unbuilt
+        raise DataError(f"{file}: vocab_size is {args['vocab_size']} in the checkpoint but the tokenizer has "
                         f"{enc.n_vocab} tokens: it was made with another tokenizer")
     for key in ("n_layer", "n_head", "n_embd", "block_size") if cfg.init_from == "scratch" else ("block_size",):
-        if getattr(c, key) != getattr(cfg, key):
-            raise DataError(f"{file}: {key} is {getattr(c, key)} in the checkpoint but --{key}={getattr(cfg, key)} in this "
+        if args[key] != getattr(cfg, key):
+            raise DataError(f"{file}: {key} is {args[key]} in the checkpoint but --{key}={getattr(cfg, key)} in this "
                             f"run: redo the stage that wrote it with these settings, or use another --out_dir")
     if field(ck, "tokenizer", str, file) != data.fingerprint(enc):
         raise DataError(f"{file}: made with another tokenizer than {path(cfg, 'tokenizer.json')} (same size, other "
                         f"tokens): redo the stage that wrote it, or use the tokenizer it was made with")
+    model = checkpoint_model(file, ck, dropout=dropout, reward_head=bool(reward_head or field(ck, "model_args.reward_head", bool, file)))
     return model.to(env.device)
 
 

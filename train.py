@@ -299,9 +299,9 @@ def stage_sample(cfg, env, task):
     cands = sample_candidates(cfg, env, enc, [r["prompt"] for r in load_data(cfg, "align_prompts")], cfg.n_candidates, cfg.seed)
     if env.master:
         data.write_jsonl(task.outputs[0], cands)
-        n, spread = cfg.n_candidates, [vcb.reward_sigma(torch.tensor([r["rewards"]])).item() for r in cands]
+        n, sigmas = cfg.n_candidates, [vcb.reward_sigma(torch.tensor([r["rewards"]])).item() for r in cands]
         log(env, f"sample: {len(cands)} prompts x {n} candidates; mean RM reward "
-                 f"{sum(sum(r['rewards']) for r in cands) / (n * len(cands)):.3f}, mean sigma(x) {sum(spread) / len(spread):.3f}")
+                 f"{sum(sum(r['rewards']) for r in cands) / (n * len(cands)):.3f}, mean sigma(x) {sum(sigmas) / len(sigmas):.3f}")
     barrier(env)
 
 
@@ -338,7 +338,7 @@ def offline(cfg, env, enc, cands, method, seed, task):
         log(env, f"{name}: {no_pair} of {B} prompts have no strictly ordered pair and give no loss")
     torch.manual_seed(seed)
     model = load_model(path(cfg, "sft.pt"), env, enc, cfg)
-    spread = methods.reward_spread(cands.rewards)
+    spread = methods.reward_spread(cands.rewards).to(env.device)
     return train(cfg, env, task, model, B, cfg.align_steps, cfg.align_batch, cfg.align_lr,
                  lambda m, idx: align_loss(cfg, env, enc, m, cands, method, idx, spread),
                  lambda idx: methods.loss_count(cfg, method, cands.rewards[idx]), seed, enc)
@@ -351,8 +351,8 @@ def align_loss(cfg, env, enc, model, cands, method, idx, spread):
     p = packing.pack([cands.groups[i] for i in idx], cfg.block_size).to(env.device)
     logps = response_logps(model, p, average=method == "rrhf").view(-1, n)                # (b, n)
     ref, rewards = cands.ref_logps[idx].to(env.device), cands.rewards[idx].to(env.device)
-    loss = methods.offline_loss(cfg, method, logps, ref, rewards, spread.to(env.device))
-    return loss, methods.align_metrics(method, logps.detach(), ref, rewards, cfg, spread.to(env.device))
+    loss = methods.offline_loss(cfg, method, logps, ref, rewards, spread)
+    return loss, methods.align_metrics(method, logps.detach(), ref, rewards, cfg, spread)
 
 
 def online(cfg, env, enc, method, seed, task, cands):
