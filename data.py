@@ -1,287 +1,39 @@
 """
-data.py: the tokenizer, the data files and the sequences the models read.
+data.py: the tokenizer, the task's files and the token sequences the models read.
 
 - Tokenizer: a byte-level BPE the project trains itself (deterministic, seconds on 1 MB), served
-  through tiktoken.Encoding and saved as a JSON rank file that we write and parse ourselves. A plain
-  256-byte encoding for tests. Every tokenizer here is a tiktoken.Encoding with <|endoftext|>.
-- Files: JSON lines, read with a one-line error naming the file, line and field; every output is
-  written to a temporary file and renamed into place, so a crash never leaves half a file.
-- Sequences: <|endoftext|> + prompt + response + <|endoftext|>, right-padded into batches.
-The task's records come from reviews.py (the built-in task, generated) or corpora.py (the paper's
-data sets and your own files); the batches the models read are packed by packing.py.
+  through tiktoken.Encoding and saved as a JSON rank file that we write and parse ourselves; GPT-2's
+  own; a plain 256-byte encoding for tests. Every tokenizer here is a tiktoken.Encoding with
+  <|endoftext|>.
+- Sequences: a prompt and its responses as token ids, <|endoftext|> + prompt, then each response +
+  <|endoftext|>, cut to fit the context (encode_group, fit); prompts for generation (encode_prompt).
+  packing.py turns groups into the batches the models read.
+- The task's files: the records each stage hands the next (SCHEMAS), and the scored candidates that
+  alignment learns from (read_candidates).
+
+The records come from tasks/reviews.py (the built-in task) or tasks/corpora.py (the paper's data sets
+and your own files); reading and writing any file goes through machinery/files.py.
 """
 import base64
-import contextlib
-import gzip
 import hashlib
 import heapq
-import json
-import math
 import os
 import re
-import stat
 import tempfile
-import zlib
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 
 import tiktoken
 import torch
+
+from machinery.files import DataError, field, read_json, read_jsonl, shown, write_json
+
 
 EOT = "<|endoftext|>"
 # Pre-tokenisation pattern (GPT-2's, written with classes that Python's re and tiktoken's regex engine
 # read the same way, so training and encoding split text alike): contractions, letters, digits,
 # other symbols, whitespace. Together they match every character, so decode(encode(s)) == s.
 PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+"""
-
-
-# -----------------------------------------------------------------------------
-# files: one-line errors, atomic writes
-
-def one_line(text):
-    """text with each character that would break its line or fail to print (a newline, a lone
-    surrogate) escaped: error messages quote paths, options and records as they are."""
-    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in str(text))
-
-
-class DataError(ValueError):
-    """Bad input, with a message of one line that names the file, line and field."""
-    def __init__(self, message):
-        super().__init__(one_line(message))
-
-
-@contextlib.contextmanager
-def atomic_path(path):
-    """Yields a temporary path beside `path`; renamed onto `path` only if the block succeeds."""
-    path = str(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        yield tmp
-        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def finite(obj):
-    """obj with every NaN or infinite float replaced by None (JSON's null): strict JSON parsers
-    reject the NaN and Infinity that Python's json module writes by default."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite(v) for v in obj]
-    return obj
-
-
-def write_jsonl(path, records):
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(finite(r), ensure_ascii=False, allow_nan=False) + "\n")
-
-
-def write_text(path, text):
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-
-
-def write_json(path, obj):
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        json.dump(finite(obj), f, indent=2, ensure_ascii=False, allow_nan=False)
-        f.write("\n")
-
-
-def check_file(path):
-    """A DataError unless path is a regular file: a folder cannot be read as one, a pipe would wait
-    forever and a device such as /dev/zero never ends."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read it ({e.strerror})") from None
-    if stat.S_ISDIR(mode):
-        raise DataError(f"{path}: is a folder, not a file")
-    if not stat.S_ISREG(mode):
-        raise DataError(f"{path}: not a regular file (a pipe, socket or device); refused")
-
-
-def open_text(path):
-    """Open a regular text file, gunzipping *.gz; anything else is a DataError."""
-    check_file(path)
-    return gzip.open(path, "rt", encoding="utf-8") if str(path).endswith(".gz") else open(path, encoding="utf-8-sig")
-
-
-def text_lines(path):
-    """(line number, text) of each line of a regular file (gunzipped if *.gz), decoded one line at a
-    time so that one bad line spoils nothing else: a line that is not UTF-8 comes as a DataError in
-    place of its text. A BOM is dropped, CRLF line ends are left to the JSON parser (whitespace).
-    A truncated or corrupt gzip stream raises a DataError after the lines before it."""
-    check_file(path)
-    n = 0
-    try:
-        with (gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")) as f:
-            for n, raw in enumerate(f, 1):
-                try:
-                    yield n, raw.decode("utf-8-sig" if n == 1 else "utf-8")
-                except UnicodeDecodeError as e:
-                    yield n, DataError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start})")
-    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
-        raise DataError(f"{path}: unreadable after line {n}: truncated or not what its name says "
-                        f"({type(e).__name__}: {e})") from None
-
-
-def parse_json(text, where):
-    """A JSON value from text, or a DataError saying why not. Every JSON reader passes here: beyond
-    malformed text, Python's parser also fails on nesting deeper than its recursion limit and on an
-    integer of more than 4300 digits; each is one line naming `where`."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-    except RecursionError:
-        raise DataError(f"{where}: JSON nested too deeply to read") from None
-    except ValueError as e:  # "Exceeds the limit (4300 digits) for integer string conversion"
-        raise DataError(f"{where}: unreadable JSON ({str(e)[:120]})") from None
-
-
-def parse_json_line(line, where):
-    """One JSON-lines record (a dict), or a DataError saying why not."""
-    if not line.strip():
-        raise DataError(f"{where}: empty line")
-    return json_value(line, where, dict)
-
-
-def json_value(text, where, kind=dict):
-    """The JSON text's value, of `kind` (object: any) and valid Unicode throughout, or a DataError."""
-    value = parse_json(text, where)
-    if not isinstance(value, kind):
-        raise DataError(f"{where}: expected a JSON {'object' if kind is dict else json_type(kind())}, got {json_type(value)}")
-    bad = not_unicode(value)
-    if bad:
-        raise DataError(f"{where}: field '{bad}' is not valid Unicode text (a lone surrogate such as \\ud800)")
-    return value
-
-
-def read_json(path, kind=dict):
-    """A whole JSON file (a tokenizer, a preset, a run's config.json, stages.json), read like a
-    JSON line: a regular UTF-8 file holding one value of `kind` (object: any), or a DataError
-    naming the file."""
-    check_file(path)
-    try:
-        with open(path, "rb") as f:
-            text = f.read().decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read it ({e.strerror})") from None
-    return json_value(text, path, kind)
-
-
-def read_jsonl(path, schema=None):
-    """Read a JSON-lines file into a list of dicts, strictly. schema {field: kind} checks each record's
-    fields with field() (kind (list, item kind) checks a list and its items). Any bad line is a
-    DataError naming the file, line and field."""
-    records = []
-    for n, line in text_lines(path):
-        if isinstance(line, DataError):
-            raise line
-        rec = parse_json_line(line, f"{path}:{n}")
-        for name, kind in (schema or {}).items():
-            kind, items = kind if isinstance(kind, tuple) else (kind, None)
-            field(rec, name, kind, f"{path}:{n}", items=items)
-        records.append(rec)
-    if not records:
-        raise DataError(f"{path}: empty file, no records")
-    return records
-
-
-def valid_unicode(text):
-    """False for a string that cannot be written as UTF-8: JSON's \\ud800 escapes decode to lone
-    surrogates, which scraped data does contain, and which no tokenizer or file can take."""
-    try:
-        text.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
-
-
-def not_unicode(value, name=""):
-    """The name of the first string inside a decoded JSON value that is not valid Unicode
-    ('prompt', 'summaries[1].text'), or None: every reader refuses or skips such a record whole."""
-    if isinstance(value, str):
-        return None if valid_unicode(value) else name
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for k, v in items:
-        bad = not_unicode(v, f"{name}[{k}]" if isinstance(k, int) else f"{name}.{k}" if name else k)
-        if bad is not None:
-            return bad
-    return None
-
-
-# -----------------------------------------------------------------------------
-# the typed field accessor: every reader of a record, a spec or a checkpoint reads its fields here
-
-FLOAT32_MAX = 3.4028234663852886e38  # every number read goes into float32 tensors
-
-
-def json_type(value):
-    """A decoded value's type as a reader names it: str, int, float, bool, list, dict, null."""
-    return "null" if value is None else type(value).__name__
-
-
-def field(obj, name, kind, where, *, empty=False, items=None, lo=None, hi=None):
-    """The field `name` of a decoded JSON object (or a checkpoint's dict), checked, or a DataError
-    '{where}: field NAME ...'. name walks into the value: 'info.title', 'summaries[1].text'. kind:
-    str (non-empty unless empty=True), int (a whole number, not a bool or a float, in [lo, hi]),
-    float (an int or float, finite in float32, in [lo, hi]), bool, list (items: the kind of each item,
-    whose strings may be empty: a sampled response can be) or dict. Returns the value."""
-    value, at = obj, ""
-    for key in re.findall(r"[^.[\]]+|\[\d+\]", name):
-        index = key[0] == "["
-        if index and not isinstance(value, list) or not index and not isinstance(value, dict):
-            raise DataError(f"{where}: field '{at}' should be {'list' if index else 'dict'}, got {json_type(value)}")
-        at = f"{at}{key}" if index else f"{at}.{key}" if at else key
-        if index and int(key[1:-1]) >= len(value) or not index and key not in value:
-            raise DataError(f"{where}: missing field '{at}'")
-        value = value[int(key[1:-1])] if index else value[key]
-    check_value(value, name, kind, where, empty, lo, hi)
-    for k, v in enumerate(value if items is not None else ()):
-        check_value(v, f"{name}[{k}]", items, where, True, lo, hi)
-    return value
-
-
-def check_value(value, name, kind, where, empty=False, lo=None, hi=None):
-    ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        ok = True  # JSON writes 1.0 as 1
-    if not ok:
-        raise DataError(f"{where}: field '{name}' should be {kind.__name__}, got {json_type(value)}")
-    if kind is str and not empty and not value.strip():
-        raise DataError(f"{where}: field '{name}' is empty")
-    if kind is float and not abs(value) <= FLOAT32_MAX:  # False for NaN too; exact for a huge int
-        raise DataError(f"{where}: field '{name}' is {shown(value)}, not a finite float32 number (|value| < 3.4e38)")
-    if kind in (int, float) and (lo is not None and value < lo or hi is not None and value > hi):
-        raise DataError(f"{where}: field '{name}' is {shown(value)}, expected {lo} to {hi}")
-
-
-def shown(value, width=40):
-    """A value as an error message quotes it: its JSON text, cut to width (an integer may have
-    thousands of digits)."""
-    if isinstance(value, int) and value.bit_length() > 128:  # str() refuses past 4300 digits
-        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
-    text = str(value) if isinstance(value, (int, float)) else json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= width else text[:width - 3] + "..."
-
-
-# the pipeline's files: one JSON object per line, the usual preference-data convention
-SCHEMAS = {"sft": {"prompt": str, "response": str},
-           "prefs": {"prompt": str, "chosen": str, "rejected": str},
-           "align_prompts": {"prompt": str}, "eval_prompts": {"prompt": str}, "ood_prompts": {"prompt": str},
-           # written by the sample stage, or brought by the user: n scored candidates per prompt
-           "candidates": {"prompt": str, "responses": (list, str), "rewards": (list, float), "ref_logps": (list, float)}}
-TASK_FILES = ["sft", "prefs", "align_prompts", "eval_prompts", "ood_prompts"]  # what the data stage writes
 
 
 # -----------------------------------------------------------------------------
@@ -374,7 +126,10 @@ def save_tokenizer(enc, path):
 
 
 def load_tokenizer(path):
-    """Parse a rank file written by save_tokenizer; a corrupt one is a DataError that says why."""
+    """Parse a rank file written by save_tokenizer (a run's tokenizer.json); a missing or corrupt one
+    is a DataError that says why."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: missing; run --stage=data first")
     spec = read_json(path)
     if field(spec, "format", str, path) != "vcb-tokenizer-1":
         raise DataError(f"{path}: field 'format' is {shown(spec['format'])}, not a tokenizer file of this project (vcb-tokenizer-1)")
@@ -414,37 +169,92 @@ def gpt2_tokenizer():
 
 
 # -----------------------------------------------------------------------------
-# sequences and batches
+# sequences: what the models read, as token ids
 
-def encode_example(enc, prompt, response, block_size):
-    """<|endoftext|> + prompt + response + <|endoftext|> as token ids, and the index of the first
-    response token. A sequence longer than block_size loses prompt tokens from the left (the start
-    of the prompt matters least for what comes next); a response that alone does not fit is cut.
-    Returns (ids, start, truncated)."""
-    eot = enc.eot_token
-    p = enc.encode_ordinary(prompt)
-    r = enc.encode_ordinary(response) + [eot]
-    keep_p = max(block_size - 1 - len(r), 1)  # at least one prompt token stays
-    truncated = len(p) > keep_p or 1 + min(len(p), keep_p) + len(r) > block_size
-    p = p[-keep_p:]
-    ids = ([eot] + p + r)[:block_size]
-    return ids, 1 + len(p), truncated
+def encode_group(enc, prompt, responses):
+    """A prompt and its responses as token ids: (<|endoftext|> + prompt, [response + <|endoftext|>, ...]).
+    User text is encoded with encode_ordinary, so a literal <|endoftext|> in the data stays text."""
+    return [enc.eot_token] + enc.encode_ordinary(prompt), [enc.encode_ordinary(r) + [enc.eot_token] for r in responses]
 
 
-def collate(examples, pad_id):
-    """examples: list of (ids, start) -> idx (B, T) right-padded, mask (B, T) 1 on response tokens."""
-    T = max(len(ids) for ids, _ in examples)
-    idx = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), T), dtype=torch.bool)
-    for b, (ids, start) in enumerate(examples):
-        idx[b, :len(ids)] = torch.tensor(ids)
-        mask[b, start:len(ids)] = True
-    return idx, mask
+def fit(prompt, responses, block_size):
+    """Cut a group to block_size: the prompt from the left (its first token, <|endoftext|>, stays) to
+    leave room for its longest response, a response that alone does not fit from the right. Returns
+    (prompt, responses, how many sequences were cut)."""
+    keep = max(block_size - max(len(r) for r in responses), 2)  # <|endoftext|> and one prompt token
+    cut = 0
+    if len(prompt) > keep:
+        prompt, cut = prompt[:1] + prompt[len(prompt) - keep + 1:], len(responses)
+    room = block_size - len(prompt)
+    return prompt, [r[:room] for r in responses], max(cut, sum(len(r) > room for r in responses))
+
+
+def cut_note(what, groups, block_size):
+    """A line for the log when some of these groups' sequences are longer than block_size, else None."""
+    cut, total = sum(fit(p, rs, block_size)[2] for p, rs in groups), sum(len(rs) for _, rs in groups)
+    return (f"{what}: {cut} of {total} sequences were longer than block_size={block_size}; prompts were cut from "
+            f"the left (responses from the right where they alone did not fit)") if cut else None
 
 
 def encode_prompt(enc, prompt, max_len):
     """<|endoftext|> + prompt as token ids for generation, at most max_len of them: a longer prompt
     loses tokens from the left after the <|endoftext|>, which stays first, as in every training
-    sequence (encode_example, packing.fit), so the model never sees a context it was not trained on."""
+    sequence (fit), so the model never sees a context it was not trained on."""
     ids = enc.encode_ordinary(prompt)
     return [enc.eot_token] + ids[max(0, len(ids) - (max_len - 1)):]
+
+
+# -----------------------------------------------------------------------------
+# the task's files: one JSON object per line, the usual preference-data convention
+
+SCHEMAS = {"sft": {"prompt": str, "response": str},
+           "prefs": {"prompt": str, "chosen": str, "rejected": str},
+           "align_prompts": {"prompt": str}, "eval_prompts": {"prompt": str}, "ood_prompts": {"prompt": str},
+           # written by the sample stage, or brought by the user: n scored candidates per prompt
+           "candidates": {"prompt": str, "responses": (list, str), "rewards": (list, float), "ref_logps": (list, float)}}
+TASK_FILES = ["sft", "prefs", "align_prompts", "eval_prompts", "ood_prompts"]  # what the data stage writes
+
+
+def read_task_file(out_dir, name):
+    """A file the data stage wrote into out_dir/data; the out-of-distribution prompts are optional."""
+    file = os.path.join(out_dir, "data", f"{name}.jsonl")
+    if name == "ood_prompts" and not os.path.exists(file):
+        return []
+    if not os.path.exists(file):
+        raise DataError(f"{file}: missing; run --stage=data first")
+    return read_jsonl(file, SCHEMAS[name])
+
+
+@dataclass
+class Candidates:
+    """The scored candidates, ready for alignment: groups[i] is prompt i with its n candidates as
+    token ids (encode_group); ref_logps and rewards are (B, n) float32."""
+    groups: list
+    ref_logps: torch.Tensor
+    rewards: torch.Tensor
+
+
+def read_candidates(file, enc):
+    """A candidates file (the sample stage's, or your own): n responses per prompt, each with its
+    reward and its log-probability under the reference model. Every prompt needs the same n >= 2,
+    and every number must be finite in float32."""
+    if not os.path.exists(file):
+        raise DataError(f"{file}: missing; run --stage=sample first")
+    records = read_jsonl(file, SCHEMAS["candidates"])
+    n = len(records[0]["responses"])
+    for line, r in enumerate(records, 1):
+        if len(r["responses"]) < 2:
+            raise DataError(f"{file}:{line}: field 'responses' has {len(r['responses'])} candidate; VCB and the baselines need at least 2")
+        for key in ("rewards", "ref_logps"):
+            if len(r[key]) != len(r["responses"]):
+                raise DataError(f"{file}:{line}: field '{key}' has {len(r[key])} values for {len(r['responses'])} responses")
+        if len(r["responses"]) != n:
+            raise DataError(f"{file}:{line}: field 'responses' has {len(r['responses'])} candidates but line 1 has {n}; "
+                            f"every prompt needs the same number")
+    ref_logps, rewards = torch.tensor([r["ref_logps"] for r in records]), torch.tensor([r["rewards"] for r in records])
+    sigma = rewards.std(dim=-1, unbiased=False)[:, None]  # each prompt's spread, as vcb.reward_sigma computes it
+    for key, values in (("ref_logps", ref_logps), ("rewards", rewards), ("rewards", sigma)):
+        bad = (~values.isfinite()).any(-1).nonzero()
+        if len(bad):  # finite in JSON's float64, but not in float32 (or their spread is not)
+            raise DataError(f"{file}:{int(bad[0]) + 1}: field '{key}' has values too large for float32 (|value| < 1e38)")
+    return Candidates([encode_group(enc, r["prompt"], r["responses"]) for r in records], ref_logps, rewards)

@@ -3,15 +3,15 @@ evaluate.py: models reading text in batches, and the evaluation of policies.
 
 - Sampling in seeded chunks shared round-robin by the processes (what a chunk gets does not depend
   on how many processes there are), reward-model scores r(x, y), summed response log-probs; both
-  read a prompt's responses packed after it (packing.pack), so the prompt is computed once.
+  read a prompt's responses in one batch (packing.py), so the prompt is computed once.
 - `evaluate`: each policy samples on the held-out and the out-of-distribution prompts at
   temperature 1 with no top-k/top-p (samples from pi itself, which the KL estimate needs); each
   sample is scored by the gold reward (built-in task), the reward model and both log-probs, and
-  report.metrics turns the scored samples into rewards, KL(pi || pi_sft), win rates and diversity.
-  The scored samples are kept beside the policy, so a policy is sampled once however many tables
-  read it (the eval stage, the sweep, the ablations).
+  `metrics` turns the scored samples into rewards, KL(pi || pi_sft), win rates and diversity. The
+  scored samples are kept beside the policy, so a policy is sampled once however many tables read
+  it (the eval stage, the sweep, the ablations).
 
-Used by train.py (the sample and eval stages) and experiments.py.
+Used by train.py (the sample and eval stages), ppo.py and the experiments.
 """
 import math
 import os
@@ -21,11 +21,9 @@ from tqdm import tqdm
 
 import data
 import packing
-import report
-import reviews
-from model import response_logps
-from records import fingerprints, kept
-from runtime import TrainingError, gather, load_data, load_model, log, path
+from machinery.records import fingerprints, kept
+from machinery.runtime import TrainingError, gather, load_model, log, path
+from tasks import reviews
 
 
 def real_mask(ids_list, T):
@@ -53,26 +51,24 @@ def chunks(groups, size):
 
 
 @torch.no_grad()
-def score_rewards(cfg, env, rm, enc, groups):
-    """RM scores r(x, y) of every response of groups [(prompt ids, [response ids])] (packing.encode_group),
-    read at each response's last token, packed and in batches of about eval_batch. A flat list."""
-    out = []
+def score_rewards(cfg, env, rm, groups):
+    """RM scores r(x, y) of every response of groups [(prompt ids, [response ids])] (data.encode_group),
+    read at each response's last token, in batches of about eval_batch. A flat list."""
+    out, reader = [], packing.Reader(rm)
     for chunk in chunks(groups, cfg.eval_batch):
-        p = packing.pack(chunk, cfg.block_size).to(env.device)
         with env.autocast():
-            out += rm(p, head="reward").tolist()
+            out += reader(packing.batch_of(chunk, cfg.block_size, cfg.layout).to(env.device), head="reward").tolist()
     return out
 
 
 @torch.no_grad()
-def score_logps(cfg, env, model, enc, groups):
-    """Summed response log-probs (float32) of every response of groups under model, packed and in
-    batches of about eval_batch. A flat list."""
-    out = []
+def score_logps(cfg, env, model, groups):
+    """Summed response log-probs (float32) of every response of groups under model, in batches of
+    about eval_batch. A flat list."""
+    out, reader = [], packing.Reader(model)
     for chunk in chunks(groups, cfg.eval_batch):
-        p = packing.pack(chunk, cfg.block_size).to(env.device)
         with env.autocast():
-            out += response_logps(model, p).tolist()
+            out += packing.response_logps(reader, packing.batch_of(chunk, cfg.block_size, cfg.layout).to(env.device)).tolist()
     return out
 
 
@@ -106,10 +102,6 @@ def gold_reward(cfg, texts, prompts):
     return reviews.gold_reward(texts, prompts if cfg.stakes else None)
 
 
-def beta_label(method, beta):
-    return "-" if method in ("sft", "rrhf") or beta is None else f"{beta:g}"  # SFT and RRHF have no beta
-
-
 def evaluate(cfg, env, enc, policies, seed):
     """Every policy {name: checkpoint} scored on the held-out and out-of-distribution prompts, then
     compared with SFT (and DPO): {name: {set: metrics}}."""
@@ -126,30 +118,32 @@ def score_policy(cfg, env, enc, name, file, seed, refs):
     """One policy's samples on each prompt set at temperature 1 with no top-k/top-p (samples from pi
     itself, which the KL estimate needs), scored by the gold reward, the RM and both log-probs.
     They are kept beside the policy (<policy>.seed<seed>.scored.json) and read back while the policy,
-    the models and prompts that judge it and the evaluation settings are the ones they were made with."""
+    the models and prompts that judge it and the options they were made with are the same."""
     judges = [file, path(cfg, "sft.pt"), path(cfg, "rm.pt"), path(cfg, "tokenizer.json"),
               path(cfg, "data", "eval_prompts.jsonl"), path(cfg, "data", "ood_prompts.jsonl")]
-    key = {"seed": seed, "inputs": fingerprints(cfg, judges),
-           "settings": {k: getattr(cfg, k) for k in ("eval_samples", "eval_batch", "max_new_tokens", "block_size", "data",
-                                                     "stakes")}}
+    key = {"seed": seed, "inputs": fingerprints(cfg, judges)}
 
     def sample():
         pi = refs["sft"] if file == path(cfg, "sft.pt") else load_model(file, env, enc, cfg).eval()
-        sets = {"eval": load_data(cfg, "eval_prompts"), "ood": load_data(cfg, "ood_prompts")}
+        sets = {"eval": data.read_task_file(cfg.out_dir, "eval_prompts"), "ood": data.read_task_file(cfg.out_dir, "ood_prompts")}
         return {s: sample_and_score(cfg, env, enc, name, pi, refs["sft"], refs["rm"], [r["prompt"] for r in prompts], seed, s)
                 for s, prompts in sets.items() if prompts}
 
-    return kept(os.path.splitext(file)[0] + f".seed{seed}.scored.json", key, sample, env)
+    return kept(os.path.splitext(file)[0] + f".seed{seed}.scored.json", key, sample, cfg, env)
+
+
+SFT = "sft"         # the reference policy: every policy is compared with it
+BASELINE = "dpo"    # the method every other is compared with (win rates at the same beta, at matched KL)
 
 
 def compare(cfg, env, scored):
-    """{name: {set: scored samples}} -> {name: {set: metrics}}, win rates against "sft" (and "dpo" when
-    it is there), all on the same prompts and sample slots."""
+    """{name: {set: scored samples}} -> {name: {set: metrics}}, win rates against SFT (and the BASELINE
+    method when it is there), all on the same prompts and sample slots."""
     judge, results = judge_name(cfg), {}
     for name, by_set in scored.items():
-        results[name] = {s: report.metrics(rows, scored["sft"][s], scored["dpo"][s] if "dpo" in scored else None, judge)
+        results[name] = {s: metrics(rows, scored[SFT][s], scored[BASELINE][s] if BASELINE in scored else None, judge)
                          for s, rows in by_set.items()}
-        log(env, f"eval {name}: " + "; ".join(f"{s} {judge} {v[report.reward_key(judge)]:.3f} "
+        log(env, f"eval {name}: " + "; ".join(f"{s} {judge} {v[reward_key(judge)]:.3f} "
                                               f"rm {v['rm_reward']:.3f} kl {v['kl']:.2f}" for s, v in results[name].items()))
         if by_set.get("eval"):
             log(env, f"  e.g. {by_set['eval'][0]['prompt']!r} -> {by_set['eval'][0]['text']!r}")
@@ -168,10 +162,10 @@ def sample_and_score(cfg, env, enc, name, pi, sft, rm, prompts, seed, set_name):
         chunk = [{"prompt_idx": c + j // k, "sample": j % k, "prompt": batch[j // k], "text": decode(enc, o)}
                  for j, o in enumerate(outs)]
         sampled = [(ids[i], outs[i * k:(i + 1) * k]) for i in range(len(batch))]  # the exact tokens
-        texts = [packing.encode_group(enc, p, [r["text"] for r in chunk[i * k:(i + 1) * k]]) for i, p in enumerate(batch)]
+        texts = [data.encode_group(enc, p, [r["text"] for r in chunk[i * k:(i + 1) * k]]) for i, p in enumerate(batch)]
         # logp_pi comes with the samples; logp_sft needs the SFT model on the same tokens (SFT: the same number)
-        scores = dict(logp_pi=logp_pi, logp_sft=logp_pi if pi is sft else score_logps(cfg, env, sft, enc, sampled),
-                      rm=score_rewards(cfg, env, rm, enc, texts))
+        scores = dict(logp_pi=logp_pi, logp_sft=logp_pi if pi is sft else score_logps(cfg, env, sft, sampled),
+                      rm=score_rewards(cfg, env, rm, texts))
         if cfg.data == "builtin":
             scores["gold"] = gold_reward(cfg, [r["text"] for r in chunk], [r["prompt"] for r in chunk])
         for j, r in enumerate(chunk):
@@ -193,16 +187,52 @@ def sample_candidates(cfg, env, enc, prompts, n, seed):
     for c, batch, _, outs in sample_chunks(cfg, env, enc, sft, prompts, seed, temperature=cfg.temperature,
                                            top_k=cfg.top_k or None, top_p=cfg.top_p, num_samples=n):
         texts = [[decode(enc, o) for o in outs[i * n:(i + 1) * n]] for i in range(len(batch))]
-        groups = [packing.encode_group(enc, p, ys) for p, ys in zip(batch, texts)]  # the text, as alignment reads it
-        mine.append((c, batch, texts, groups, score_logps(cfg, env, sft, enc, groups)))
+        groups = [data.encode_group(enc, p, ys) for p, ys in zip(batch, texts)]  # the text, as alignment reads it
+        mine.append((c, batch, texts, groups, score_logps(cfg, env, sft, groups)))
     del sft
     rm = load_model(path(cfg, "rm.pt"), env, enc, cfg).eval()
     out = []
     for c, batch, texts, groups, logps in mine:
-        rewards = score_rewards(cfg, env, rm, enc, groups)
+        rewards = score_rewards(cfg, env, rm, groups)
         if not all(math.isfinite(v) for v in rewards + logps):
             raise TrainingError(f"sample: non-finite scores for the prompts from {c}; check rm.pt and sft.pt")
         for i, (prompt, ys) in enumerate(zip(batch, texts)):
             k = slice(i * n, (i + 1) * n)
             out.append({"i": c + i, "prompt": prompt, "responses": ys, "rewards": rewards[k], "ref_logps": logps[k]})
     return [{k: v for k, v in r.items() if k != "i"} for r in sorted(gather(env, out), key=lambda r: r["i"])]
+
+
+# -----------------------------------------------------------------------------
+# from scored samples to numbers
+
+def reward_key(judge):
+    """The reward a judge reads: the gold one on the built-in task, else the reward model's."""
+    return "gold_reward" if judge == "gold" else "rm_reward"
+
+
+def mean(values):
+    return sum(values) / len(values) if values else float("nan")
+
+
+def win_rate(rows, baseline_rows, key):
+    """Share of (prompt, sample) slots where this policy's sample beats the baseline's; ties count half."""
+    return mean([1.0 if a[key] > b[key] else 0.5 if a[key] == b[key] else 0.0 for a, b in zip(rows, baseline_rows)])
+
+
+def distinct_n(texts, n):
+    """Distinct word n-grams over all n-grams of the samples: 1 is all different, near 0 is repetition."""
+    grams = [tuple(w[i:i + n]) for w in (t.split() for t in texts) for i in range(len(w) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def metrics(rows, sft_rows, dpo_rows, judge):
+    """One policy on one prompt set. KL(pi || pi_sft) is the mean of logp_pi - logp_sft over samples
+    drawn from pi itself. judge: 'gold' or 'rm', the reward that decides the win rates."""
+    return {"gold_reward": mean([r["gold"] for r in rows]) if judge == "gold" else None,
+            "rm_reward": mean([r["rm"] for r in rows]),
+            "kl": mean([r["logp_pi"] - r["logp_sft"] for r in rows]),
+            "win_rate_vs_sft": win_rate(rows, sft_rows, judge),
+            "win_rate_vs_dpo": win_rate(rows, dpo_rows, judge) if dpo_rows is not None else None,
+            "distinct_2": distinct_n([r["text"] for r in rows], 2),
+            "length": mean([len(r["text"].split()) for r in rows]),
+            "samples": len(rows)}

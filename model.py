@@ -1,18 +1,19 @@
 """
-model.py: one GPT (the GPT-2 architecture), a scalar reward head, and a sampler with a KV cache.
+model.py: one GPT (the GPT-2 architecture), its heads (language model, and a scalar reward head for the
+reward model and PPO's critic), and a sampler with a KV cache. It is the model and only the model: it
+imports nothing else of the project.
 
-Read top to bottom: the config, the attention (which can read and write a KV cache), the block, the
-GPT and the ways of reading a sequence through `forward` (logits, log-probs, the reward head), then
-`generate`, a prefill and a decode step, and the sampling of the next token. GPT-2 weights come in
-and go out through gpt2.py.
+Read top to bottom: the config, the KV cache, the attention, the block, the GPT (its forward gives the
+final hidden states; the heads read them), `generate` with its prefill and decode steps, and the
+sampling of the next token. GPT-2 weights come in and go out through tools/gpt2.py.
 
     python -c "import model; m = model.GPT(model.GPTConfig()); print(m)"
 
 Padding conventions, which the whole project relies on:
-- Training and scoring use RIGHT padding: real tokens first, padding after. Attention is causal, so a
-  real position never sees the padding that follows it; no attention mask is needed.
-- A prompt's responses packed after it (packing.pack) are real tokens only, with no padding; each sees
-  the prompt and its own earlier tokens, at the positions it would have alone (packed_attention).
+- Training and scoring read RIGHT-padded rows: real tokens first, padding after. Attention is causal,
+  so a real position never sees the padding that follows it; no attention mask is needed.
+- packing.py reads a prompt's responses packed after it instead, real tokens only, with the same
+  results: the fast form of the same computation, built on this model.
 - `generate` LEFT-pads prompts of different lengths, and then needs an explicit mask and positions
   so that each row sees exactly what it would see alone in the batch.
 """
@@ -22,8 +23,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import vcb
 
 
 @dataclass
@@ -78,13 +77,8 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head, self.dropout, self.layer = config.n_head, config.dropout, layer
 
-    def forward(self, x, attn_mask=None, cache=None, packed=None):
+    def forward(self, x, attn_mask=None, cache=None):
         dropout_p = self.dropout if self.training else 0.0
-        if packed is not None:  # x (T, C): the real tokens of a packed batch; attn_mask: attention_masks(packed)
-            T, C = x.size()
-            qkv = self.c_attn(x).view(T, 3, self.n_head, C // self.n_head)
-            y = packed_attention(qkv, packed, attn_mask, dropout_p).reshape(T, C)
-            return self.resid_dropout(self.c_proj(y))
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
@@ -96,44 +90,6 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
-
-
-def packed_attention(qkv, p, masks, dropout_p=0.0):
-    """Attention at the T real tokens of a packing.Packed batch: qkv (T, 3, n_head, head_dim), the queries,
-    keys and values of each token -> (T, n_head, head_dim). The prompts attend causally among
-    themselves, all at once (G, P); each response attends to its prompt's keys and values and,
-    causally, to its own, in one or two buckets of responses of about the same length
-    (packing.Bucket). Nothing is computed between responses. masks: attention_masks(p), made once for
-    all layers. The queries, and the keys and values, are read in one gather each and the outputs
-    written in place: few kernels, and each one's backward adds in a fixed order, so the same batch
-    gives the same gradients, bit for bit, run after run."""
-    T, _, H, D = qkv.shape
-    shapes = [tuple(p.prompts.shape)] + [tuple(b.tokens.shape) for b in p.buckets]        # (rows, L) of each part
-    key_shapes = [tuple(p.prompts.shape)] + [tuple(b.keys.shape) for b in p.buckets]
-    def parts(x, shapes):  # x (sum of rows * L, ..., H, D) -> per part (..., rows, H, L, D)
-        return [part.view(*shape, *x.shape[1:]).movedim(1, -2).movedim(0, -4)
-                for part, shape in zip(x.split([a * b for a, b in shapes]), shapes)]
-    queries = parts(qkv[:, 0].index_select(0, p.queries), shapes)
-    keys = parts(qkv[:, 1:].index_select(0, p.keys), key_shapes)                        # k and v in one gather
-    out = qkv.new_zeros(T + 1, H, D)                                                   # padding lands on row T
-    for i, (places, q) in enumerate(zip(p.outputs.split([a * b for a, b in shapes]), queries)):
-        k, v = keys[i].unbind(0)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p) if i == 0 else \
-            F.scaled_dot_product_attention(q, k, v, attn_mask=masks[i - 1], dropout_p=dropout_p)
-        out.index_copy_(0, places, y.transpose(1, 2).reshape(-1, H, D))
-    return out[:T]
-
-
-def attention_masks(p):
-    """Per bucket of a packing.Packed batch, (S, 1, R, P + R): a response's token sees the real tokens of
-    its prompt and, causally, its own. Built on the device, from the lengths."""
-    masks = []
-    for b in p.buckets:
-        (S, R), P = b.tokens.shape, b.keys.size(1) - b.tokens.size(1)
-        prompt = torch.arange(P, device=b.keys.device)[None, :] < b.prompt_lengths[:, None]      # (S, P)
-        own = torch.ones(R, R, dtype=torch.bool, device=b.keys.device).tril()                    # (R, R)
-        masks.append(torch.cat([prompt[:, None, :].expand(S, R, P), own.expand(S, R, R)], -1)[:, None])
-    return masks
 
 
 class MLP(nn.Module):
@@ -158,8 +114,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, attn_mask=None, cache=None, packed=None):
-        x = x + self.attn(self.ln_1(x), attn_mask, cache, packed)
+    def forward(self, x, attn_mask=None, cache=None):
+        x = x + self.attn(self.ln_1(x), attn_mask, cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -195,10 +151,12 @@ class GPT(nn.Module):
         """Parameters, counting the tied embedding once and leaving out positions (as GPT-2 papers do)."""
         return sum(p.numel() for p in self.parameters()) - self.transformer.wpe.weight.numel()
 
-    def hidden(self, idx, pos=None, attn_mask=None, cache=None):
-        """idx (B, T) token ids -> (B, T, n_embd) final hidden states. pos (B, T) overrides the
-        positions 0..T-1 (packed responses, left-padded generation); attn_mask (B, 1, T, T_keys) says
-        which keys each query may see (None: causal); with a cache, idx holds only the new tokens."""
+    def forward(self, idx, pos=None, attn_mask=None, cache=None):
+        """idx (B, T) token ids of right-padded rows -> the final hidden states (B, T, n_embd); the heads
+        below read them (logits, logps, score), only where they are needed. pos (B, T) overrides the
+        positions 0..T-1 (left-padded generation); attn_mask (B, 1, T, T_keys) says which keys each
+        query may see (None: causal); with a cache, idx holds only the new tokens. This is the plain
+        form: packing.py reads a prompt's responses packed after it, with the same results."""
         B, T = idx.size()
         start = cache.len if cache is not None else 0
         if pos is None:
@@ -211,34 +169,6 @@ class GPT(nn.Module):
         if cache is not None:
             cache.len += T
         return self.transformer.ln_f(x)
-
-    def hidden_packed(self, p):
-        """The final hidden states (T, n_embd) of the real tokens of a packing.Packed batch: the linear
-        layers run on those T tokens only, the attention follows the layout (packed_attention)."""
-        x = self.transformer.drop(self.transformer.wte(p.idx) + self.transformer.wpe(p.pos))
-        masks = attention_masks(p)
-        for block in self.transformer.h:
-            x = block(x, masks, packed=p)
-        return self.transformer.ln_f(x)
-
-    def forward(self, x, targets=None, head="lm"):
-        """The one way in, so that DistributedDataParallel and torch.compile see every use of the model.
-        x is token ids (B, T) of right-padded rows, or a packing.Packed batch (prompts, each with its
-        responses after it):
-          ids,    head "lm":     logits (B, T, vocab); with targets (B, T), the float32 log-probs
-                                 log p(targets[:, t] | x[:, :t+1]) (B, T) (vcb.sequence_logps shifts for you)
-          Packed, head "lm":     the float32 log-prob of every response token (N,)
-          Packed, head "reward": the reward model's score r(x, y) of every response (S,), read at its last token
-          Packed, head "value":  the reward head before every response token (N,): a critic's values
-        On a packed batch the heads run only where they are read (N or S tokens)."""
-        if torch.is_tensor(x):
-            hidden = self.hidden(x)                                            # (B, T, C)
-            return self.logits(hidden) if targets is None else self.logps(hidden, targets)
-        hidden = self.hidden_packed(x)                                         # (T, C)
-        if head == "reward":
-            return self.score(hidden.index_select(0, x.last))
-        before = hidden.index_select(0, x.cols)                                # (N, C): what predicts each response token
-        return self.logps(before, x.targets) if head == "lm" else self.score(before)
 
     def logits(self, hidden):
         """The LM head on hidden states (..., C) -> (..., vocab), in float32 whatever the autocast: a
@@ -259,13 +189,6 @@ class GPT(nn.Module):
         with torch.autocast(hidden.device.type, enabled=False):
             return F.linear(hidden.float(), self.reward_head.weight.float(), self.reward_head.bias.float()).squeeze(-1)
 
-    def reward(self, idx, mask):
-        """r(x, y) of right-padded rows idx (B, T), mask (B, T) 1 on real tokens: the score at each row's
-        last real token, (B,) float32. Attention is causal, so it depends neither on the padding after
-        that token nor on the other rows. (Training and scoring read packed batches through forward.)"""
-        last = mask.long().sum(1) - 1                                          # (B,)
-        return self.score(self.hidden(idx)[torch.arange(idx.size(0), device=idx.device), last])
-
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW with weight decay on matrices only (not on biases, LayerNorm gains or the head bias)."""
         params = [p for p in self.parameters() if p.requires_grad]
@@ -275,11 +198,6 @@ class GPT(nn.Module):
         ]
         # one kernel for the whole update (CUDA and CPU): several times faster than a kernel per tensor
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
-
-    def estimate_flops_per_token(self, T):
-        """Training FLOPs per token (forward + backward), as in the PaLM paper's appendix B."""
-        N, cfg = self.num_params(), self.config
-        return 6 * N + 12 * cfg.n_layer * cfg.n_embd * T
 
     def crop_block_size(self, block_size):
         """Keep the first block_size positions (GPT-2 has 1024; short tasks need far fewer)."""
@@ -313,7 +231,7 @@ class GPT(nn.Module):
         if L + max_new_tokens > self.config.block_size:
             raise ValueError(f"prompt of {L} tokens + {max_new_tokens} new ones exceeds block_size="
                              f"{self.config.block_size}; shorten the prompt from the left")
-        idx, pos, mask = self.left_padded(rows, L + max_new_tokens)
+        idx, pos, mask = left_padded(rows, L + max_new_tokens, self.lm_head.weight.device)
         cache = KVCache(self.config, len(prompts), L + max_new_tokens) if use_cache else None  # grows to B after the prompts
         live = torch.arange(B, device=idx.device)  # the rows still in the batch: finished ones leave it
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
@@ -352,29 +270,8 @@ class GPT(nn.Module):
                 if cache is not None:
                     cache.keep(going.nonzero().squeeze(1))
             logits = self.decode(idx, pos, mask, live, t, cache)
-        out = []
-        for row in idx[:, L:t].tolist():
-            if stop_token is not None and stop_token in row:
-                row = row[:row.index(stop_token) + 1]
-            out.append(row)
+        out = [row[:row.index(stop_token) + 1] if stop_token in row else row for row in idx[:, L:t].tolist()]
         return (out, logps.tolist()) if return_logps else out
-
-    def left_padded(self, rows, T_max):
-        """Prompts of any lengths as one left-padded batch with room for new tokens: ids (B, T_max),
-        each row's positions (its first real token at 0), and (B, 1, T_max, T_max) which keys each
-        query sees: the real ones at or before it. A padding query sees itself, so no mask row is
-        empty (an all-False row makes SDPA return NaN)."""
-        device = self.lm_head.weight.device
-        B, L = len(rows), max(len(r) for r in rows)
-        idx = torch.zeros(B, T_max, dtype=torch.long, device=device)
-        real = torch.ones(B, T_max, dtype=torch.bool, device=device)  # False on the left padding
-        for b, r in enumerate(rows):
-            idx[b, L - len(r):L] = torch.tensor(r, device=device)
-            real[b, :L - len(r)] = False
-        pos = (real.long().cumsum(1) - 1).clamp(min=0)
-        causal = torch.ones(T_max, T_max, dtype=torch.bool, device=device).tril()
-        eye = torch.eye(T_max, dtype=torch.bool, device=device)
-        return idx, pos, ((causal & real[:, None, :]) | eye)[:, None]
 
     def prefill(self, idx, pos, mask, t, num_samples, cache):
         """The next-token logits (B, V) after the t prompt tokens of every row. With a cache each
@@ -382,7 +279,7 @@ class GPT(nn.Module):
         if cache is None:
             return self.decode(idx, pos, mask, torch.arange(idx.size(0), device=idx.device), t, None)
         first = torch.arange(0, idx.size(0), num_samples, device=idx.device)  # one row per prompt
-        hidden = self.hidden(idx[first, :t], pos=pos[first, :t], attn_mask=mask[first, :, :t, :t], cache=cache)
+        hidden = self(idx[first, :t], pos=pos[first, :t], attn_mask=mask[first, :, :t, :t], cache=cache)
         hidden = hidden.repeat_interleave(num_samples, 0)
         cache.keep(torch.arange(idx.size(0), device=idx.device) // num_samples)
         return self.logits(hidden[:, -1])
@@ -391,17 +288,27 @@ class GPT(nn.Module):
         """The next-token logits (B', V) of the live rows after t tokens: the newest token alone,
         reading the cache, or without one the whole prefix again."""
         if cache is None:
-            hidden = self.hidden(idx[live, :t], pos=pos[live, :t], attn_mask=mask[live, :, :t, :t])
+            hidden = self(idx[live, :t], pos=pos[live, :t], attn_mask=mask[live, :, :t, :t])
         else:
-            hidden = self.hidden(idx[live, t - 1:t], pos=pos[live, t - 1:t], attn_mask=mask[live, :, t - 1:t, :t],
-                                 cache=cache)
+            hidden = self(idx[live, t - 1:t], pos=pos[live, t - 1:t], attn_mask=mask[live, :, t - 1:t, :t], cache=cache)
         return self.logits(hidden[:, -1])  # only the last position predicts
 
 
-def response_logps(model, packed, average=False):
-    """log p(y|x) of every response of a packing.Packed batch, (S,) float32: summed over its tokens, or
-    averaged (RRHF). model: a GPT, or one wrapped by DistributedDataParallel or torch.compile."""
-    return vcb.packed_logps(model(packed), packed.seq, packed.lengths, average)
+def left_padded(rows, T_max, device):
+    """Prompts of any lengths as one left-padded batch with room for new tokens: ids (B, T_max),
+    each row's positions (its first real token at 0), and (B, 1, T_max, T_max) which keys each
+    query sees: the real ones at or before it. A padding query sees itself, so no mask row is
+    empty (an all-False row makes SDPA return NaN)."""
+    B, L = len(rows), max(len(r) for r in rows)
+    idx = torch.zeros(B, T_max, dtype=torch.long, device=device)
+    real = torch.ones(B, T_max, dtype=torch.bool, device=device)  # False on the left padding
+    for b, r in enumerate(rows):
+        idx[b, L - len(r):L] = torch.tensor(r, device=device)
+        real[b, :L - len(r)] = False
+    pos = (real.long().cumsum(1) - 1).clamp(min=0)
+    causal = torch.ones(T_max, T_max, dtype=torch.bool, device=device).tril()
+    eye = torch.eye(T_max, dtype=torch.bool, device=device)
+    return idx, pos, ((causal & real[:, None, :]) | eye)[:, None]
 
 
 def filter_logits(logits, top_k=None, top_p=None):

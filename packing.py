@@ -1,17 +1,132 @@
 """
-packing.py: a batch of prompts, each followed by its candidate responses, as one flat sequence of
-real tokens (Packed). The prompt is read once, not once per response, and nothing is padding; the
-attention that goes with this layout is model.packed_attention. Every stage that reads responses
-(SFT, the reward model, sampling's scores, alignment, evaluation) reads them packed.
+packing.py: a batch of prompts, each with its responses, as the model reads it, and their
+log-probabilities. Two layouts give the same numbers (tests/test_packing.py checks values and
+gradients):
 
-    groups = [encode_group(enc, prompt, responses), ...]   # token ids: <|endoftext|> + prompt, [response + <|endoftext|>]
-    batch = pack(groups, block_size)                       # cut to fit block_size as training cuts a pair (fit)
+- pad(): the plain form. Each (prompt, response) is its own right-padded row, read by model.GPT's
+  forward with plain causal attention. A prompt is computed once per response, and every row is as
+  long as the longest.
+- pack(): the fast form. The batch as one flat sequence of real tokens: prompt 0, its responses,
+  prompt 1, its responses... A prompt is read once, not once per response, nothing is padding, and
+  the attention follows the layout (packed_attention): a response sees its prompt and its own
+  earlier tokens, at the positions it would have alone; nothing is computed between responses.
+
+--layout chooses (packed by default; python -m tools.bench measures both on the task's lengths).
+Reader is the one module that reads a batch of either layout (SFT, the reward model, sampling's
+scores, alignment, PPO, evaluation), and response_logps gives log p(y|x) of each response:
+
+    groups = [data.encode_group(enc, prompt, responses), ...]   # token ids, cut by data.fit
+    batch = batch_of(groups, block_size, "packed")             # or "padded"
+    logps = response_logps(Reader(model), batch)               # (S,) float32, one per response
 """
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
+from data import fit
+
+
+# -----------------------------------------------------------------------------
+# reading a batch: the same heads on either layout
+
+class Reader(nn.Module):
+    """A GPT reading a batch of prompts with their responses (pad() or pack()), in one call of forward,
+    so that torch.compile and DDP see every use of the model. head "lm": the float32 log-prob of every
+    response token (N,); "reward": the reward model's score of every response, read at its last token
+    (S,); "value": the reward head before every response token (N,), PPO's critic. The heads run only
+    where they are read."""
+
+    def __init__(self, gpt):
+        super().__init__()
+        self.gpt = gpt
+
+    def forward(self, batch, head="lm"):
+        hidden = batch.hidden_states(self.gpt)                        # (places, C), the batch's tokens
+        if head == "reward":
+            return self.gpt.score(hidden.index_select(0, batch.last))
+        before = hidden.index_select(0, batch.cols)                   # (N, C): what predicts each response token
+        return self.gpt.logps(before, batch.targets) if head == "lm" else self.gpt.score(before)
+
+
+def response_logps(reader, batch, average=False):
+    """log p(y|x) of every response of a batch, (S,) float32: its tokens' log-probs summed, or averaged
+    (RRHF). reader: a Reader, or one wrapped by DistributedDataParallel or torch.compile."""
+    token_logps = reader(batch)                                                      # (N,)
+    total = torch.zeros(len(batch.lengths), dtype=torch.float32, device=token_logps.device)
+    total = total.index_add(0, batch.seq, token_logps.float())
+    return total / batch.lengths.clamp(min=1) if average else total
+
+
+def by_response(batch, flat):
+    """Per-token values (N,) in response order as rows (S, T) right-padded with 0, one per response,
+    and the (S, T) float mask of its real tokens (PPO's per-token tensors)."""
+    rows = pad_sequence(flat.split(batch.lengths.tolist()), batch_first=True)       # (S, T)
+    mask = torch.arange(rows.size(1), device=rows.device)[None, :] < batch.lengths[:, None]
+    return rows, mask.float()
+
+
+def batch_of(groups, block_size, layout):
+    """groups [(prompt ids, [response ids, ...])] (data.encode_group), each cut to fit block_size by
+    data.fit, as one batch of the layout: "packed" or "padded"."""
+    return pack(groups, block_size) if layout == "packed" else pad(groups, block_size)
+
+
+def move(obj, device):
+    """A batch's dataclass with every tensor on the device."""
+    fields = {k: v.to(device) if torch.is_tensor(v) else v for k, v in obj.__dict__.items()}
+    if "buckets" in fields:
+        fields["buckets"] = [move(b, device) for b in fields["buckets"]]
+    return type(obj)(**fields)
+
+
+# -----------------------------------------------------------------------------
+# the plain form: one right-padded row per response
+
+@dataclass
+class Padded:
+    """Each (prompt, response) as its own row, right-padded to the longest: S rows of L tokens, N
+    response tokens. Places are row * L + column, in the rows flattened."""
+    idx: torch.Tensor      # (S, L) token ids: the prompt, then the response, then padding
+    cols: torch.Tensor     # (N,) place of the token that predicts each response token: the one before it
+    targets: torch.Tensor  # (N,) the response tokens
+    seq: torch.Tensor      # (N,) which response each token belongs to, 0..S-1, prompt-major
+    last: torch.Tensor     # (S,) place of each response's last token (where the reward model reads)
+    lengths: torch.Tensor  # (S,) tokens per response
+    cut: int               # sequences cut to fit block_size
+
+    def to(self, device):
+        return move(self, device)
+
+    def hidden_states(self, gpt):
+        return gpt(self.idx).flatten(0, 1)                           # (S * L, C), causal attention
+
+
+def pad(groups, block_size):
+    """groups: [(prompt ids, [response ids, ...])] as data.encode_group gives them, each cut to fit
+    block_size by data.fit. Returns Padded: every (prompt, response) its own right-padded row."""
+    rows, starts, cut = [], [], 0
+    for prompt, responses in groups:
+        prompt, responses, n_cut = fit(prompt, responses, block_size)
+        cut += n_cut
+        rows += [prompt + r for r in responses]
+        starts += [len(prompt)] * len(responses)
+    L = max(map(len, rows))
+    cols, targets, seq, last = [], [], [], []
+    for s, (row, start) in enumerate(zip(rows, starts)):
+        cols += range(s * L + start - 1, s * L + len(row) - 1)       # token t is predicted at t - 1
+        targets += row[start:]
+        seq += [s] * (len(row) - start)
+        last.append(s * L + len(row) - 1)
+    t = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+    idx = t([row + [0] * (L - len(row)) for row in rows])
+    return Padded(idx, t(cols), t(targets), t(seq), t(last), t([len(row) - start for row, start in zip(rows, starts)]), cut)
+
+
+# -----------------------------------------------------------------------------
+# the fast form: real tokens only, each prompt read once
 
 @dataclass
 class Bucket:
@@ -30,7 +145,7 @@ class Bucket:
 class Packed:
     """Prompts, each followed by its responses, as one flat sequence of real tokens: prompt 0, its
     responses, prompt 1, its responses... No token is padding, and the linear layers and heads run on
-    real tokens only. Attention follows the layout (model.packed_attention): a prompt's tokens see
+    real tokens only. Attention follows the layout (packed_attention): a prompt's tokens see
     the prompt's earlier tokens, a response's tokens see their prompt and their own earlier tokens, at
     the positions they would have alone; nothing is computed between responses. The prompt is read
     once, not once per response. Shapes: T tokens in all, G prompts, S responses, N response tokens."""
@@ -51,22 +166,15 @@ class Packed:
     cut: int               # sequences cut to fit block_size
 
     def to(self, device):
-        move = lambda v: v.to(device) if torch.is_tensor(v) else v  # noqa: E731
-        fields = {k: move(v) for k, v in self.__dict__.items()}
-        fields["buckets"] = [Bucket(**{k: move(v) for k, v in b.__dict__.items()}) for b in self.buckets]
-        return Packed(**fields)
+        return move(self, device)
 
-    def by_response(self, flat):
-        """Per-token values (N,) in response order as rows (S, T) right-padded with 0, one per
-        response, and the (S, T) float mask of its real tokens (PPO's per-token tensors)."""
-        rows = pad_sequence(flat.split(self.lengths.tolist()), batch_first=True)        # (S, T)
-        mask = torch.arange(rows.size(1), device=rows.device)[None, :] < self.lengths[:, None]
-        return rows, mask.float()
+    def hidden_states(self, gpt):
+        return packed_hidden(gpt, self)                               # (T, C)
 
     def dense(self):
         """The same batch as rows, one per prompt (the prompt, then its responses, right-padded), with
         the (G, 1, L, L) mask that lets each token see what it sees in the packed layout: the reference
-        that model.packed_attention must equal (tests, bench.py). Returns (idx, pos, mask, where):
+        that packed_attention must equal (tests, bench.py). Returns (idx, pos, mask, where):
         where (T,) is each token's place in the rows, flattened (row * L + column)."""
         G, T = len(self.prompts), len(self.idx)
         seg = torch.zeros(T, dtype=torch.long)  # 0: a prompt token, k + 1: a token of response k
@@ -89,27 +197,10 @@ class Packed:
         return idx, pos, mask[:, None], group * L + col
 
 
-def encode_group(enc, prompt, responses):
-    """A prompt and its responses as token ids for pack(): (<|endoftext|> + prompt, [response +
-    <|endoftext|>, ...]), the same tokens encode_example gives each pair."""
-    return [enc.eot_token] + enc.encode_ordinary(prompt), [enc.encode_ordinary(r) + [enc.eot_token] for r in responses]
-
-
-def fit(prompt, responses, block_size):
-    """Cut a group to block_size as encode_example cuts a pair: the prompt from the left (its first
-    token, <|endoftext|>, stays) to leave room for its longest response, a response that alone does
-    not fit from the right. Returns (prompt, responses, how many sequences were cut)."""
-    keep = max(block_size - max(len(r) for r in responses), 2)  # <|endoftext|> and one prompt token
-    cut = 0
-    if len(prompt) > keep:
-        prompt, cut = prompt[:1] + prompt[len(prompt) - keep + 1:], len(responses)
-    room = block_size - len(prompt)
-    return prompt, [r[:room] for r in responses], max(cut, sum(len(r) > room for r in responses))
-
-
 def pack(groups, block_size):
-    """groups: [(prompt ids, [response ids, ...])] as encode_group gives them, cut to fit block_size
-    by fit(). Returns Packed; the attention's masks are built from its lengths on the device."""
+    """groups: [(prompt ids, [response ids, ...])] as data.encode_group gives them, cut to fit
+    block_size by data.fit. Returns Packed; the attention's masks are built from its lengths on the
+    device."""
     ids, pos, prompts, cut = [], [], [], 0
     cols, targets, seq, last, lengths, responses_at = [], [], [], [], [], []
     for g, (prompt, responses) in enumerate(groups):
@@ -177,3 +268,55 @@ def split_by_length(responses, prompt_lengths):
     return [by_length[:split], by_length[split:]]
 
 
+def packed_hidden(gpt, p):
+    """The final hidden states (T, n_embd) of the real tokens of a Packed batch: model.GPT's forward
+    on this layout. The linear layers run on the T tokens only; the attention follows the layout."""
+    x = gpt.transformer.drop(gpt.transformer.wte(p.idx) + gpt.transformer.wpe(p.pos))
+    masks = attention_masks(p)
+    for block in gpt.transformer.h:
+        attn, h = block.attn, block.ln_1(x)
+        T, C = h.size()
+        qkv = attn.c_attn(h).view(T, 3, attn.n_head, C // attn.n_head)
+        y = packed_attention(qkv, p, masks, attn.dropout if attn.training else 0.0).reshape(T, C)
+        x = x + attn.resid_dropout(attn.c_proj(y))
+        x = x + block.mlp(block.ln_2(x))
+    return gpt.transformer.ln_f(x)
+
+
+def packed_attention(qkv, p, masks, dropout_p=0.0):
+    """Attention at the T real tokens of a Packed batch: qkv (T, 3, n_head, head_dim), the queries,
+    keys and values of each token -> (T, n_head, head_dim). The prompts attend causally among
+    themselves, all at once (G, P); each response attends to its prompt's keys and values and,
+    causally, to its own, in one or two buckets of responses of about the same length
+    (Bucket). Nothing is computed between responses. masks: attention_masks(p), made once for
+    all layers. The queries, and the keys and values, are read in one gather each and the outputs
+    written in place: few kernels, and each one's backward adds in a fixed order, so the same batch
+    gives the same gradients, bit for bit, run after run."""
+    T, _, H, D = qkv.shape
+    shapes = [tuple(p.prompts.shape)] + [tuple(b.tokens.shape) for b in p.buckets]        # (rows, L) of each part
+    key_shapes = [tuple(p.prompts.shape)] + [tuple(b.keys.shape) for b in p.buckets]
+
+    def parts(x, shapes):  # x (sum of rows * L, ..., H, D) -> per part (..., rows, H, L, D)
+        return [part.view(*shape, *x.shape[1:]).movedim(1, -2).movedim(0, -4)
+                for part, shape in zip(x.split([a * b for a, b in shapes]), shapes)]
+    queries = parts(qkv[:, 0].index_select(0, p.queries), shapes)
+    keys = parts(qkv[:, 1:].index_select(0, p.keys), key_shapes)                        # k and v in one gather
+    out = qkv.new_zeros(T + 1, H, D)                                                   # padding lands on row T
+    for i, (places, q) in enumerate(zip(p.outputs.split([a * b for a, b in shapes]), queries)):
+        k, v = keys[i].unbind(0)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p) if i == 0 else \
+            F.scaled_dot_product_attention(q, k, v, attn_mask=masks[i - 1], dropout_p=dropout_p)
+        out.index_copy_(0, places, y.transpose(1, 2).reshape(-1, H, D))
+    return out[:T]
+
+
+def attention_masks(p):
+    """Per bucket of a Packed batch, (S, 1, R, P + R): a response's token sees the real tokens of
+    its prompt and, causally, its own. Built on the device, from the lengths."""
+    masks = []
+    for b in p.buckets:
+        (S, R), P = b.tokens.shape, b.keys.size(1) - b.tokens.size(1)
+        prompt = torch.arange(P, device=b.keys.device)[None, :] < b.prompt_lengths[:, None]      # (S, P)
+        own = torch.ones(R, R, dtype=torch.bool, device=b.keys.device).tril()                    # (R, R)
+        masks.append(torch.cat([prompt[:, None, :].expand(S, R, P), own.expand(S, R, R)], -1)[:, None])
+    return masks

@@ -1,8 +1,8 @@
 """
 ppo.py: the online baselines the paper sets out to replace, PPO and RLOO. The policy samples, the
 reward model scores, the policy learns, again and again (docs/method.md, "PPO and RLOO"); the
-losses are pure functions in vcb.py, this file is one iteration, and train.py's training loop runs
-it for --methods=ppo,rloo:
+losses are pure functions in vcb.py, and this file is their loop (train) and one iteration of it,
+which train.py's align stage runs for --methods=ppo,rloo:
 
     python train.py --methods=vcb,ppo,rloo
     python train.py --stage=align --methods=ppo --beta=0.1 --ppo_target_kl=4
@@ -28,7 +28,30 @@ import data
 import packing
 import vcb
 from evaluate import decode, score_rewards
-from runtime import batch_indices, compiled, load_data, load_model, lr_at, path
+from machinery.progress import Progress
+from machinery.runtime import batch_indices, load_model, lr_at, path, wrap
+
+
+def train(cfg, env, enc, name, seed, task, cands):
+    """PPO or RLOO (name) from the SFT weights: online_iters iterations of rollouts and the updates
+    on them, with the training loop's resume, curves, checkpoints and health checks. cands: the SFT
+    candidates, whose reward spread normalises the reward model's scores. Returns the policy and the
+    critic (PPO's; None for RLOO)."""
+    method = vcb.METHODS[name]
+    o = setup(cfg, env, enc, method, seed, cands)
+    progress = Progress(cfg, env, task, o.state, cfg.online_iters, unit="iteration", extra={"beta": cfg.beta})
+    batch = None
+
+    def probe():  # the health check's forward pass: one prompt's rollouts again
+        return packing.response_logps(packing.Reader(o.policy), packed(cfg, batch["groups"][:1], env)).sum()
+
+    for it in range(progress.start, cfg.online_iters):
+        metrics, progress.extra["beta"], batch = iteration(cfg, env, enc, o, method, seed, it, progress.extra["beta"])
+        progress.record(it, lr_at(it, cfg.online_iters, cfg.online_lr, cfg.warmup_steps), metrics)
+        progress.snapshot(it + 1, o.policy, enc)
+        progress.checkpoint(it + 1, probe)
+    progress.finish(probe)
+    return o.policy, o.critic
 
 
 @dataclass
@@ -38,7 +61,7 @@ class Online:
     ref: torch.nn.Module      # the frozen SFT model: the KL's reference
     rm: torch.nn.Module       # the frozen reward model
     critic: torch.nn.Module   # PPO's value model, from the reward model (None for RLOO)
-    runners: list             # the policy and the critic as the updates run them (runtime.compiled)
+    runners: list             # the policy and the critic as the updates run them (packing.Reader, runtime.wrap)
     optimizers: list          # the policy's, then the critic's
     scaler: torch.amp.GradScaler  # scales the loss under float16 (a no-op otherwise)
     state: dict               # what a resumable checkpoint holds: the trained models and their optimizers
@@ -48,29 +71,30 @@ class Online:
 
 
 def setup(cfg, env, enc, method, seed, cands):
-    """The models of one PPO or RLOO run, from the SFT and reward-model weights. cands: the SFT
-    candidates, whose reward spread normalises the reward model's scores."""
+    """The models of one PPO or RLOO run (method: a vcb.Method), from the SFT and reward-model weights.
+    cands: the SFT candidates, whose reward spread normalises the reward model's scores."""
     torch.manual_seed(seed)
     policy = load_model(path(cfg, "sft.pt"), env, enc, cfg)
     ref = load_model(path(cfg, "sft.pt"), env, enc, cfg).eval()
     rm = load_model(path(cfg, "rm.pt"), env, enc, cfg).eval()
-    critic = load_model(path(cfg, "rm.pt"), env, enc, cfg) if method == "ppo" else None  # a value at every position
+    critic = load_model(path(cfg, "rm.pt"), env, enc, cfg) if method.critic else None  # PPO: a value at every position
     models = [policy] + ([critic] if critic else [])
     optimizers = [m.configure_optimizers(cfg.weight_decay, lr, (0.9, 0.95), env.device_type)
                   for m, lr in zip(models, [cfg.online_lr, cfg.critic_lr])]
     state = {"policy": policy, "opt_policy": optimizers[0]} | ({"critic": critic, "opt_critic": optimizers[1]} if critic else {})
     scaler = torch.amp.GradScaler(env.device_type, enabled=env.dtype == torch.float16)
-    return Online(policy, ref, rm, critic, [compiled(cfg, m) for m in models], optimizers, scaler, state,
-                  [r["prompt"] for r in load_data(cfg, "align_prompts")], cands.rewards.mean().item(), cands.rewards.std().item())
+    return Online(policy, ref, rm, critic, [wrap(cfg, env, packing.Reader(m)) for m in models], optimizers, scaler, state,
+                  [r["prompt"] for r in data.read_task_file(cfg.out_dir, "align_prompts")], cands.rewards.mean().item(),
+                  cands.rewards.std().item())
 
 
 def iteration(cfg, env, enc, o, method, seed, it, beta):
     """One batch of rollouts and the updates on it. Returns (metrics, the next beta, the batch)."""
     batch = rollout(cfg, env, enc, o, seed, it)
-    if method == "ppo":
-        metrics = ppo_update(cfg, env, enc, o, batch, beta, seed, it)
+    if method.critic:
+        metrics = ppo_update(cfg, env, o, batch, beta, seed, it)
     else:
-        metrics = rloo_update(cfg, env, enc, o, batch, beta, it)
+        metrics = rloo_update(cfg, env, o, batch, beta, it)
     kl = batch["kl"].mean()
     if cfg.ppo_target_kl > 0:  # the controller needs the KL now: the one read of an iteration
         beta = vcb.adaptive_beta(beta, kl.item(), cfg.ppo_target_kl, len(batch["eos"]), cfg.ppo_kl_horizon)
@@ -92,31 +116,31 @@ def rollout(cfg, env, enc, o, seed, it):
         outs = o.policy.generate(ids, cfg.max_new_tokens, temperature=1.0, stop_token=enc.eot_token, num_samples=k, generator=g)
     groups = [(ids[i], outs[i * k:(i + 1) * k]) for i in range(len(ids))]        # the exact sampled tokens
     texts = [decode(enc, out) for out in outs]
-    raw = torch.tensor(score_rewards(cfg, env, o.rm, enc, [packing.encode_group(enc, p, texts[i * k:(i + 1) * k])
-                                                            for i, p in enumerate(chosen)]), device=env.device)
+    as_text = [data.encode_group(enc, p, texts[i * k:(i + 1) * k]) for i, p in enumerate(chosen)]  # the RM reads the text
+    raw = torch.tensor(score_rewards(cfg, env, o.rm, as_text), device=env.device)
     eos = torch.tensor([out[-1] == enc.eot_token for out in outs], device=env.device)
     scores = (raw - o.mu) / o.sd - cfg.eos_penalty * (~eos).float()  # a response cut short is penalised (docs/method.md)
     batch = {"groups": groups, "raw_scores": raw, "scores": scores, "eos": eos}
-    p = packed(cfg, enc, groups, env)  # packed once, read by each model
-    batch["old_logp"], batch["mask"] = per_token(o.policy, p, env)
-    batch["ref_logp"], _ = per_token(o.ref, p, env)
+    p = packed(cfg, groups, env)  # one batch, read by each model
+    batch["old_logp"], batch["mask"] = per_token(packing.Reader(o.policy), p, env)
+    batch["ref_logp"], _ = per_token(packing.Reader(o.ref), p, env)
     if o.critic is not None:
-        batch["old_values"], _ = per_token(o.critic, p, env, head="value")
+        batch["old_values"], _ = per_token(packing.Reader(o.critic), p, env, head="value")
     batch["kl"] = ((batch["old_logp"] - batch["ref_logp"]) * batch["mask"]).sum(-1)  # (S,) sum of k1 per response
     return batch
 
 
-def packed(cfg, enc, groups, env):  # the responses packed after their prompts (packing.pack), on the device
-    return packing.pack(groups, cfg.block_size).to(env.device)
+def packed(cfg, groups, env):  # the prompts with their responses as one batch (packing.py), on the device
+    return packing.batch_of(groups, cfg.block_size, cfg.layout).to(env.device)
 
 
-def per_token(model, p, env, head="lm"):
-    """Per response token of packed groups p, padded (S, T): the model's log-prob of the token
-    (head "lm") or the critic's value of the state before it (head "value"), and the (S, T) mask of
-    real tokens."""
+def per_token(reader, p, env, head="lm"):
+    """Per response token of the batch p, padded (S, T): the model's log-prob of the token (head
+    "lm") or the critic's value of the state before it (head "value"), and the (S, T) mask of real
+    tokens. reader: a packing.Reader (or one torch.compile'd)."""
     with env.autocast():
-        flat = model(p, head=head)                                                  # (N,)
-    return p.by_response(flat)
+        flat = reader(p, head=head)                                                 # (N,)
+    return packing.by_response(p, flat)
 
 
 def minibatches(n_groups, count, generator=None):
@@ -131,7 +155,7 @@ def rows_of(group_ids, k):
     return [g * k + j for g in group_ids for j in range(k)]  # the responses of those prompts, S-indexed
 
 
-def ppo_update(cfg, env, enc, o, batch, beta, seed, it):
+def ppo_update(cfg, env, o, batch, beta, seed, it):
     """PPO on one rollout batch: rewards, GAE, whitening, then ppo_epochs x ppo_minibatches steps."""
     mask, k = batch["mask"], cfg.online_k
     rewards = vcb.ppo_token_rewards(batch["old_logp"], batch["ref_logp"], batch["scores"], mask, beta)
@@ -146,7 +170,7 @@ def ppo_update(cfg, env, enc, o, batch, beta, seed, it):
         for mb in minibatches(len(batch["groups"]), cfg.ppo_minibatches, g):
             rows, groups = rows_of(mb, k), [batch["groups"][i] for i in mb]
             with env.autocast():
-                p = packed(cfg, enc, groups, env)
+                p = packed(cfg, groups, env)
                 logp, m = per_token(o.runners[0], p, env)
                 values, _ = per_token(o.runners[1], p, env, head="value")
             T = m.size(1)
@@ -163,14 +187,14 @@ def ppo_update(cfg, env, enc, o, batch, beta, seed, it):
     return {key: v / n if key != "first_approx_kl" else v for key, v in stats.items()}
 
 
-def rloo_update(cfg, env, enc, o, batch, beta, it):
+def rloo_update(cfg, env, o, batch, beta, it):
     """RLOO on one rollout batch: leave-one-out advantages per prompt, one REINFORCE step."""
     P, k = len(batch["groups"]), cfg.online_k
     advantages = vcb.rloo_advantages(batch["scores"].view(P, k), batch["kl"].view(P, k), beta).view(-1)
     set_lr(cfg, o.optimizers[:1], it)
     o.policy.train()
     with env.autocast():
-        logp, m = per_token(o.runners[0], packed(cfg, enc, batch["groups"], env), env)
+        logp, m = per_token(o.runners[0], packed(cfg, batch["groups"], env), env)
     loss = vcb.reinforce_loss((logp * m).sum(-1), advantages)
     step(cfg, o, [o.policy], loss)
     return {"loss": loss.detach(), "advantage_std": advantages.std()}

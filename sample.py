@@ -19,11 +19,10 @@ from types import SimpleNamespace
 import torch
 
 import data
-import packing
-from config import COUNT, METHODS, RANGES, ConfigError, Range, parse_options, run_config
-from data import DataError
 from evaluate import decode, gold_reward, score_logps, score_rewards
-from runtime import command, load_model, load_tokenizer, path, setup
+from machinery.config import COUNT, METHODS, RANGES, ConfigError, Range, parse_options, run_config
+from machinery.files import DataError, text_lines, valid_unicode
+from machinery.runtime import command, load_model, path, setup
 
 
 @dataclass
@@ -63,7 +62,7 @@ def read_prompts(opts):
         return [opts.prompt]
     if opts.prompt_file:
         prompts = []
-        for n, line in data.text_lines(opts.prompt_file):
+        for n, line in text_lines(opts.prompt_file):
             if isinstance(line, DataError):
                 raise line
             if line.strip():
@@ -78,7 +77,7 @@ def main(argv):
     opts = parse_options(SampleConfig(), argv, __doc__, RANGES_HERE)
     cfg = run_config(opts.out_dir)
     env = setup(SimpleNamespace(device=opts.device, dtype=cfg.dtype))
-    enc = load_tokenizer(cfg)
+    enc = data.load_tokenizer(path(cfg, "tokenizer.json"))
     new_tokens = opts.max_new_tokens or cfg.max_new_tokens
     if new_tokens >= cfg.block_size:
         raise ConfigError(f"--max_new_tokens={new_tokens} leaves no room for a prompt in the run's block_size={cfg.block_size}")
@@ -105,7 +104,7 @@ def input_prompt():
 def show(opts, cfg, env, enc, models, sft, rm, prompt, new_tokens):
     """Each policy's samples for one prompt, one line each: scores, then the text."""
     print(f"\nprompt: {prompt!r}")
-    if not data.valid_unicode(prompt):
+    if not valid_unicode(prompt):
         print("  (not valid Unicode text; skipped)")
         return
     ids = data.encode_prompt(enc, prompt, cfg.block_size - new_tokens)
@@ -118,8 +117,8 @@ def show(opts, cfg, env, enc, models, sft, rm, prompt, new_tokens):
                                   top_p=opts.top_p, stop_token=enc.eot_token, num_samples=opts.num_samples, generator=g)
         texts = [decode(enc, o) for o in outs]
         cut = ["" if o and o[-1] == enc.eot_token else " [cut at max_new_tokens]" for o in outs]
-        logp_sft = score_logps(cfg, env, sft, enc, [(ids, outs)])  # on the exact sampled tokens
-        rm_scores = score_rewards(cfg, env, rm, enc, [packing.encode_group(enc, prompt, texts)]) if rm else [None] * len(texts)
+        logp_sft = score_logps(cfg, env, sft, [(ids, outs)])  # on the exact sampled tokens
+        rm_scores = score_rewards(cfg, env, rm, [data.encode_group(enc, prompt, texts)]) if rm else [None] * len(texts)
         gold = gold_reward(cfg, texts, [prompt] * len(texts)) if cfg.data == "builtin" else [None] * len(texts)
         for text, r, g_, lp, c in zip(texts, rm_scores, gold, logp_sft, cut):
             print(f"  {name:{width}}  {fmt(r)} {fmt(g_)} {lp:9.2f}  {text!r}{c}")

@@ -1,6 +1,6 @@
 """
-vcb.py: the Value-based Calibration loss, the order-based baselines, PPO's and RLOO's losses, and the
-closed-form theory.
+vcb.py: the Value-based Calibration loss, the order-based baselines, PPO's and RLOO's losses, the
+closed-form theory, and the registry of methods (METHODS), where each method is declared once.
 
 VCB is the method of Mao et al., "Don't Forget Your Reward Values" (EMNLP 2024, arXiv 2402.16030).
 The paper's code is not public and its body was not available here: the loss is reconstructed from
@@ -25,16 +25,20 @@ named after the paper:
 The candidate-set losses take a `reduction` like PyTorch's losses: "mean" is the loss of
 docs/method.md; "sum" is what training adds up over micro-batches before dividing by the whole
 step's count (vcb_count, pair_count, or the number of prompts), so that the step's gradient is the
-same mean whatever the number of micro-batches and processes.
+same mean whatever the number of micro-batches and processes. The log-probabilities come from
+packing.response_logps: log p(y|x) summed over the response's tokens (RRHF: averaged), float32.
 
 Run it to see the walk-through's Figure 1 as numbers (about a second on a CPU):
 
     python vcb.py
 """
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
 
 SIGMA_FLOOR = 1e-6  # a prompt whose candidates' rewards spread less than this has nothing to calibrate
 
@@ -42,32 +46,6 @@ SIGMA_FLOOR = 1e-6  # a prompt whose candidates' rewards spread less than this h
 def f32(x):
     """At least float32: bfloat16/float16 inputs are upcast, float64 (tests, theory) stays float64."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-# -----------------------------------------------------------------------------
-# log-probabilities
-
-def sequence_logps(logits, targets, mask, average=False):
-    """Per-sequence log p(y|x) of the response tokens, in float32.
-
-    logits (B, T, V) from the model on the input ids; targets (B, T) the same input ids; mask (B, T)
-    1 where targets[:, t] is a response token. The logits at t predict the token at t + 1, hence the
-    shift by one. average=True divides by the number of response tokens (RRHF's length-averaged p).
-    Returns (B,).
-    """
-    logits, targets, mask = logits[:, :-1], targets[:, 1:], mask[:, 1:].to(torch.float32)
-    # log_softmax + gather, fused: cross_entropy never keeps a second (B, T, V) tensor of log-probs
-    logp = -F.cross_entropy(f32(logits).flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)  # (B, T-1)
-    total = (logp * mask).sum(-1)
-    return total / mask.sum(-1).clamp(min=1) if average else total
-
-
-def packed_logps(token_logps, seq, lengths, average=False):
-    """Per-sequence log p(y|x) from the log-probs of packed response tokens (packing.pack): token_logps
-    (N,) float32, seq (N,) the sequence of each token, lengths (S,) tokens per sequence. Returns (S,);
-    average=True divides by the length (RRHF's length-averaged p)."""
-    total = torch.zeros(len(lengths), dtype=torch.float32, device=token_logps.device).index_add(0, seq, f32(token_logps))
-    return total / lengths.clamp(min=1) if average else total
 
 
 # -----------------------------------------------------------------------------
@@ -169,7 +147,7 @@ def vcb_diagnostics(policy_logps, ref_logps, rewards, beta, sigma_floor=SIGMA_FL
     a, b = (learned - masked_mean(learned, w)) * w, (target - masked_mean(target, w)) * w
     denom = a.norm() * b.norm()
     corr = torch.where(denom > 0, (a * b).sum() / denom, torch.full_like(denom, float("nan")))
-    return {"skipped": 1.0 - ok.float().mean(), "gap_corr": corr}  # tensors: read when logged
+    return {"gap_corr": corr, "skipped": 1.0 - ok.float().mean()}  # tensors: read when logged
 
 
 # -----------------------------------------------------------------------------
@@ -388,6 +366,95 @@ def optimal_policy(ref_logps, rewards, beta, sigma_floor=SIGMA_FLOOR):
     sigma = reward_sigma(r)
     scale = torch.where(sigma > sigma_floor, 1 / (beta * sigma.clamp(min=sigma_floor)), torch.zeros_like(sigma))
     return torch.log_softmax(f32(ref_logps) + r * scale[:, None], dim=-1)
+
+
+# -----------------------------------------------------------------------------
+# the methods, each declared once: what the pipeline, the experiments and the report know of each.
+# Adding a loss is its function above, one entry here, its tests and its row in docs/method.md.
+
+@dataclass(frozen=True)
+class Method:
+    label: str                   # its name in figures
+    color: str                   # its colour in every figure
+    loss: Callable = None        # offline: loss(logps, ref_logps, rewards, beta, lam, sigma, sigma_floor), summed over the prompts
+    count: Callable = None       # what that sum is a mean over: count(rewards, sigma_floor) -> int (pairs, prompts, ...)
+    beta: bool = True            # has a KL strength beta
+    reference: bool = True       # reads the reference log-probs (logp_sft)
+    length_averaged: bool = False  # log-probs averaged over the response's tokens, not summed
+    sigma: str = ""              # uses the rewards' size, divided by each "prompt"'s sigma(x) or by the candidate "set"'s spread
+    diagnostics: Callable = None  # extra metrics to watch: diagnostics(logps, ref_logps, rewards, beta, sigma, sigma_floor) -> dict
+    online: bool = False         # samples from the policy as it learns (ppo.py), instead of learning from the candidates
+    critic: bool = False         # online with a value model (PPO), or with the other samples as baseline (RLOO)
+
+    @property
+    def value_aware(self):       # uses the rewards' size, not only their order
+        return bool(self.sigma)
+
+
+# The offline losses, each on the batch's (b, n) log-probs, reference log-probs and rewards, summed
+# over its prompts (training divides the sum by the step's count). sigma: the scale the value-aware
+# losses divide reward gaps by, one for the candidate set, or None for each prompt's own sigma(x).
+
+def vcb(logps, ref_logps, rewards, beta, lam, sigma, sigma_floor):
+    return vcb_loss(logps, ref_logps, rewards, beta, lam, sigma_floor, sigma, reduction="sum")
+
+
+def pairs_of(loss_fn):  # an order-based per-pair loss, on every ordered pair of a prompt's candidates
+    return lambda logps, ref_logps, rewards, beta, lam, sigma, sigma_floor: \
+        pairwise_loss(loss_fn, logps, ref_logps, rewards, beta, reduction="sum")
+
+
+def rrhf(logps, ref_logps, rewards, beta, lam, sigma, sigma_floor):  # logps: length-averaged; no reference, no beta
+    return rrhf_loss(logps, rewards, reduction="sum")
+
+
+def rebel(logps, ref_logps, rewards, beta, lam, sigma, sigma_floor):
+    return rebel_loss(logps, ref_logps, rewards, 1 / (beta * sigma), reduction="sum")
+
+
+def infonca(logps, ref_logps, rewards, beta, lam, sigma, sigma_floor):
+    return infonca_loss(logps, ref_logps, rewards, beta, sigma, reduction="sum")
+
+
+def odpo(logps, ref_logps, rewards, beta, lam, sigma, sigma_floor):
+    return odpo_pairwise_loss(logps, ref_logps, rewards, beta, sigma, reduction="sum")
+
+
+# what each sum is a mean over: count(rewards (b, n), sigma_floor) -> int
+def calibrated_prompts(rewards, sigma_floor):
+    return vcb_count(rewards, sigma_floor)
+
+
+def ordered_pairs(rewards, sigma_floor):
+    return pair_count(rewards)
+
+
+def unordered_pairs(rewards, sigma_floor):
+    return len(rewards) * math.comb(rewards.size(1), 2)
+
+
+def prompts(rewards, sigma_floor):
+    return len(rewards)
+
+
+def vcb_watch(logps, ref_logps, rewards, beta, sigma, sigma_floor):
+    return vcb_diagnostics(logps, ref_logps, rewards, beta, sigma_floor, sigma)
+
+
+METHODS = {
+    "vcb": Method("VCB", "tab:orange", vcb, calibrated_prompts, sigma="prompt", diagnostics=vcb_watch),
+    "dpo": Method("DPO", "tab:green", pairs_of(dpo_loss), ordered_pairs),
+    "ipo": Method("IPO", "tab:blue", pairs_of(ipo_loss), ordered_pairs),
+    "slic": Method("SLiC", "tab:purple", pairs_of(slic_loss), ordered_pairs),
+    "rrhf": Method("RRHF", "tab:red", rrhf, prompts, beta=False, reference=False, length_averaged=True),
+    "ppo": Method("PPO", "tab:cyan", online=True, critic=True),
+    "rloo": Method("RLOO", "tab:olive", online=True),
+    # the value-aware peers, set so that their optimum on the candidates is VCB's with one sigma for the
+    # set: delta_i - delta_j = (r_i - r_j) / (beta * sigma) (docs/method.md, "The value-aware peers")
+    "rebel": Method("REBEL", "tab:pink", rebel, unordered_pairs, sigma="set"),
+    "infonca": Method("InfoNCA", "tab:gray", infonca, prompts, sigma="set"),
+    "odpo": Method("ODPO", "gold", odpo, ordered_pairs, sigma="set"),
+}
 
 
 # -----------------------------------------------------------------------------

@@ -14,9 +14,9 @@ import torch
 from hypothesis import settings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import config  # noqa: E402  (after the path is set)
-import reviews  # noqa: E402
-import train  # noqa: E402
+import train  # noqa: E402  (after the path is set)
+from machinery import config  # noqa: E402
+from tasks import reviews  # noqa: E402
 
 settings.register_profile("default", deadline=None, max_examples=60, derandomize=True)
 # the longer run of the fuzz tests (test_fuzz.py, test_fuzz_options.py): 20 times the examples, new
@@ -54,10 +54,11 @@ TINY = ["--device=cpu", "--n_sft=200", "--n_prefs=64", "--n_align=12", "--n_eval
 
 def run_train(out_dir, *args, tiny=True, env=None, timeout=300, script=("train.py",)):
     """python train.py in a subprocess (as a user runs it), one thread, returning the CompletedProcess.
-    script: another program and its leading arguments, e.g. ("experiments.py", "sweep"). On the CPU
+    script: another program and its leading arguments, e.g. ("-m", "experiments", "sweep"). On the CPU
     unless args name a device: on a machine with a GPU the suite runs as it does without one."""
     device = [] if tiny or any(a.startswith("--device=") for a in args) else ["--device=cpu"]
-    cmd = [sys.executable, os.path.join(ROOT, script[0]), *script[1:], f"--out_dir={out_dir}", *(TINY if tiny else device), *args]
+    program = list(script) if script[0] == "-m" else [os.path.join(ROOT, script[0]), *script[1:]]
+    cmd = [sys.executable, *program, f"--out_dir={out_dir}", *(TINY if tiny else device), *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=full_env, timeout=timeout)
 
@@ -94,8 +95,8 @@ def write_lines(path, lines):
 
 
 def run_experiment(out_dir, name, *args, **kwargs):
-    """python experiments.py NAME in a subprocess, like run_train."""
-    return run_train(out_dir, *args, script=("experiments.py", name), **kwargs)
+    """python -m experiments NAME in a subprocess, like run_train."""
+    return run_train(out_dir, *args, script=("-m", "experiments", name), **kwargs)
 
 
 @pytest.fixture(scope="session")

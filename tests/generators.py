@@ -9,12 +9,11 @@ from pathlib import Path
 
 from hypothesis import strategies as st
 
-import config
-import data
-import runtime
+from machinery import config, files, runtime
+
 
 SCALE = 20 if os.environ.get("HYPOTHESIS_PROFILE") == "fuzz" else 1  # the longer run: 20 times the examples
-KNOWN = (config.ConfigError, data.DataError, runtime.TrainingError)  # what runtime.command prints as one line
+KNOWN = (config.ConfigError, files.DataError, runtime.TrainingError)  # what runtime.command prints as one line
 
 
 @contextlib.contextmanager

@@ -15,14 +15,12 @@ import time
 import pytest
 import torch
 
-import config
-import corpora
 import data
-import records
-import reviews
-import runtime
 import train
 from conftest import ROOT, TINY, run, run_train, write_lines
+from machinery import config, files, records, runtime
+from model import GPT, GPTConfig
+from tasks import corpora, reviews
 from test_real_data import HH, write_hh, write_tldr
 
 
@@ -35,7 +33,7 @@ def stages_json(out):
 def test_a_data_stage_that_fails_drops_its_record_and_changes_no_file(tiny_copy, monkeypatch):
     before = {p.name: p.read_bytes() for p in (tiny_copy / "data").iterdir()}
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tiny_copy / "no-cache"))
-    with pytest.raises(data.DataError, match="is not in tiktoken's cache"):
+    with pytest.raises(files.DataError, match="is not in tiktoken's cache"):
         run(tiny_copy, "--stage=data", "--tokenizer=gpt2")
     assert "data" not in stages_json(tiny_copy)
     assert {p.name: p.read_bytes() for p in (tiny_copy / "data").iterdir()} == before
@@ -76,7 +74,7 @@ def test_a_checkpoint_made_with_another_tokenizer_of_the_same_size_is_refused(ti
                                                  r"\(tokenizer.json has changed since\): run --stage=sft first"):
         run(tiny_copy, "--stage=rm")
     (tiny_copy / "stages.json").unlink()  # without the records, the checkpoint itself says which tokenizer it needs
-    with pytest.raises(data.DataError, match="sft.pt: made with another tokenizer than .*tokenizer.json"):
+    with pytest.raises(files.DataError, match="sft.pt: made with another tokenizer than .*tokenizer.json"):
         run(tiny_copy, "--stage=rm")
 
 
@@ -140,7 +138,7 @@ def test_a_plain_file_named_gz_and_a_non_utf8_line(tmp_path):
     folder = tmp_path / "hh"
     write_hh(folder)
     (folder / "train.jsonl.gz").write_text("\n".join(json.dumps({"chosen": c, "rejected": r}) for c, r in HH) + "\n")
-    with pytest.raises(data.DataError, match=r"no usable records for sft \(first problem: .*train.jsonl.gz: unreadable "
+    with pytest.raises(files.DataError, match=r"no usable records for sft \(first problem: .*train.jsonl.gz: unreadable "
                                              r"after line 0: truncated or not what its name says"):
         corpora.load_task("hh", str(folder), {}, seed=0)
     (folder / "train.jsonl.gz").unlink()
@@ -160,7 +158,7 @@ def test_a_folder_where_a_file_is_expected(tmp_path):
     task, _ = corpora.load_task("hh", str(folder), {}, seed=0)
     assert len(task["prefs"]) == 60
     (folder / "train.jsonl").unlink()
-    with pytest.raises(data.DataError, match=r"none of train.jsonl.gz, train.jsonl found \(train.jsonl.gz is not a regular file\)"):
+    with pytest.raises(files.DataError, match=r"none of train.jsonl.gz, train.jsonl found \(train.jsonl.gz is not a regular file\)"):
         corpora.load_task("hh", str(folder), {}, seed=0)
 
 
@@ -180,7 +178,7 @@ def test_stray_files_in_tldr_comparisons_are_skipped_and_counted(tmp_path):
 def test_a_lone_surrogate_is_refused_with_its_line_and_field(jsonl_dir, tmp_path):
     lines = (jsonl_dir / "sft.jsonl").read_text().splitlines()
     write_lines(jsonl_dir / "sft.jsonl", lines[:3] + ['{"prompt": "I saw \\ud800 it.", "response": " Good."}'] + lines[3:])
-    with pytest.raises(data.DataError, match=r"sft.jsonl:4: field 'prompt' is not valid Unicode text"):
+    with pytest.raises(files.DataError, match=r"sft.jsonl:4: field 'prompt' is not valid Unicode text"):
         run(tmp_path / "out", "--data=jsonl", f"--data_dir={jsonl_dir}", "--stage=data")
 
 
@@ -195,7 +193,7 @@ def test_anything_but_a_regular_file_is_refused_without_hanging(jsonl_dir, tmp_p
     else:
         target.symlink_to("/dev/zero")  # reading it never ends
     message = "is a folder, not a file" if kind == "folder" else "not a regular file (a pipe, socket or device); refused"
-    with pytest.raises(data.DataError, match=re.escape(message)):
+    with pytest.raises(files.DataError, match=re.escape(message)):
         run(tmp_path / "out", "--data=jsonl", f"--data_dir={jsonl_dir}", "--stage=data")
 
 
@@ -216,9 +214,9 @@ def strict_json(text):
 
 
 def test_nan_and_infinity_are_written_as_null(tmp_path):
-    data.write_json(tmp_path / "r.json", {"gold_correlation": float("nan"), "kl": [1.0, float("inf")], "n": 3})
+    files.write_json(tmp_path / "r.json", {"gold_correlation": float("nan"), "kl": [1.0, float("inf")], "n": 3})
     assert strict_json((tmp_path / "r.json").read_text()) == {"gold_correlation": None, "kl": [1.0, None], "n": 3}
-    data.write_jsonl(tmp_path / "r.jsonl", [{"x": float("-inf")}])
+    files.write_jsonl(tmp_path / "r.jsonl", [{"x": float("-inf")}])
     assert strict_json((tmp_path / "r.jsonl").read_text()) == {"x": None}
 
 
@@ -259,29 +257,30 @@ def test_bom_crlf_and_special_token_text_in_jsonl_files(jsonl_dir, tmp_path):
     lines[0] = json.dumps({"prompt": "A film called <|endoftext|>.", "response": " It ends <|endoftext|> twice."})
     (jsonl_dir / "sft.jsonl").write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
     run(tmp_path / "out", "--data=jsonl", f"--data_dir={jsonl_dir}", "--stage=data")
-    first = data.read_jsonl(tmp_path / "out" / "data" / "sft.jsonl")[0]
+    first = files.read_jsonl(tmp_path / "out" / "data" / "sft.jsonl")[0]
     assert first["prompt"] == "A film called <|endoftext|>." and first["response"] == " It ends <|endoftext|> twice."
     enc = data.load_tokenizer(tmp_path / "out" / "tokenizer.json")
-    ids, start, _ = data.encode_example(enc, first["prompt"], first["response"], 96)
+    prompt, (response,) = data.encode_group(enc, first["prompt"], [first["response"]])
+    ids = prompt + response
     assert ids.count(enc.eot_token) == 2 and ids[0] == ids[-1] == enc.eot_token  # the text stays text
 
 
 @pytest.mark.slow
 def test_rewards_too_large_for_float32_are_refused(tiny_copy):
-    cands = data.read_jsonl(tiny_copy / "candidates.jsonl")
+    cands = files.read_jsonl(tiny_copy / "candidates.jsonl")
     cands[1]["rewards"] = [1e39, 0.0, 1.0]
-    data.write_jsonl(tiny_copy / "candidates.jsonl", cands)
-    with pytest.raises(data.DataError, match=r"candidates.jsonl:2: field 'rewards\[0\]' is 1e\+39, not a finite float32 number"):
+    files.write_jsonl(tiny_copy / "candidates.jsonl", cands)
+    with pytest.raises(files.DataError, match=r"candidates.jsonl:2: field 'rewards\[0\]' is 1e\+39, not a finite float32 number"):
         run(tiny_copy, "--stage=align", "--methods=vcb")
     cands[1]["rewards"] = [1e30, 2e30, 3e30]  # large but representable: VCB's sigma(x) scales them away
-    data.write_jsonl(tiny_copy / "candidates.jsonl", cands)
+    files.write_jsonl(tiny_copy / "candidates.jsonl", cands)
     run(tiny_copy, "--stage=align", "--methods=vcb")
     assert math.isfinite(runtime.load_checkpoint(tiny_copy / "policy_vcb.pt")["model"]["lm_head.weight"].sum())
 
 
 def test_a_candidates_file_that_is_not_json_lines(tiny_copy):
     (tiny_copy / "candidates.jsonl").write_bytes(b"\x1f\x8b\x08\x00 gzip, not text")
-    with pytest.raises(data.DataError, match=r"candidates.jsonl:1: not UTF-8 text"):
+    with pytest.raises(files.DataError, match=r"candidates.jsonl:1: not UTF-8 text"):
         run(tiny_copy, "--stage=align", "--methods=vcb")
 
 
@@ -290,17 +289,17 @@ def test_weights_that_diverge_part_way_are_not_saved_as_the_last_good_checkpoint
                              "--weight_decay=0"])
     env = runtime.setup(cfg)
     torch.manual_seed(0)
-    model = train.GPT(train.GPTConfig(block_size=8, vocab_size=11, n_layer=1, n_head=1, n_embd=8))
+    model = GPT(GPTConfig(block_size=8, vocab_size=11, n_layer=1, n_head=1, n_embd=8))
     steps_seen = []
 
     def loss_fn(m, idx):  # no gradient for three steps, so at lr=1e30 the weights only blow up at step 3:
-        loss = m(torch.tensor([idx]))[..., 0].sum()  # finite, but so large that every output overflows
+        loss = m.gpt.logits(m.gpt(torch.tensor([idx])))[..., 0].sum()  # finite, but so large that every output overflows
         if torch.is_grad_enabled():
             steps_seen.append(1)
             loss = loss * 0 if len(steps_seen) < 4 else loss
         return loss, {}
 
-    task = records.Task("sft", "sft", {"s": 1}, [], [str(tmp_path / "sft.pt")])
+    task = records.Task("sft", "sft", [], [str(tmp_path / "sft.pt")])
     with pytest.raises(runtime.TrainingError, match=r"sft: the model is broken after step 4 .* \(step 2\), is kept"):
         train.train(cfg, env, task, model, 10, 6, 2, 1e30, loss_fn, len, seed=0)
     ck = runtime.load_checkpoint(tmp_path / "sft.ckpt.pt")

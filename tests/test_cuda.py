@@ -2,21 +2,21 @@
 float16 autocast, float32 log-probs under autocast, the flash-attention path, the packed path,
 AdamW's fused kernel, GradScaler, torch.compile (with a bounded number of compilations). A test
 takes its device as a parameter; the `cuda` ones are marked `cuda` and skip where PyTorch sees no GPU.
-gpu_check.py runs this file first: python -m pytest -m cuda tests/test_cuda.py (on a CPU: -m "not cuda")."""
+tools/gpu_check.py runs this file first: python -m pytest -m cuda tests/test_cuda.py (on a CPU: -m "not cuda")."""
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import config
-import data
 import packing
-import runtime
+import ppo
 import train
 import vcb
 from conftest import TINY, run_train, sharp_gpt
-from model import GPT, GPTConfig, response_logps
+from machinery import config, runtime
+from model import GPT, GPTConfig
+
 
 CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])
 DEVICES = ["cpu", CUDA]
@@ -32,9 +32,9 @@ def test_bfloat16_autocast_logits_are_close_to_float32(device):
     model = small_gpt().to(device).eval()
     idx = torch.randint(257, (4, 64), device=device)
     with torch.no_grad():
-        full = model(idx).float()
+        full = model.logits(model(idx))
         with torch.autocast(device, dtype=torch.bfloat16):
-            half = model(idx).float()
+            half = model.logits(model(idx))
     assert (half - full).abs().max() <= 0.02 * full.abs().max() + 1e-2
 
 
@@ -46,8 +46,8 @@ def test_log_probs_under_autocast_are_float32_from_the_final_hidden_state(device
     model = sharp_gpt(3, block_size=64, reward_head=True).to(device)
     p = packing.pack([([256, 3, 4, 5], [[7, 8, 256], [9, 256]]), ([256, 6], [[13, 256]])], 64).to(device)
     with torch.no_grad(), torch.autocast(device, dtype=dtype):
-        hidden = model.hidden_packed(p)
-        logps = model(p)
+        hidden = packing.packed_hidden(model, p)
+        logps = packing.Reader(model)(p)
         scores = model.score(hidden)
     assert logps.dtype == torch.float32 and scores.dtype == torch.float32
     want = -F.cross_entropy(hidden.index_select(0, p.cols).float() @ model.lm_head.weight.float().t(), p.targets,
@@ -75,8 +75,8 @@ def test_the_causal_kernel_equals_the_masked_path(device):
     causal = torch.ones(50, 50, dtype=torch.bool, device=device).tril()[None, None].expand(3, 1, 50, 50)
     pos = torch.arange(50, device=device)[None].expand(3, 50)
     with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
-        flash = model(idx).float()                                                  # is_causal: flash attention
-        masked = model.lm_head(model.hidden(idx, pos=pos, attn_mask=causal)).float()  # an explicit mask: another kernel
+        flash = model.lm_head(model(idx)).float()                                   # is_causal: flash attention
+        masked = model.lm_head(model(idx, pos=pos, attn_mask=causal)).float()       # an explicit mask: another kernel
     torch.testing.assert_close(flash, masked, atol=3e-2, rtol=3e-2)
 
 
@@ -84,11 +84,10 @@ def test_the_causal_kernel_equals_the_masked_path(device):
 def test_the_packed_path_equals_the_padded_path(device):
     model = small_gpt(3).to(device).eval()
     groups = [([256, 3, 4, 5], [[7, 8, 256], [9, 256], [10, 11, 12, 256]]), ([256, 6], [[13, 256], [14, 15, 256]])]
-    p = packing.pack(groups, 128).to(device)
-    x, mask = data.collate([(pr + r, len(pr)) for pr, rs in groups for r in rs], 256)
+    reader = packing.Reader(model)
     with torch.no_grad():
-        packed = response_logps(model, p)
-        padded = vcb.sequence_logps(model(x.to(device)), x.to(device), mask.to(device))
+        packed = packing.response_logps(reader, packing.pack(groups, 128).to(device))
+        padded = packing.response_logps(reader, packing.pad(groups, 128).to(device))
     torch.testing.assert_close(packed, padded, atol=1e-4, rtol=1e-4)
 
 
@@ -103,7 +102,7 @@ def test_the_fused_adamw_step_equals_the_unfused_one(device):
     idx = torch.randint(257, (4, 33), device=device)
     for model, opt in ((a, opt_a), (b, opt_b)):
         for _ in range(3):
-            loss = -model(idx[:, :-1], targets=idx[:, 1:]).mean()
+            loss = -model.logps(model(idx[:, :-1]), idx[:, 1:]).mean()
             loss.backward()
             opt.step()
             opt.zero_grad()
@@ -117,12 +116,11 @@ def test_float16_training_goes_through_the_gradient_scaler(device, tiny_copy):
     cfg = config.parse_args([f"--out_dir={tiny_copy}", *TINY, f"--device={device}", "--dtype=float16", "--methods=rloo",
                              "--online_iters=2"])
     env = runtime.setup(cfg)
-    enc = runtime.load_tokenizer(cfg)
+    enc = train.tokenizer(cfg)
     task = train.align_task(cfg, "rloo", 0, "align-rloo", str(tiny_copy / "policy_rloo.pt"))
-    policy, _ = train.online(cfg, env, enc, "rloo", 0, task, runtime.load_candidates(cfg, env, enc))
+    policy, _ = ppo.train(cfg, env, enc, "rloo", 0, task, train.candidates(cfg, env, enc))
     assert all(torch.isfinite(p).all() for p in policy.parameters())
-    from ppo import setup
-    assert setup(cfg, env, enc, "rloo", 0, runtime.load_candidates(cfg, env, enc)).scaler.is_enabled()
+    assert ppo.setup(cfg, env, enc, vcb.METHODS["rloo"], 0, train.candidates(cfg, env, enc)).scaler.is_enabled()
 
 
 @pytest.mark.slow
@@ -138,13 +136,15 @@ def test_a_compiled_training_step_runs_and_learns(tmp_path, device):
 
 @pytest.mark.slow
 def test_compilation_is_bounded_whatever_the_lengths_and_tasks(tiny_run, tmp_path, monkeypatch):
-    """--compile=true compiles one graph per way of reading a packed batch (log-probs, the reward, a
+    """--compile=true compiles one graph per way of reading a batch (log-probs, the reward, a
     critic's values), not one per shape or per task: every stage of a run (SFT, the reward model,
     offline and online policies, batches of every length) fits well within dynamo's cache, so nothing
     silently falls back to eager, and a second run in the same process compiles nothing new. Counted
     with a backend that counts the graphs and runs them as they are."""
-    from torch._dynamo.testing import CompileCounter
     import shutil
+
+    from torch._dynamo.testing import CompileCounter
+
     from conftest import run
     counter = CompileCounter()
     monkeypatch.setattr(runtime, "COMPILE", {**runtime.COMPILE, "backend": counter})  # the project's options, counted

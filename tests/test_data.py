@@ -3,10 +3,14 @@ import json
 import random
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import data
-import reviews
+import packing
+from machinery import files
+from tasks import reviews
+
 
 SYLLABLES = ["ka", "ri", "to", "me", "su", "na", "lo", "pe", "ba", "de", "gi", "fu", "zo", "str", "ing", "ed"]
 
@@ -78,32 +82,38 @@ def test_corrupt_tokenizer_file_is_a_one_line_error(bpe, tmp_path, corruption, m
     path = tmp_path / "tokenizer.json"
     data.save_tokenizer(bpe, path)
     path.write_text(corruption(json.loads(path.read_text())))
-    with pytest.raises(data.DataError, match="tokenizer.json: " + message) as e:
+    with pytest.raises(files.DataError, match="tokenizer.json: " + message) as e:
         data.load_tokenizer(path)
     assert "\n" not in str(e.value)
 
 
-def test_encode_example_marks_the_response_and_truncates_prompts_from_the_left():
+def sequence(enc, prompt, response, block_size):
+    """One prompt and response as the models read them: (ids, where the response starts, whether cut)."""
+    p, rs, cut = data.fit(*data.encode_group(enc, prompt, [response]), block_size)
+    return p + rs[0], len(p), cut > 0
+
+
+def test_a_sequence_marks_the_response_and_is_cut_from_the_left_of_its_prompt():
     enc = data.byte_tokenizer()
-    ids, start, cut = data.encode_example(enc, "abc", "de", block_size=32)
+    ids, start, cut = sequence(enc, "abc", "de", block_size=32)
     assert ids == [256, 97, 98, 99, 100, 101, 256] and start == 4 and not cut
-    ids, start, cut = data.encode_example(enc, "0123456789", "xy", block_size=8)
+    ids, start, cut = sequence(enc, "0123456789", "xy", block_size=8)
     assert cut and len(ids) == 8 and start == 5 and enc.decode(ids[1:start]) == "6789" and ids[start:] == [120, 121, 256]
-    ids, start, cut = data.encode_example(enc, "p", "y" * 20, block_size=8)
+    ids, start, cut = sequence(enc, "p", "y" * 20, block_size=8)
     assert cut and len(ids) == 8 and start == 2  # a response that alone does not fit is cut
-    idx, mask = data.collate([([1, 2, 3, 4], 2), ([5, 6], 1)], pad_id=0)
-    assert idx.tolist() == [[1, 2, 3, 4], [5, 6, 0, 0]]
-    assert mask.tolist() == [[False, False, True, True], [False, True, False, False]]
+    batch = packing.pad([([1, 2], [[3, 4]]), ([5], [[6]])], block_size=8)  # the plain form: a right-padded row each
+    assert batch.idx.tolist() == [[1, 2, 3, 4], [5, 6, 0, 0]]
+    assert batch.targets.tolist() == [3, 4, 6] and batch.cols.tolist() == [1, 2, 4]  # each response token, and its predictor
 
 
 def test_a_prompt_for_generation_starts_with_the_end_of_text_token_even_when_cut():
-    """Every training sequence starts with <|endoftext|> (encode_example, fit); a prompt cut to fit the
-    context for generation must too, or the model samples after a context it never saw in training."""
+    """Every training sequence starts with <|endoftext|> (data.fit); a prompt cut to fit the context
+    for generation must too, or the model samples after a context it never saw in training."""
     enc = data.byte_tokenizer()
     assert data.encode_prompt(enc, "abc", 10) == [256, 97, 98, 99]
     assert data.encode_prompt(enc, "0123456789", 4) == [256, 55, 56, 57]  # the last 3 characters, after it
     assert data.encode_prompt(enc, "0123456789", 1) == [256]
-    ids, start, _ = data.encode_example(enc, "0123456789", "xy", block_size=8)
+    ids, start, _ = sequence(enc, "0123456789", "xy", block_size=8)
     assert data.encode_prompt(enc, "0123456789", start) == ids[:start]  # what training saw before the response
 
 

@@ -9,8 +9,9 @@ import sys
 import pytest
 import torch
 
-import runtime
 from conftest import ROOT, TINY, run_train
+from machinery import runtime
+
 
 pytestmark = pytest.mark.slow
 

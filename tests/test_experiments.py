@@ -1,15 +1,16 @@
-"""experiments.py: the matched-KL summary on hand-made curves, the scored samples every experiment
+"""The experiments (python -m experiments): the matched-KL summary on hand-made curves, the scored samples every experiment
 reuses, and every experiment on a tiny run."""
 import json
 import shutil
 
 import pytest
 
-import config
 import evaluate
-import report
-import runtime
+import train
 from conftest import TINY, run_experiment
+from experiments import report
+from machinery import config, files, runtime
+
 
 JUDGE = "gold"
 
@@ -57,7 +58,7 @@ def test_a_policy_is_sampled_once_and_again_when_it_changes(tiny_copy, monkeypat
     (the sweep's, an ablation's) reads them back, and a policy that changed is sampled again."""
     cfg = config.parse_args([f"--out_dir={tiny_copy}", *TINY])
     env = runtime.setup(cfg)
-    enc = runtime.load_tokenizer(cfg)
+    enc = train.tokenizer(cfg)
     refs = evaluate.reference_models(cfg, env, enc)
     sampled, sample_and_score = [], evaluate.sample_and_score
     monkeypatch.setattr(evaluate, "sample_and_score", lambda *a: sampled.append(a[-1]) or sample_and_score(*a))
@@ -71,15 +72,14 @@ def test_a_policy_is_sampled_once_and_again_when_it_changes(tiny_copy, monkeypat
 
 
 def test_the_spreads_table_splits_the_prompts_by_their_stake(tmp_path):
-    import data
-    import experiments
-    import reviews
+    from experiments import values
+    from tasks import reviews
     low, high = reviews.LOW_STAKES[0], next(n for n in reviews.MOVIES["names"] if n not in reviews.LOW_STAKES)
     recs = [{"prompt": f"I watched {high}.", "responses": ["a", "b"], "rewards": [0.0, 2.0]},    # sigma 1
             {"prompt": f"I watched {high} again.", "responses": ["a", "b"], "rewards": [0.0, 4.0]},  # sigma 2
             {"prompt": f"I watched {low}.", "responses": ["a", "b"], "rewards": [0.0, 0.2]}]     # sigma 0.1
-    data.write_jsonl(tmp_path / "c.jsonl", recs)
-    table = experiments.spreads_table([("set", tmp_path / "c.jsonl")])
+    files.write_jsonl(tmp_path / "c.jsonl", recs)
+    table = values.spreads_table([("set", tmp_path / "c.jsonl")])
     assert table.splitlines()[-1] == "| set | 1.500 ± 0.500 | 0.100 ± 0.000 |"
 
 

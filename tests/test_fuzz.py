@@ -26,14 +26,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import config
-import corpora
 import data
-import runtime
 import train
 import vcb
 from conftest import TINY
 from generators import JSON_LEAVES, JSON_VALUES, SCALE, dumps, folder, mutated, outcome, skipped
+from machinery import config, files, runtime
+from machinery.progress import Progress
+from tasks import corpora
 from test_real_data import HH
 
 
@@ -121,7 +121,7 @@ def test_our_jsonl_files_refuse_any_wrong_field_by_file_line_and_field(name, dra
 
 
 def candidates_file(tiny_run):
-    return data.read_jsonl(tiny_run[0] / "candidates.jsonl")
+    return files.read_jsonl(tiny_run[0] / "candidates.jsonl")
 
 
 @settings(suppress_health_check=[HealthCheck.too_slow])
@@ -132,13 +132,13 @@ def test_a_candidates_file_of_any_shape_is_read_whole_or_refused_by_line_and_fie
     records[line] = draw.draw(mutated(records[line]))
     cfg = config.parse_args([f"--out_dir={tiny_run[0]}", *TINY])
     env = runtime.setup(cfg)
-    enc = runtime.load_tokenizer(cfg)
+    enc = train.tokenizer(cfg)
     with folder() as d:
-        data.write_jsonl(d / "candidates.jsonl", [data.finite(r) for r in records])
+        files.write_jsonl(d / "candidates.jsonl", [files.finite(r) for r in records])
         text = (d / "candidates.jsonl").read_text().splitlines()
         text[line] = dumps(records[line])  # NaN and Infinity as Python writes them
         (d / "candidates.jsonl").write_text("\n".join(text) + "\n")
-        result = outcome(lambda: runtime.load_candidates(cfg, env, enc, str(d / "candidates.jsonl")))
+        result = outcome(lambda: train.candidates(cfg, env, enc, str(d / "candidates.jsonl")))
     if isinstance(result, Exception):
         assert "candidates.jsonl:" in str(result)
     else:
@@ -191,7 +191,7 @@ def records_reader(file):
 
 
 def runtime_records(out):
-    import records
+    from machinery import records
     return records.read_records(config.Config(out_dir=str(out)))
 
 
@@ -218,7 +218,7 @@ def test_a_truncated_or_concatenated_gzip_keeps_what_came_before(cut, how):
 def test_an_empty_folder_names_what_is_missing(kind):
     with folder() as d:
         e = outcome(lambda: corpora.load_task(kind, str(d), {}, seed=0))
-    assert isinstance(e, data.DataError) and str(d) in str(e)
+    assert isinstance(e, files.DataError) and str(d) in str(e)
 
 
 # ---- class 4: valid containers, wrong content --------------------------------------------------------
@@ -229,7 +229,7 @@ def test_tied_weights_that_differ_are_refused(tiny_run):
     with folder() as d:
         torch.save(ck, d / "policy.pt")
         e = outcome(lambda: runtime.checkpoint_model(str(d / "policy.pt"), runtime.load_checkpoint(str(d / "policy.pt"))))
-    assert isinstance(e, data.DataError) and "ties" in str(e), e
+    assert isinstance(e, files.DataError) and "ties" in str(e), e
 
 
 def tensor_like(v):
@@ -266,7 +266,7 @@ def checkpoint_mutation(draw, ck):
 @given(st.data())
 def test_a_checkpoint_of_the_wrong_content_is_refused_by_file_and_field(tiny_run, draw):
     cfg = config.parse_args([f"--out_dir={tiny_run[0]}", *TINY])
-    env, enc = runtime.setup(cfg), runtime.load_tokenizer(cfg)
+    env, enc = runtime.setup(cfg), train.tokenizer(cfg)
     good = runtime.load_checkpoint(tiny_run[0] / "policy_vcb.pt")
     ck = draw.draw(checkpoint_mutation(good))
     with folder() as d:
@@ -279,7 +279,7 @@ def test_a_checkpoint_of_the_wrong_content_is_refused_by_file_and_field(tiny_run
         sd = model.state_dict()
         for k, v in ck["model"].items():
             assert v.is_floating_point() and v.isfinite().all() and torch.equal(sd[k], v.to(sd[k].dtype)), k
-        assert model(torch.randint(0, enc.n_vocab, (1, 8)))[0].isfinite().all()
+        assert model.logits(model(torch.randint(0, enc.n_vocab, (1, 8))))[0].isfinite().all()
     assert isinstance(exported, Exception) or isinstance(exported, torch.nn.Module)
 
 
@@ -291,11 +291,12 @@ def progress_run(tiny_run):
         out = Path(tempfile.mkdtemp()) / "out"
         shutil.copytree(tiny_run[0], out)
         cfg = config.parse_args([f"--out_dir={out}", *TINY, "--methods=dpo", "--align_steps=4"])
-        env, enc = runtime.setup(cfg), runtime.load_tokenizer(cfg)
+        env, enc = runtime.setup(cfg), train.tokenizer(cfg)
         task = train.align_task(cfg, "dpo", cfg.seed, "align-dpo", str(out / "policy_dpo.pt"))
         model = runtime.load_model(str(out / "sft.pt"), env, enc, cfg)
         optimizer = model.configure_optimizers(cfg.weight_decay, cfg.align_lr, (0.9, 0.95), "cpu")
-        runtime.save_progress(cfg, env, task, 2, {"model": model, "optimizer": optimizer})  # as an interrupted run leaves it
+        progress = Progress(cfg, env, task, {"model": model, "optimizer": optimizer}, total=4)
+        progress.checkpoint(2, probe=lambda: torch.zeros(()))  # as an interrupted run leaves it
         PROGRESS.update(out=out, ck=torch.load(out / "align-dpo.ckpt.pt", weights_only=True))
     return PROGRESS["out"], PROGRESS["ck"]
 
@@ -365,8 +366,8 @@ def test_a_run_config_of_the_wrong_schema_is_refused_by_option(tiny_run, draw):
 
 def gpt2_dir():
     """A GPT-2 checkpoint of a tiny model (model.safetensors + config.json), made once."""
-    import gpt2
     from model import GPT, GPTConfig
+    from tools import gpt2
     if not GPT2_DIR:
         GPT2_DIR["dir"] = Path(tempfile.mkdtemp())
         gpt2.save_pretrained(GPT(GPTConfig(vocab_size=300, n_layer=1, n_head=2, n_embd=32, block_size=64)), GPT2_DIR["dir"])
@@ -383,7 +384,7 @@ GPT2_KEYS = ["model_type", "vocab_size", "n_positions", "n_embd", "n_layer", "n_
 @settings(suppress_health_check=[HealthCheck.too_slow], max_examples=15 * SCALE)
 @given(value=JSON_VALUES)
 def test_a_gpt2_config_json_of_the_wrong_schema_is_refused_by_field(key, value):
-    import gpt2
+    from tools import gpt2
     folder_in, good = gpt2_dir()
     assert key in good
     with folder() as d:

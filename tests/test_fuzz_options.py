@@ -15,18 +15,15 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import bench
-import config
-import data
-import gpu_check
-import rehearse
-import report
-import runtime
 import sample
 import train
+import vcb
 from conftest import TINY
+from experiments import report
 from generators import EDGE_FLOATS, EDGE_INTS, SCALE, folder, outcome
+from machinery import config, files, runtime
 from model import sample_next
+from tools import bench, gpu_check, rehearse
 
 
 # ---- classes 1 and 5: every option of every command at the edges of its type, and together ---------------
@@ -34,10 +31,10 @@ from model import sample_next
 PARSERS = {  # every command's option parser, without running the command
     "train.py": (config.Config, config.parse_args),
     "sample.py": (sample.SampleConfig, lambda argv: config.parse_options(sample.SampleConfig(), argv, "", sample.RANGES_HERE)),
-    "bench.py": (bench.BenchConfig, bench.parse),
-    "gpu_check.py": (gpu_check.CheckConfig, lambda argv: config.parse_options(gpu_check.CheckConfig(), argv)),
-    "rehearse.py": (rehearse.RehearseConfig, lambda argv: config.parse_options(rehearse.RehearseConfig(), argv)),
-    "report.py": (report.SyncConfig, lambda argv: config.parse_options(report.SyncConfig(), argv)),
+    "tools.bench": (bench.BenchConfig, bench.parse),
+    "tools.gpu_check": (gpu_check.CheckConfig, lambda argv: config.parse_options(gpu_check.CheckConfig(), argv)),
+    "tools.rehearse": (rehearse.RehearseConfig, lambda argv: config.parse_options(rehearse.RehearseConfig(), argv)),
+    "experiments.report": (report.SyncConfig, lambda argv: config.parse_options(report.SyncConfig(), argv)),
 }
 
 
@@ -136,13 +133,13 @@ ENDS = lambda r: [r.lo, r.hi] + ([0.0] if r.zero else [])  # noqa: E731
        st.sampled_from(ENDS(config.RANGES["beta"])), st.sampled_from(ENDS(config.RANGES["lam"])),
        st.sampled_from([0.0, 1e-3, config.RANGES["sigma_floor"].hi]), st.integers(0, 2**31))
 def test_every_loss_is_finite_with_its_gradient_at_the_ends_of_the_option_ranges(method, beta, lam, sigma_floor, seed):
-    import methods
     g = torch.Generator().manual_seed(seed)
     rewards = torch.randn(3, 4, generator=g) * torch.tensor([[1e-6], [1.0], [1e3]])  # spreads from tiny to large
     ref = -torch.rand(3, 4, generator=g) * 50
     logps = (ref + torch.randn(3, 4, generator=g) * 3).requires_grad_(True)
-    cfg = config.Config(beta=beta, lam=lam, sigma_floor=sigma_floor)
-    loss = methods.offline_loss(cfg, method, logps, ref, rewards, methods.reward_spread(rewards))
+    m = vcb.METHODS[method]
+    spread = vcb.reward_sigma(rewards.flatten()[None])
+    loss = m.loss(logps, ref, rewards, beta, lam, spread if m.sigma == "set" else None, sigma_floor)
     loss.backward()
     assert loss.isfinite() and logps.grad.isfinite().all(), (method, beta, lam, sigma_floor, loss)
 
@@ -158,15 +155,15 @@ def test_sampling_draws_a_real_token_at_the_ends_of_temperature_top_k_and_top_p(
 @given(st.sampled_from(ENDS(config.RANGES["pref_tau"])), st.floats(-1, 1), st.floats(-1, 1))
 def test_preference_labels_at_the_ends_of_pref_tau(pref_tau, ga, gb):
     """Found by the generator: exp((gb - ga) / pref_tau) overflowed for a small pref_tau."""
-    import reviews
+    from tasks import reviews
     task = outcome(lambda: reviews.builtin_task(seed=0, n_sft=1, n_prefs=5, n_align=1, n_eval=1, n_ood=1, pref_tau=pref_tau))
     assert not isinstance(task, Exception) and len(task["prefs"]) == 5
 
 
 def test_more_prompts_than_the_built_in_task_has_is_one_line_not_a_hang():
-    import reviews
+    from tasks import reviews
     e = outcome(lambda: reviews.builtin_task(seed=0, n_sft=1, n_prefs=1, n_align=10**6, n_eval=1, n_ood=1))
-    assert isinstance(e, data.DataError) and "distinct prompts" in str(e)
+    assert isinstance(e, files.DataError) and "distinct prompts" in str(e)
 
 
 # the pipeline with options valid alone, together: from the sample stage on, on a copy of the tiny run

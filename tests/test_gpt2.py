@@ -1,7 +1,6 @@
 """GPT-2 weights from a local model.safetensors, and the offline GPT-2 tokenizer. Tested on small
 random checkpoints that the tests write in GPT-2's layout; nothing is downloaded."""
 import json
-import os
 import re
 import subprocess
 import sys
@@ -11,10 +10,11 @@ import torch
 from safetensors.torch import save_file
 
 import data
-import gpt2
-import runtime
 from conftest import ROOT, run_train
+from machinery import files, runtime
 from model import GPT, GPTConfig
+from tools import gpt2
+
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -69,6 +69,10 @@ def test_every_key_and_shape_is_checked(source, tmp_path):
         gpt2.from_pretrained(tmp_path / "junk.safetensors")
 
 
+def logits(model, idx):
+    return model.logits(model(idx))
+
+
 def test_logits_match_transformers_gpt2(tmp_path):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
@@ -77,7 +81,7 @@ def test_logits_match_transformers_gpt2(tmp_path):
     hf.save_pretrained(tmp_path, safe_serialization=True)
     ours = gpt2.from_pretrained(tmp_path / "model.safetensors").eval()
     idx = torch.randint(97, (2, 30))
-    torch.testing.assert_close(ours(idx), hf(idx).logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits(ours, idx), hf(idx).logits, atol=1e-4, rtol=1e-4)
 
 
 def gpt2_config(model, **changes):
@@ -99,11 +103,11 @@ def test_config_json_gives_heads_that_are_not_64_wide(narrow_heads, tmp_path):
     guessed = gpt2.from_pretrained(tmp_path / "model.safetensors", log=said.append).eval()
     assert guessed.config.n_head == 1 and "no GPT-2 config.json" in said[0]  # the old inference, and it says so
     idx = torch.randint(97, (2, 20))
-    assert not torch.allclose(guessed(idx), narrow_heads(idx), atol=1e-3)  # ... which is wrong for this model
+    assert not torch.allclose(logits(guessed, idx), logits(narrow_heads, idx), atol=1e-3)  # ... which is wrong for this model
     (tmp_path / "config.json").write_text(json.dumps(gpt2_config(narrow_heads)))
     loaded = gpt2.from_pretrained(tmp_path / "model.safetensors", log=said.append).eval()
     assert loaded.config.n_head == 4 and len(said) == 1
-    torch.testing.assert_close(loaded(idx), narrow_heads(idx))
+    torch.testing.assert_close(logits(loaded, idx), logits(narrow_heads, idx))
 
 
 @pytest.mark.parametrize("change,message", [
@@ -131,7 +135,7 @@ def test_logits_match_transformers_gpt2_with_narrow_heads(tmp_path):
     ours = gpt2.from_pretrained(tmp_path / "model.safetensors").eval()
     idx = torch.randint(97, (2, 30))
     assert ours.config.n_head == 4
-    torch.testing.assert_close(ours(idx), hf(idx).logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits(ours, idx), hf(idx).logits, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.slow
@@ -152,7 +156,7 @@ def test_pipeline_starts_from_local_pretrained_weights(tiny_copy):
 
 def test_gpt2_tokenizer_offline_fails_fast_and_says_what_to_provide(tmp_path, monkeypatch):
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))
-    with pytest.raises(data.DataError) as e:
+    with pytest.raises(files.DataError) as e:
         data.gpt2_tokenizer()
     message = str(e.value)
     assert "is not in tiktoken's cache" in message and "TIKTOKEN_CACHE_DIR" in message and "\n" not in message
@@ -167,7 +171,7 @@ def test_an_exported_model_reads_back_with_the_same_logits(narrow_heads, tmp_pat
     assert config["model_type"] == "gpt2" and config["n_head"] == 4 and config["activation_function"] == "gelu_new"
     back = gpt2.from_pretrained(tmp_path / "out" / "model.safetensors").eval()
     idx = torch.randint(97, (2, 20))
-    torch.testing.assert_close(back(idx), narrow_heads(idx))
+    torch.testing.assert_close(logits(back, idx), logits(narrow_heads, idx))
     assert not list((tmp_path / "out").glob("*.tmp*"))
 
 
@@ -177,11 +181,11 @@ def test_an_exported_model_gives_transformers_the_same_logits(narrow_heads, tmp_
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()
     idx = torch.randint(97, (2, 20))
     with torch.no_grad():
-        torch.testing.assert_close(hf(idx).logits, narrow_heads(idx), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(hf(idx).logits, logits(narrow_heads, idx), atol=1e-4, rtol=1e-4)
 
 
 def export(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "gpt2.py"), "export", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "tools.gpt2", "export", *map(str, args)], capture_output=True,
                           text=True, cwd=ROOT)
 
 

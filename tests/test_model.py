@@ -3,10 +3,11 @@ and the exact meaning of temperature, top-k, top-p and the stop token."""
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-import vcb
 from model import GPT, GPTConfig, filter_logits, sample_next
+
 
 V = 50
 
@@ -27,37 +28,44 @@ def gpt():
 PROMPTS = [[3, 7, 1, 9, 4, 4, 2], [5], [11, 12, 13]]
 
 
-def test_forward_gives_logits_at_every_position_and_float32_logps(gpt):
+def test_forward_gives_hidden_states_and_the_heads_logits_and_float32_logps(gpt):
     idx = torch.randint(V, (3, 10))
-    logits = gpt(idx)
+    hidden = gpt(idx)
+    assert hidden.shape == (3, 10, 32)
+    logits = gpt.logits(hidden)
     assert logits.shape == (3, 10, V)
-    logp = gpt(idx[:, :-1], targets=idx[:, 1:])
+    logp = gpt.logps(gpt(idx[:, :-1]), idx[:, 1:])
     assert logp.shape == (3, 9) and logp.dtype == torch.float32
     expected = logits[:, :-1].log_softmax(-1).gather(2, idx[:, 1:, None]).squeeze(-1)
     torch.testing.assert_close(logp, expected)
-    mask = torch.ones(3, 10, dtype=torch.bool)
-    torch.testing.assert_close(vcb.sequence_logps(logits, idx, mask), logp.sum(-1))
 
 
 def test_gpt2_init_keeps_first_logits_small():
     torch.manual_seed(0)
     m = GPT(GPTConfig(vocab_size=V, n_layer=2, n_head=2, n_embd=64))
-    assert m(torch.randint(V, (2, 16))).std() < 0.5  # N(0, 1) embeddings would give std ~ 8
+    assert m.logits(m(torch.randint(V, (2, 16)))).std() < 0.5  # N(0, 1) embeddings would give std ~ 8
     assert m.lm_head.weight is m.transformer.wte.weight  # tied
+
+
+def reward(gpt, idx, mask):
+    """r(x, y) of right-padded rows idx (B, T), mask (B, T) on the real tokens: the reward head at each
+    row's last real token, as packing.pad's rows are read."""
+    last = mask.long().sum(1) - 1
+    return gpt.score(gpt(idx)[torch.arange(idx.size(0)), last])
 
 
 def test_reward_ignores_trailing_padding_and_batch_companions(gpt):
     seq = torch.tensor([4, 8, 15, 16, 23, 42])
-    alone = gpt.reward(seq[None], torch.ones(1, 6, dtype=torch.bool))
+    alone = reward(gpt, seq[None], torch.ones(1, 6, dtype=torch.bool))
     for pad in (1, 5, 20):
         idx = torch.cat([seq, torch.full((pad,), 7)])[None]
         mask = torch.cat([torch.ones(6), torch.zeros(pad)]).bool()[None]
-        torch.testing.assert_close(gpt.reward(idx, mask), alone)
+        torch.testing.assert_close(reward(gpt, idx, mask), alone)
     other = torch.randint(V, (1, 26))
     batch = torch.cat([torch.cat([seq, torch.zeros(20, dtype=torch.long)])[None], other])
     mask = torch.zeros(2, 26, dtype=torch.bool)
     mask[0, :6], mask[1, :] = True, True
-    torch.testing.assert_close(gpt.reward(batch, mask)[:1], alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(reward(gpt, batch, mask)[:1], alone, atol=1e-5, rtol=1e-5)
 
 
 def test_greedy_output_does_not_depend_on_batch_companions(gpt):

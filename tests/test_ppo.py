@@ -1,17 +1,18 @@
 """PPO and RLOO (docs/method.md, "PPO and RLOO"): the pure functions of vcb.py against their definitions, and a few iterations
-of each through train.py."""
+of each through ppo.py's loop."""
 import json
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-import config
-import records
-import runtime
+import ppo
 import train
 import vcb
 from conftest import TINY, run_train
+from machinery import config, records, runtime
+
 
 GAMMAS = st.sampled_from([0.9, 0.99, 1.0])
 LAMBDAS = st.sampled_from([0.0, 0.5, 0.95, 1.0])
@@ -153,9 +154,9 @@ def test_a_few_iterations_move_policy_and_critic_and_log_a_sane_kl(tiny_copy, me
                              "--online_k=2", "--online_lr=3e-3", "--critic_lr=3e-3", "--beta=0.1", "--ppo_target_kl=1e-4",
                              "--ppo_kl_horizon=8"])
     env = runtime.setup(cfg)
-    enc = runtime.load_tokenizer(cfg)
+    enc = train.tokenizer(cfg)
     task = train.align_task(cfg, method, 0, f"align-{method}", str(tiny_copy / f"policy_{method}.pt"))
-    policy, critic = train.online(cfg, env, enc, method, 0, task, runtime.load_candidates(cfg, env, enc))
+    policy, critic = ppo.train(cfg, env, enc, method, 0, task, train.candidates(cfg, env, enc))
     sft, rm = (runtime.load_checkpoint(tiny_copy / f)["model"] for f in ("sft.pt", "rm.pt"))
     assert any(not torch.equal(sft[k], v) for k, v in policy.state_dict().items())
     if method == "ppo":

@@ -5,8 +5,9 @@ import json
 
 import pytest
 
-import corpora
 from conftest import run_train
+from tasks import corpora
+
 
 HH = [  # (chosen, rejected) transcripts, as in hh-rlhf's train.jsonl.gz
     ("\n\nHuman: How do I boil an egg?\n\nAssistant: Put it in boiling water for eight minutes.",

@@ -1,5 +1,5 @@
-"""The GPT-2 user's path at GPT-2-small's size (rehearse.py), on the CPU: a few minutes, so it has a
-marker of its own and runs with python -m pytest -m rehearsal (gpu_check.py runs it on a GPU)."""
+"""The GPT-2 user's path at GPT-2-small's size (tools/rehearse.py), on the CPU: a few minutes, so it has
+a marker of its own and runs with python -m pytest -m rehearsal (tools/gpu_check.py runs it on a GPU)."""
 import os
 import subprocess
 import sys
@@ -7,15 +7,16 @@ import sys
 import pytest
 import torch
 
-import gpt2
 from conftest import ROOT
+from tools import gpt2
+
 
 pytestmark = [pytest.mark.rehearsal, pytest.mark.slow]
 
 
 def test_gpt2_small_shape_bfloat16_and_compile_through_every_stage_then_export(tmp_path):
     out = tmp_path / "rehearsal"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "rehearse.py"), "--device=cpu", f"--out={out}"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "tools.rehearse", "--device=cpu", f"--out={out}"], cwd=ROOT,
                           capture_output=True, text=True, timeout=1800, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = (out / "rehearsal.md").read_text()

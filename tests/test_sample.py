@@ -5,10 +5,10 @@ import os
 import subprocess
 import sys
 
-import config
 import data
-import records
+import vcb
 from conftest import ROOT
+from machinery import config, records
 
 
 def sample(out, *args, stdin=None):
@@ -59,9 +59,9 @@ def test_every_training_task_logs_each_step_once_and_the_figure_is_drawn(tiny_ru
     for r in curves:
         steps.setdefault(r["task"], []).append(r["step"])
     assert steps == {"sft": list(range(1, 7)), "rm": list(range(1, 5)), "align-ppo": [1, 2], "align-rloo": [1, 2],
-                     **{f"align-{m}": [1, 2, 3] for m in config.METHODS if m not in config.ONLINE}}
-    vcb = [r for r in curves if r["task"] == "align-vcb"][0]
-    assert {"loss", "lr", "margin", "acc", "gap_corr", "skipped"} <= vcb.keys()
+                     **{f"align-{m}": [1, 2, 3] for m in config.METHODS if not vcb.METHODS[m].online}}
+    first = [r for r in curves if r["task"] == "align-vcb"][0]
+    assert {"loss", "lr", "margin", "acc", "gap_corr", "skipped"} <= first.keys()
     assert {"acc"} <= [r for r in curves if r["task"] == "rm"][0].keys()
     assert (tiny_run[0] / "curves.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -6,9 +6,8 @@ import pytest
 import torch
 
 import data
-import config
-import runtime
 from conftest import run_experiment, run_train
+from machinery import config, files, runtime
 
 
 # ---- options
@@ -86,9 +85,9 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth():
 def test_pipeline_writes_every_file_and_skips_done_work(tiny_run):
     out, proc = tiny_run
     for name in data.TASK_FILES:
-        assert data.read_jsonl(out / "data" / f"{name}.jsonl", data.SCHEMAS[name])
+        assert files.read_jsonl(out / "data" / f"{name}.jsonl", data.SCHEMAS[name])
     assert data.load_tokenizer(out / "tokenizer.json").n_vocab == 300
-    cands = data.read_jsonl(out / "candidates.jsonl", data.SCHEMAS["candidates"])
+    cands = files.read_jsonl(out / "candidates.jsonl", data.SCHEMAS["candidates"])
     assert len(cands) == 12 and all(len(r["responses"]) == len(r["rewards"]) == 3 for r in cands)
     for name in ["sft", "rm"] + [f"policy_{m}" for m in config.METHODS]:
         ck = runtime.load_checkpoint(out / f"{name}.pt")

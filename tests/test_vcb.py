@@ -5,9 +5,11 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import vcb
+
 
 BETAS = st.sampled_from([0.1, 0.5, 1.0, 3.0])
 LAMS = st.sampled_from([0.0, 0.1, 1.0, 5.0])
@@ -267,30 +269,6 @@ def test_preference_pairs_are_every_strictly_ordered_pair(sets):
     assert (r[b, w] > r[b, l]).all()
     expected = sum(int((r[i, :, None] > r[i, None, :]).sum()) for i in range(len(r)))
     assert len(b) == expected  # tied candidates give no pair
-
-
-# ---- sequence log-probabilities
-
-@given(st.integers(1, 3), st.integers(2, 8), st.integers(1, 5), st.integers(0, 2**31 - 1))
-def test_sequence_logps_ignores_padding_and_shifts_by_one(B, T, pad, seed):
-    g = torch.Generator().manual_seed(seed)
-    V = 11
-    logits = torch.randn(B, T, V, generator=g, dtype=torch.float64)
-    targets = torch.randint(V, (B, T), generator=g)
-    mask = torch.rand(B, T, generator=g) < 0.7
-    out = vcb.sequence_logps(logits, targets, mask)
-    expected = torch.zeros(B, dtype=torch.float64)
-    for b in range(B):
-        for t in range(1, T):
-            if mask[b, t]:
-                expected[b] += torch.log_softmax(logits[b, t - 1], -1)[targets[b, t]]
-    close(out, expected)
-    padded = vcb.sequence_logps(torch.cat([logits, torch.randn(B, pad, V, generator=g, dtype=torch.float64)], 1),
-                                torch.cat([targets, torch.randint(V, (B, pad), generator=g)], 1),
-                                torch.cat([mask, torch.zeros(B, pad, dtype=torch.bool)], 1))
-    close(padded, out)
-    n = mask[:, 1:].sum(-1).clamp(min=1)
-    close(vcb.sequence_logps(logits, targets, mask, average=True), out / n)
 
 
 # ---- the value-aware peers (docs/method.md, "The value-aware peers") and what ties them to VCB

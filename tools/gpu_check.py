@@ -1,18 +1,18 @@
 """
-gpu_check.py: see that everything works on one GPU, and how fast, with one command (sized for 5 to
+tools/gpu_check.py: see that everything works on one GPU, and how fast, with one command (sized for 5 to
 8 minutes on an H100-class GPU, each step stopped after --limit seconds); what it measured goes into
 one markdown file, ready for docs/gpu.md.
 
-    python gpu_check.py                        # on a machine with a CUDA GPU -> gpu_check/gpu_check.md
-    python gpu_check.py --tiny --out=check     # the same steps at a tiny size, on a CPU (the tests run it)
+    python -m tools.gpu_check                      # on a machine with a CUDA GPU -> gpu_check/gpu_check.md
+    python -m tools.gpu_check --tiny --out=check   # the same steps at a tiny size, on a CPU (the tests run it)
 
 The steps, each a command of the project run as a user runs it, each with a time limit:
   1. the device tests:           python -m pytest -m cuda tests/test_cuda.py   (a run where every
                                  test is skipped is a failure: nothing was checked)
-  2. the speed measurements:     python bench.py --preset=gpt2   (GPT-2-small's shape, bfloat16)
+  2. the speed measurements:     python -m tools.bench --preset=gpt2   (GPT-2-small's shape, bfloat16)
   3. the whole pipeline on the built-in task at the default settings with --compile=true: its stage
      times, peak memory and how many graphs torch.compile made
-  4. the GPT-2 user's path:      python rehearse.py   (GPT-2-small's shape, HH-format data, bfloat16,
+  4. the GPT-2 user's path:      python -m tools.rehearse   (GPT-2-small's shape, HH-format data, bfloat16,
                                  --compile=true, every stage, then the export of the policy)
 With --tiny, every step at a tiny size on whatever device there is (a CPU in the tests): the device
 tests that run on a CPU, and the pipeline's GPT-2-shaped rehearsal replaced by the tiny pipeline.
@@ -29,11 +29,12 @@ from dataclasses import dataclass
 
 import torch
 
-import data
-from config import ConfigError, parse_options
-from runtime import command
+from machinery.config import ConfigError, parse_options
+from machinery.files import write_text
+from machinery.runtime import command
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
 # the pipeline at GPT-2-small's shape, a few steps of every stage (a BPE vocabulary of the task's size)
 GPT2_SHAPE = ["--n_layer=12", "--n_head=12", "--n_embd=768", "--block_size=256", "--max_new_tokens=64", "--vocab_size=8192",
@@ -93,26 +94,26 @@ def main(argv):
                        opts.limit, log)
     if rc == 0 and passed(tests) == 0:  # every test skipped: nothing was checked, which is no pass
         log[-1] = ("device tests", log[-1][1], "no test ran")
-    _, _, bench = run("bench.py", [py, "bench.py", "--preset=" + ("tiny" if opts.tiny else "gpt2"), *device], opts.limit, log)
+    _, _, bench = run("bench", [py, "-m", "tools.bench", "--preset=" + ("tiny" if opts.tiny else "gpt2"), *device], opts.limit, log)
     _, _, default = run("pipeline, default settings, --compile=true",
                         [py, "train.py", f"--out_dir={opts.out}/default", "--compile=true", *device, *size], opts.limit, log)
     if opts.tiny:
         _, _, shaped = run("pipeline, GPT-2-small shape", [py, "train.py", f"--out_dir={opts.out}/gpt2-shape", *GPT2_SHAPE,
                                                            *device, *size], opts.limit, log)
     else:
-        _, _, shaped = run("the GPT-2 user's path (rehearse.py)", [py, "rehearse.py", f"--out={opts.out}/rehearsal", *device],
+        _, _, shaped = run("the GPT-2 user's path (tools.rehearse)", [py, "-m", "tools.rehearse", f"--out={opts.out}/rehearsal", *device],
                            2 * opts.limit, log)
     report = [f"# gpu_check on {name}", "",
               f"PyTorch {torch.__version__}, CUDA {torch.version.cuda}, Python {platform.python_version()}"
               + (" (--tiny: every step at a tiny size)" if opts.tiny else ""), "",
               "| step | seconds | exit status |", "|---|---|---|", *[f"| {n} | {s:.0f} | {rc} |" for n, s, rc in log], "",
               "## Device tests", "", "```", tests.strip().splitlines()[-1] if tests.strip() else "", "```", "",
-              "## bench.py", "", "```", lines_with(bench, "device:", "matmul", "train:", "sample", "attention", "align"), "```", "",
+              "## tools.bench", "", "```", lines_with(bench, "device:", "matmul", "train:", "sample", "attention", "align"), "```", "",
               "## The pipeline at the default settings, --compile=true", "", "```",
               lines_with(default, "stage times", "torch.compile", "| "), "```", "",
-              "## The GPT-2-small shape" + ("" if opts.tiny else ": rehearse.py"), "", "```",
+              "## The GPT-2-small shape" + ("" if opts.tiny else ": tools.rehearse"), "", "```",
               lines_with(shaped, "sft:", "stage times", "torch.compile", "| ", "Peak"), "```", ""]
-    data.write_text(os.path.join(opts.out, "gpu_check.md"), "\n".join(report))  # whole, or not at all
+    write_text(os.path.join(opts.out, "gpu_check.md"), "\n".join(report))  # whole, or not at all
     print(f"\nwrote {os.path.join(opts.out, 'gpu_check.md')}")
     failed = [n for n, _, rc in log if rc != 0]
     if failed:

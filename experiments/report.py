@@ -1,13 +1,11 @@
 """
-report.py: from scored samples to the numbers, tables and figures of train.py's eval stage and of
-experiments.py: metrics, results tables, the reward/KL plot, the training curves, the reward at
-matched KL. No models here: plain Python on lists of dicts, and matplotlib for the figures. Run
-alone, it copies the tables and figures a run wrote into the documentation:
+experiments/report.py: from the metrics of scored policies (evaluate.metrics) to the tables and
+figures of train.py's eval stage and of the experiments: results tables, the reward/KL plot, the
+training curves, the reward at matched KL. No models here: plain Python on lists of dicts, and
+matplotlib for the figures. Run alone, it copies the tables and figures a run wrote into the
+documentation:
 
-    python report.py --out_dir=out      # every `<!-- from FILE -->` block of README.md and docs/*.md
-
-A scored sample (evaluate.sample_and_score) is a dict with the prompt, the response text, logp_pi and
-logp_sft on its exact tokens, the RM score `rm` and, on the built-in task, the `gold` reward.
+    python -m experiments.report --out_dir=out   # every `<!-- from FILE -->` block of README.md and docs/*.md
 """
 import glob
 import math
@@ -16,21 +14,23 @@ import re
 import shutil
 from dataclasses import dataclass
 
-import data
-import records
-
-COLORS = {"sft": "black", "rm": "tab:brown", "vcb": "tab:orange", "dpo": "tab:green", "ipo": "tab:blue", "slic": "tab:purple",
-          "rrhf": "tab:red", "ppo": "tab:cyan", "rloo": "tab:olive", "rebel": "tab:pink", "infonca": "tab:gray",
-          "odpo": "gold"}
+from evaluate import mean, reward_key, win_rate
+from machinery import records
+from machinery.files import atomic_path, write_text
+from vcb import METHODS
 
 
-def reward_key(judge):
-    """The reward a judge reads: the gold one on the built-in task, else the reward model's."""
-    return "gold_reward" if judge == "gold" else "rm_reward"
+COLORS = {"sft": "black", **{name: m.color for name, m in METHODS.items()}}  # SFT, then each method's own
 
 
-def mean(values):
-    return sum(values) / len(values) if values else float("nan")
+def label(name):
+    """A policy's name in figures: the method's label (vcb.METHODS), or SFT's."""
+    return METHODS[name].label if name in METHODS else name.upper()
+
+
+def beta_label(name, beta):
+    """The beta column of a table: '-' for SFT and the methods without one (RRHF)."""
+    return f"{beta:g}" if name in METHODS and METHODS[name].beta and beta is not None else "-"
 
 
 def spread(values):
@@ -46,30 +46,6 @@ def pearson(a, b):
     cov = sum((x - ma) * (y - mb) for x, y in zip(a, b))
     norm = math.sqrt(sum((x - ma) ** 2 for x in a) * sum((y - mb) ** 2 for y in b))
     return cov / norm if norm > 0 else float("nan")
-
-
-def win_rate(rows, baseline_rows, key):
-    """Share of (prompt, sample) slots where this policy's sample beats the baseline's; ties count half."""
-    return mean([1.0 if a[key] > b[key] else 0.5 if a[key] == b[key] else 0.0 for a, b in zip(rows, baseline_rows)])
-
-
-def distinct_n(texts, n):
-    """Distinct word n-grams over all n-grams of the samples: 1 is all different, near 0 is repetition."""
-    grams = [tuple(w[i:i + n]) for w in (t.split() for t in texts) for i in range(len(w) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 0.0
-
-
-def metrics(rows, sft_rows, dpo_rows, judge):
-    """One policy on one prompt set. KL(pi || pi_sft) is the mean of logp_pi - logp_sft over samples
-    drawn from pi itself. judge: 'gold' or 'rm', the reward that decides the win rates."""
-    return {"gold_reward": mean([r["gold"] for r in rows]) if judge == "gold" else None,
-            "rm_reward": mean([r["rm"] for r in rows]),
-            "kl": mean([r["logp_pi"] - r["logp_sft"] for r in rows]),
-            "win_rate_vs_sft": win_rate(rows, sft_rows, judge),
-            "win_rate_vs_dpo": win_rate(rows, dpo_rows, judge) if dpo_rows is not None else None,
-            "distinct_2": distinct_n([r["text"] for r in rows], 2),
-            "length": mean([len(r["text"].split()) for r in rows]),
-            "samples": len(rows)}
 
 
 def summarise(runs):
@@ -125,8 +101,8 @@ def pyplot():
 
 
 def save_figure(plt, fig, file, dpi=120):
-    """The figure as a PNG, written whole or not at all (data.atomic_path)."""
-    with data.atomic_path(file) as tmp:
+    """The figure as a PNG, written whole or not at all (files.atomic_path)."""
+    with atomic_path(file) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
     plt.close(fig)
 
@@ -144,7 +120,7 @@ def plot_frontier(points, file, title, judge):
         style = ["-", "--", ":", "-."][variants.index(variant) % 4] if variant else "-"
         ax.errorbar([p["kl"] for p in pts], [p["reward"] for p in pts], xerr=[p.get("kl_std", 0) for p in pts],
                     yerr=[p.get("reward_std", 0) for p in pts], marker="o", capsize=3, color=COLORS.get(base),
-                    label=base.upper() + (f" {variant}" if variant else ""), linestyle=style if len(pts) > 1 else "none")
+                    label=label(base) + (f" {variant}" if variant else ""), linestyle=style if len(pts) > 1 else "none")
         for p in pts:
             if p.get("beta") is not None and len(pts) > 1:
                 ax.annotate(f"{p['beta']:g}", (p["kl"], p["reward"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
@@ -158,7 +134,7 @@ def plot_frontier(points, file, title, judge):
 
 
 # -----------------------------------------------------------------------------
-# training curves: curves.png from curves.jsonl (records.py), one line per step of every training task
+# training curves: curves.png from curves.jsonl (machinery/records.py), one line per step of every training task
 
 def plot_curves(file, png):
     """One panel per metric (loss, lr, margin, acc, gap_corr, ...), one line per training task,
@@ -272,7 +248,7 @@ def plot_steps(table, file, judge, factor):
             xs = sorted(by_frac)
             stats = [spread([r["eval"][key] for r in by_frac[x]]) for x in xs]
             ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o",
-                        markersize=3, capsize=2, color=COLORS.get(method), label=method.upper())
+                        markersize=3, capsize=2, color=COLORS.get(method), label=label(method))
         ax.axvline(1, color="grey", linewidth=0.8, linestyle=":")  # the usual number of steps
         ax.set_xlabel("training, in multiples of the usual steps")
         ax.set_title(title, fontsize=10)
@@ -285,7 +261,7 @@ def plot_steps(table, file, judge, factor):
 # -----------------------------------------------------------------------------
 # the documentation's tables and figures are the files the runs wrote, copied in, never retyped
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 BLOCK = re.compile(r"(<!-- from (\S+) -->\n)(.*?)(<!-- end -->)", re.S)
 IMAGE = re.compile(r"<!-- image (\S+) -->\n!\[[^\]]*\]\(([^)]+)\)")
 
@@ -321,7 +297,7 @@ def sync_docs(out_dir, files=None):
             else:
                 missing.append(m[1])
         if new != text:
-            data.write_text(doc, new)
+            write_text(doc, new)
     return copied, sorted(set(missing))
 
 
@@ -331,7 +307,7 @@ class SyncConfig:
 
 
 def main(argv):
-    from config import parse_options  # only this command needs the option parser
+    from machinery.config import parse_options  # only this command needs the option parser
     opts = parse_options(SyncConfig(), argv, __doc__)
     n, missing = sync_docs(opts.out_dir)
     print(f"copied {n} tables and figures from {opts.out_dir}" +
@@ -339,5 +315,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from runtime import command  # one line and exit status 2 for a bad option or file
+    from machinery.runtime import command  # one line and exit status 2 for a bad option or file
     command(main)

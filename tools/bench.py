@@ -1,20 +1,20 @@
 """
-bench.py: how fast the hot paths run on this machine, each comparison made within one run.
+tools/bench.py: how fast the hot paths run on this machine, each comparison made within one run.
 
-    python bench.py                   # the built-in task's GPT; float32 on CPU, bfloat16 autocast on CUDA
-    python bench.py --preset=gpt2     # GPT-2-small-sized (124M parameters, 1024 positions)
-    python bench.py --compile=true    # the same with torch.compile (CUDA)
+    python -m tools.bench                   # the built-in task's GPT; float32 on CPU, bfloat16 autocast on CUDA
+    python -m tools.bench --preset=gpt2     # GPT-2-small-sized (124M parameters, 1024 positions)
+    python -m tools.bench --compile=true    # the same with torch.compile (CUDA)
 
 It measures
   1. the device's matmul peak (the best of repeated large matmuls), in TFLOP/s;
   2. training tokens/s, and model FLOPs utilisation (MFU) against that measured peak (and on a GPU
      against its datasheet's bfloat16 peak);
   3. sampling tokens/s at 128 new tokens, with and without the KV cache (same greedy tokens);
-  4. the attention scores the packed layout computes against the dense rows it replaced, at the
-     built-in task's lengths and the GPT-2 HH preset's; one alignment (VCB) step with each layout,
-     in response tokens/s, back to back; and that step per response token against an SFT step as
-     the pipeline runs both (the reference log-probs are precomputed, so alignment needs one
-     model: the target is <= 1.2x);
+  4. the two layouts of packing.py (--layout): the attention scores the packed layout computes
+     against the plain padded rows, at the built-in task's lengths and the GPT-2 HH preset's; one
+     alignment (VCB) step with each layout, in response tokens/s, back to back, and which is faster
+     here; and that step per response token against an SFT step as the pipeline runs both (the
+     reference log-probs are precomputed, so alignment needs one model: the target is <= 1.2x);
 and then prints the estimated peak GPU memory and time per stage of the GPT-2-small HH preset.
 """
 import dataclasses
@@ -28,9 +28,10 @@ import torch
 
 import packing
 import vcb
-from config import ConfigError, parse_options
-from model import GPT, GPTConfig, response_logps
-from runtime import command, setup
+from machinery.config import ConfigError, parse_options
+from machinery.runtime import command, setup
+from model import GPT, GPTConfig
+
 
 DEFAULT = GPTConfig()  # the built-in task's model
 PRESETS = {  # model shape and the batch of each measurement
@@ -102,25 +103,31 @@ def candidate_groups(lengths, G, n, vocab_size, seed):
     return [(tokens(draw(p_lo, p_hi)), [tokens(draw(r_lo, r_hi)) for _ in range(n)]) for _ in range(G)]
 
 
-def attention_scores(p):
-    """Query-key scores per head and layer of a packing.Packed batch: (the dense rows compute, the packed
-    layout computes, the layout needs). Dense rows are each prompt and its responses, padded to the
-    longest row, every token against every other; packed_attention computes its prompts (padded to
-    the longest) and its buckets (responses and their prompts' keys each padded to the bucket's
+def attention_scores(groups):
+    """Query-key scores per head and layer of a batch: (the plain padded rows compute, the packed
+    layout computes, the layout needs). The padded rows are each prompt with one response, padded to
+    the longest row, every token against every other; packed_attention computes its prompts (padded
+    to the longest) and its buckets (responses and their prompts' keys each padded to the bucket's
     longest); what is needed is each token against the tokens it sees."""
-    G, L = p.dense()[0].shape
+    rows, p = packing.pad(groups, 10_000).idx.shape, packing.pack(groups, 10_000)
     needed = sum(P * (P + 1) // 2 for P in p.prompt_lengths.tolist())
     for b in p.buckets:
         needed += sum(R * P + R * (R + 1) // 2 for R, P in zip(b.lengths.tolist(), b.prompt_lengths.tolist()))
-    computed = G * p.prompts.size(1) ** 2 + sum(b.keys.numel() * b.tokens.size(1) for b in p.buckets)
-    return G * L * L, computed, needed
+    computed = len(p.prompts) * p.prompts.size(1) ** 2 + sum(b.keys.numel() * b.tokens.size(1) for b in p.buckets)
+    return rows[0] * rows[1] ** 2, computed, needed
 
 
 def attention_line(name, lengths, n, G):
-    dense, packed, needed = attention_scores(packing.pack(candidate_groups(lengths, G, n, 1000, seed=0), 10_000))
-    return (f"attention at the {name}'s lengths, {G} prompts x {n} candidates: the dense rows compute {dense:,} query-key "
-            f"scores per head and layer, the prefix-shared layout {packed:,} ({dense / packed:.1f}x fewer; the layout "
+    padded, packed, needed = attention_scores(candidate_groups(lengths, G, n, 1000, seed=0))
+    return (f"attention at the {name}'s lengths, {G} prompts x {n} candidates: the padded rows compute {padded:,} query-key "
+            f"scores per head and layer, the packed layout {packed:,} ({padded / packed:.1f}x fewer; the layout "
             f"needs {needed:,})")
+
+
+def flops_per_token(model, T):
+    """Training FLOPs per token (forward + backward), as in the PaLM paper's appendix B."""
+    N, cfg = model.num_params(), model.config
+    return 6 * N + 12 * cfg.n_layer * cfg.n_embd * T
 
 
 def matmul_peak(device, dtype):
@@ -156,14 +163,14 @@ def main(argv):
 
     def train_step():
         with env.autocast():
-            loss = -runner(x[:, :-1], targets=x[:, 1:]).mean()
+            loss = -model.logps(runner(x[:, :-1]), x[:, 1:]).mean()  # next-token NLL, float32 head
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     dt = timed(train_step, device, p["steps"])
     tokens_per_s = B * T / dt
-    flops = model.estimate_flops_per_token(T) * tokens_per_s
+    flops = flops_per_token(model, T) * tokens_per_s
     sheet = datasheet_peak(name) if device_type == "cuda" and dtype == torch.bfloat16 else None
     print(f"train: {tokens_per_s:,.0f} tokens/s (batch {B} x {T}), MFU {100 * flops / peak:.1f}% of the measured peak"
           + (f", {100 * flops / sheet:.1f}% of the datasheet's {sheet / 1e12:.0f} TFLOP/s" if sheet else ""))
@@ -186,21 +193,16 @@ def main(argv):
     print(attention_line("built-in task", PRESETS["default"]["lengths"], 8, 8))
     print(attention_line("GPT-2 HH preset", PRESETS["gpt2"]["lengths"], 8, 2))
     model.train()
+    reader = packing.Reader(model)
     n, G = opts["n_candidates"], max(1, B // opts["n_candidates"])
-    packed = packing.pack(candidate_groups(p["lengths"], G, n, cfg.vocab_size, seed=0), cfg.block_size).to(device)
+    groups = candidate_groups(p["lengths"], G, n, cfg.vocab_size, seed=0)
+    batches = {layout: packing.batch_of(groups, cfg.block_size, layout).to(device) for layout in ("packed", "padded")}
     demos = packing.pack(candidate_groups(p["lengths"], G * n, 1, cfg.vocab_size, seed=1), cfg.block_size).to(device)
-    dense = [t.to(device) for t in packed.to("cpu").dense()]
     ref, rewards = torch.randn(G, n, device=device) - 50, torch.randn(G, n, device=device)
 
     def vcb_step(layout):
         with env.autocast():
-            if layout == "packed":
-                logps = response_logps(model, packed)
-            else:  # the dense rows, masked to see what the packed layout sees: the layout before it
-                idx, pos, mask, where = dense
-                hidden = model.hidden(idx, pos, mask).flatten(0, 1).index_select(0, where)
-                logps = vcb.packed_logps(model.logps(hidden.index_select(0, packed.cols), packed.targets), packed.seq,
-                                         packed.lengths)
+            logps = packing.response_logps(reader, batches[layout])
         loss = vcb.vcb_loss(logps.view(G, n), ref, rewards, beta=1.0, lam=0.1)
         loss.backward()
         optimizer.step()
@@ -208,20 +210,23 @@ def main(argv):
 
     def sft_step():  # as the pipeline runs it: each demonstration a prompt with one response, packed
         with env.autocast():
-            loss = -model(demos).sum() / len(demos.targets)
+            loss = -reader(demos).sum() / len(demos.targets)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    times = {"packed": [], "dense": [], "sft": []}
+    times = {"packed": [], "padded": [], "sft": []}
     for _ in range(max(3, p["steps"] // 2)):  # interleaved, so all see the same machine load
-        for name, fn in (("packed", lambda: vcb_step("packed")), ("dense", lambda: vcb_step("dense")), ("sft", sft_step)):
+        for name, fn in (("packed", lambda: vcb_step("packed")), ("padded", lambda: vcb_step("padded")), ("sft", sft_step)):
             times[name].append(timed(fn, device, 1))
-    per_token = {k: statistics.median(v) / len((packed if k != "sft" else demos).targets) for k, v in times.items()}
-    print(f"align (VCB) step, {G} prompts x {n} candidates ({len(packed.targets)} response tokens): "
-          f"{1 / per_token['packed']:,.0f} response tokens/s with the prefix-shared layout, {1 / per_token['dense']:,.0f} "
-          f"with the dense masked rows ({per_token['dense'] / per_token['packed']:.2f}x); per response token "
-          f"{per_token['packed'] / per_token['sft']:.2f}x an SFT step (target <= 1.2x)")
+    n_tokens = len(batches["packed"].targets)
+    per_token = {k: statistics.median(v) / (n_tokens if k != "sft" else len(demos.targets)) for k, v in times.items()}
+    faster = min(("packed", "padded"), key=per_token.get)
+    print(f"align (VCB) step, {G} prompts x {n} candidates ({n_tokens} response tokens): "
+          f"{1 / per_token['packed']:,.0f} response tokens/s with the packed layout, {1 / per_token['padded']:,.0f} "
+          f"with the padded rows ({per_token['padded'] / per_token['packed']:.2f}x): faster here: --layout={faster} "
+          f"(the default is packed); per response token {per_token['packed'] / per_token['sft']:.2f}x an SFT step "
+          f"(target <= 1.2x)")
     if opts["run"]:
         print(precision(opts["run"], env))
     print_estimates(peak if device_type == "cuda" else None)
@@ -236,25 +241,28 @@ def precision(out_dir, env, n_prompts=64):
     the policy's as the align step does (micro-batches of align_batch prompts); and KL(pi || pi)
     estimated as the evaluation does (the sampler's log-probs of pi's own samples against the
     scorer's)."""
-    import config
+    import data
     import evaluate
-    from runtime import load_candidates, load_model, load_tokenizer
-    cfg = dataclasses.replace(config.run_config(out_dir), device=env.device)
-    enc = load_tokenizer(cfg)
+    from machinery.config import run_config
+    from machinery.runtime import load_model
+    cfg = dataclasses.replace(run_config(out_dir), device=env.device)
+    enc = data.load_tokenizer(os.path.join(out_dir, "tokenizer.json"))
     model = load_model(os.path.join(out_dir, "sft.pt"), env, enc, cfg).eval()
-    groups = load_candidates(cfg, env, enc).groups[:n_prompts]
+    groups = data.read_candidates(os.path.join(out_dir, "candidates.jsonl"), enc).groups[:n_prompts]
+    reader = packing.Reader(model)
     with torch.no_grad():
-        ref = torch.tensor(evaluate.score_logps(cfg, env, model, enc, groups))
+        ref = torch.tensor(evaluate.score_logps(cfg, env, model, groups))
         policy = []
         for i in range(0, len(groups), cfg.align_batch):
             with env.autocast():
-                policy += response_logps(model, packing.pack(groups[i:i + cfg.align_batch], cfg.block_size).to(env.device)).tolist()
+                batch = packing.batch_of(groups[i:i + cfg.align_batch], cfg.block_size, cfg.layout).to(env.device)
+                policy += packing.response_logps(reader, batch).tolist()
         delta = (torch.tensor(policy) - ref).abs()
         prompts = [g[0] for g in groups[:16]]  # <|endoftext|> + prompt, as the candidates were sampled
         with env.autocast():
             outs, sampled = model.generate(prompts, cfg.max_new_tokens, stop_token=enc.eot_token, num_samples=4,
                                            generator=torch.Generator(env.device).manual_seed(0), return_logps=True)
-        scored = evaluate.score_logps(cfg, env, model, enc, [(prompts[i], outs[4 * i:4 * i + 4]) for i in range(len(prompts))])
+        scored = evaluate.score_logps(cfg, env, model, [(prompts[i], outs[4 * i:4 * i + 4]) for i in range(len(prompts))])
         kl = torch.tensor(sampled) - torch.tensor(scored)
     return (f"precision ({str(env.dtype).removeprefix('torch.')}, {out_dir}/sft.pt): |delta| at step 0 max {delta.max():.2e}, "
             f"mean {delta.mean():.2e} over {len(delta)} candidates; KL(pi||pi) from pi's own samples {kl.mean():.2e} "

@@ -1,10 +1,10 @@
 """
-gpt2.py: GPT-2 weights in and out, in the `model.safetensors` + `config.json` layout of the public
+tools/gpt2.py: GPT-2 weights in and out, in the `model.safetensors` + `config.json` layout of the public
 GPT-2 releases, read and written with the safetensors package (no transformers needed, nothing
 downloaded).
 
     model = gpt2.from_pretrained("gpt2/model.safetensors", block_size=256)   # what train.py's --init_from runs
-    python gpt2.py export out/policy_vcb.pt out/vcb-gpt2                    # a policy, for transformers and the rest
+    python -m tools.gpt2 export out/policy_vcb.pt out/vcb-gpt2              # a policy, for transformers and the rest
 
 Every key and shape is checked; what our GPT cannot compute (another activation, LayerNorm epsilon,
 MLP width or attention scaling) is refused with one line. An exported policy loads in transformers'
@@ -16,9 +16,9 @@ import re
 
 import torch
 
-import data
-from data import DataError, field
+from machinery.files import DataError, atomic_path, field, read_json, write_json
 from model import GPT, GPTConfig
+
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # stored (in, out)
 
@@ -80,7 +80,7 @@ def read_gpt2_config(file):
     missing file, or another program's config.json (a run folder of ours has one)."""
     if not os.path.exists(file):
         return None
-    c = data.read_json(file, kind=object)
+    c = read_json(file, kind=object)
     return (file, c) if isinstance(c, dict) and c.get("model_type") == "gpt2" else None
 
 
@@ -124,21 +124,21 @@ def save_pretrained(model, folder):
               "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "scale_attn_weights": True,
               "tie_word_embeddings": True, "bos_token_id": c.vocab_size - 1, "eos_token_id": c.vocab_size - 1}
     os.makedirs(folder, exist_ok=True)
-    with data.atomic_path(os.path.join(folder, "model.safetensors")) as tmp:
+    with atomic_path(os.path.join(folder, "model.safetensors")) as tmp:
         save_file(weights, tmp, metadata={"format": "pt"})
-    data.write_json(os.path.join(folder, "config.json"), config)
+    write_json(os.path.join(folder, "config.json"), config)
 
 
 def export(argv):
-    """python gpt2.py export CHECKPOINT FOLDER: one of a run's models (a policy, sft.pt) as GPT-2."""
-    from runtime import checkpoint_model, load_checkpoint
+    """python -m tools.gpt2 export CHECKPOINT FOLDER: one of a run's models (a policy, sft.pt) as GPT-2."""
+    from machinery.runtime import checkpoint_model, load_checkpoint
     if len(argv) != 2:
-        raise DataError("usage: python gpt2.py export CHECKPOINT FOLDER   (e.g. out/policy_vcb.pt out/vcb-gpt2)")
+        raise DataError("usage: python -m tools.gpt2 export CHECKPOINT FOLDER   (e.g. out/policy_vcb.pt out/vcb-gpt2)")
     model = checkpoint_model(argv[0], load_checkpoint(argv[0]))
     save_pretrained(model, argv[1])  # without the reward head, if it has one
     print(f"wrote {argv[1]}/model.safetensors and config.json ({model.num_params() / 1e6:.2f}M parameters)")
 
 
 if __name__ == "__main__":
-    from runtime import command
+    from machinery.runtime import command
     command(lambda argv: export(argv[1:]) if argv[:1] == ["export"] else export([]))

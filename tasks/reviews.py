@@ -1,16 +1,16 @@
 """
-reviews.py: the built-in task. Seeded movie reviews (and restaurant reviews, out of distribution)
+tasks/reviews.py: the built-in task. Seeded movie reviews (and restaurant reviews, out of distribution)
 whose gold reward is the VADER sentiment compound score of the response, known exactly, as in DPO's
 sentiment experiment. Preference labels are drawn from it with Bradley-Terry noise, so the reward
 model learns from noisy labels while the evaluation can measure the true reward.
 
-    python reviews.py   # prints a few examples with their gold rewards
+    python -m tasks.reviews   # prints a few examples with their gold rewards
 """
 import functools
 import math
 import random
 
-from data import DataError
+from machinery.files import DataError
 
 
 # -----------------------------------------------------------------------------

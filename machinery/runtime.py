@@ -1,11 +1,10 @@
 """
-runtime.py: what a run stands on besides the models and the losses: the devices, processes and
-precision it runs with; the checkpoints (models, and the resumable progress of a training) and the
-data files the stages hand each other; the batch order and learning-rate schedule that make an
-interrupted run resume exactly; and the one-line errors a program ends with.
+machinery/runtime.py: what a run stands on besides the models and the losses: the devices, processes
+and precision it runs with, the model as training runs it (torch.compile, DDP), the checkpoints of
+trained models, the batch order and learning-rate schedule that make an interrupted run resume
+exactly, and the one-line errors a program ends with.
 
-Nothing here knows the stages; train.py, experiments.py and sample.py build on it (records.py keeps
-the record of what is done).
+Nothing here knows the stages: train.py, ppo.py, evaluate.py and the experiments build on it.
 """
 import dataclasses
 import math
@@ -17,13 +16,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-import packing
-import vcb
-from config import RANGES, ConfigError, parse_args
-from data import DataError, field
+from machinery.config import RANGES, ConfigError, as_dict, check_launch, parse_args
+from machinery.files import DataError, atomic_path, field, one_line, write_json
 from model import GPT, GPTConfig
 
 
@@ -31,7 +29,15 @@ class TrainingError(RuntimeError):
     """Training had to stop (a non-finite loss, broken weights), with a one-line message. The three
     errors a program ends with: ConfigError (an option), DataError (a file), TrainingError (a run)."""
     def __init__(self, message):
-        super().__init__(data.one_line(message))
+        super().__init__(one_line(message))
+
+
+running = ""  # the task under way, for the message when the run is interrupted
+
+
+def note_progress(text):
+    global running
+    running = text
 
 
 def command(main):
@@ -63,7 +69,7 @@ class Env:
     dtype: torch.dtype   # autocast dtype; float32 means no autocast
     rank: int            # this process in a torchrun group (0 alone)
     world: int           # processes in the group (1 alone)
-    bars: bool = True    # progress bars (off in experiments.py's worker processes: their bars would mix)
+    bars: bool = True    # progress bars (off in the experiments' worker processes: their bars would mix)
 
     @property
     def master(self):
@@ -97,17 +103,21 @@ def setup(cfg):
     return Env(device, device_type, dtype, rank, world)
 
 
-def start(argv, doc=""):
-    """Options, devices and processes of a run; prints and saves the config."""
+def start(argv, doc="", check=None):
+    """Options, devices and processes of a run, every check of the options before anything runs
+    (check(cfg): the caller's own); prints and saves the config."""
     cfg = parse_args(argv, doc)
+    check_launch(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    if check is not None:
+        check(cfg)
     try:
         os.makedirs(cfg.out_dir, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"--out_dir={cfg.out_dir}: cannot create it ({e.strerror})") from None
     env = setup(cfg)
     if env.master:
-        print("config: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
-        data.write_json(path(cfg, "config.json"), dataclasses.asdict(cfg))
+        print("config: " + ", ".join(f"{k}={v}" for k, v in as_dict(cfg).items()))
+        write_json(path(cfg, "config.json"), as_dict(cfg))
         print(f"device: {env.device} ({str(env.dtype).removeprefix('torch.')}), processes: {env.world}")
     return cfg, env
 
@@ -115,12 +125,20 @@ def start(argv, doc=""):
 COMPILE = dict(dynamic=True)  # torch.compile's options (the tests count compilations with a backend of their own)
 
 
-def compiled(cfg, model):
-    """The model as training runs it: with --compile=true, torch.compile'd with dynamic shapes, so that
-    the batches' changing lengths share one graph per way of reading (ids or packed, and the head)
-    instead of one per shape. Modules of the same class share the compiled code, so every task of a
-    process (SFT, the reward model, each policy) reuses it. Checkpoints are saved from the module itself."""
-    return torch.compile(model, **COMPILE) if cfg.compile else model
+def wrap(cfg, env, module):
+    """A module as training runs it: with --compile=true, torch.compile'd with dynamic shapes (the
+    batches' changing lengths share one graph per head instead of one per shape; modules of the same
+    class share the compiled code, so every task of a process reuses it); under torchrun, in DDP,
+    which averages the gradients over the processes. Checkpoints are saved from the model itself."""
+    runner = torch.compile(module, **COMPILE) if cfg.compile else module
+    if env.world > 1:
+        runner = DDP(runner, device_ids=[env.device] if env.device_type == "cuda" else None)
+    return runner
+
+
+def no_sync(runner, env, last):
+    """DDP's gradient all-reduce only after the last micro-batch of a step (the others accumulate)."""
+    return runner.no_sync() if env.world > 1 and not last else nullcontext()
 
 
 def log(env, msg):
@@ -137,9 +155,19 @@ def gather(env, items):
     return [x for part in parts for x in part]
 
 
+def all_reduce(env, tensor):
+    if env.world > 1:
+        dist.all_reduce(tensor)
+
+
 def barrier(env):
     if env.world > 1:
         dist.barrier()
+
+
+def close(env):
+    if env.world > 1:
+        dist.destroy_process_group()
 
 
 # -----------------------------------------------------------------------------
@@ -157,6 +185,12 @@ def batch_indices(n, batch_size, step, seed):
     return out
 
 
+def micro_batches(indices, env, grad_accum):
+    """This process's share of a step's examples (every world-th one), split into grad_accum micro-batches."""
+    mine = indices[env.rank::env.world]
+    return [mine[k::grad_accum] for k in range(grad_accum)]
+
+
 def lr_at(step, steps, lr, warmup):
     """Linear warm-up, then cosine decay to lr/10 at the last step."""
     if step < warmup:
@@ -166,14 +200,14 @@ def lr_at(step, steps, lr, warmup):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints
+# checkpoints of trained models
 
 def path(cfg, *parts):
     return os.path.join(cfg.out_dir, *parts)
 
 
 def save_checkpoint(file, payload):
-    with data.atomic_path(file) as tmp:
+    with atomic_path(file) as tmp:
         torch.save(payload, tmp)
 
 
@@ -195,7 +229,7 @@ def load_checkpoint(file):
 
 def checkpoint_model(file, ck, **overrides):
     """The GPT a checkpoint of ours describes, with its weights loaded: every part read through
-    data.field, the shape within its options' ranges (config.RANGES) and the weights finite
+    files.field, the shape within its options' ranges (config.RANGES) and the weights finite
     floating-point tensors that fit it; anything else is a one-line DataError naming the field.
     overrides: GPTConfig fields (dropout, reward_head)."""
     shape = {k: field(ck, f"model_args.{k}", int, file, lo=RANGES[k].lo, hi=RANGES[k].hi)
@@ -229,83 +263,11 @@ def checkpoint_model(file, ck, **overrides):
     return model
 
 
-def finite_weights(model):
-    return all(p.isfinite().all() for p in model.parameters())
-
-
 def save_model(cfg, env, file, model, enc, **extra):
     """A trained model, with its shape, the fingerprint of its tokenizer and the run's config."""
     if env.master:
         save_checkpoint(file, {"model": model.state_dict(), "model_args": dataclasses.asdict(model.config),
-                               "tokenizer": data.fingerprint(enc), "config": dataclasses.asdict(cfg), **extra})
-
-
-def save_snapshot(cfg, env, task, step, model, enc):
-    if step in task.snapshots:
-        save_model(cfg, env, task.snapshots[step], model, enc, step=step)
-
-
-def progress_file(cfg, task):
-    return path(cfg, f"{task.name}.ckpt.pt")
-
-
-def save_progress(cfg, env, task, step, state, **extra):
-    """A resumable checkpoint: state {name: model or optimizer}, the step, the random state, the task's
-    settings and extra values, in <task>.ckpt.pt."""
-    if env.master:
-        ck = {k: v.state_dict() for k, v in state.items()}
-        ck.update(step=step, settings=task.settings, rng=torch.get_rng_state(), extra=extra)
-        if env.device_type == "cuda":
-            ck["cuda_rng"] = torch.cuda.get_rng_state(env.device)
-        save_checkpoint(progress_file(cfg, task), ck)
-
-
-def resume(cfg, env, task, state):
-    """Load state {name: model or optimizer} from the task's resumable checkpoint when it was made with
-    the task's settings. Returns (the step to continue from, the extra values): (0, {}) afresh."""
-    file = progress_file(cfg, task)
-    if not os.path.exists(file):
-        return 0, {}
-    ck = load_checkpoint(file)
-    if ck.get("settings") != task.settings:
-        log(env, f"{task.name}: {file} was made with other settings; starting over")
-        return 0, {}
-    step, extra = field(ck, "step", int, file, lo=0), field(ck, "extra", dict, file) if "extra" in ck else {}
-    try:  # what torch checks of a state dict (keys, shapes, an optimizer's groups) is all there is to check
-        for k, v in state.items():
-            v.load_state_dict(field(ck, k, dict, file))
-        torch.set_rng_state(ck["rng"])
-        if env.device_type == "cuda" and "cuda_rng" in ck:
-            torch.cuda.set_rng_state(ck["cuda_rng"], env.device)
-    except (KeyError, ValueError, TypeError, RuntimeError) as e:
-        raise DataError(f"{file}: not a resumable checkpoint of {task.name} ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
-                        f"delete it to start the task over") from None
-    log(env, f"{task.name}: resuming from {file} at step {step}")
-    return step, extra
-
-
-def check_healthy(cfg, env, task, models, probe, step, last_good):
-    """Stop with a TrainingError unless the models' weights are finite and probe() (a loss on a few
-    examples) is finite too: weights can stay finite and still be so large that every output
-    overflows (one step at --align_lr=1e30), which only a forward pass shows. step None: the end."""
-    ok = all(finite_weights(m) for m in models)
-    if ok:
-        with torch.no_grad(), env.autocast():
-            ok = bool(torch.isfinite(probe()))
-    if env.world > 1:  # every process must agree, or the ones that stop leave the others waiting
-        flag = torch.tensor(float(ok), device=env.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        ok = bool(flag.item())
-    if not ok:
-        when = "the last step" if step is None else f"step {step}"
-        raise TrainingError(f"{task.name}: the model is broken after {when} (non-finite weights or loss; learning rate "
-                            f"too high?); {'nothing was saved as finished, and ' if step is None else 'stopped, and '}"
-                            f"{kept_checkpoint(cfg, task, last_good)}")
-
-
-def kept_checkpoint(cfg, task, step):
-    return f"the last good checkpoint, {progress_file(cfg, task)} (step {step}), is kept" if step else \
-        "no checkpoint was written yet"
+                               "tokenizer": data.fingerprint(enc), "config": as_dict(cfg), **extra})
 
 
 def model_args(cfg, vocab_size):
@@ -331,80 +293,3 @@ def load_model(file, env, enc, cfg, reward_head=None, dropout=0.0):
                         f"tokens): redo the stage that wrote it, or use the tokenizer it was made with")
     model = checkpoint_model(file, ck, dropout=dropout, reward_head=bool(reward_head or field(ck, "model_args.reward_head", bool, file)))
     return model.to(env.device)
-
-
-# -----------------------------------------------------------------------------
-# progress, for the message when a run is interrupted
-
-running = ""  # the task under way, for the message when the run is interrupted
-
-
-def note_progress(text):
-    global running
-    running = text
-
-
-# -----------------------------------------------------------------------------
-# the files the stages hand each other
-
-def load_data(cfg, name):
-    file = path(cfg, "data", f"{name}.jsonl")
-    if name == "ood_prompts" and not os.path.exists(file):
-        return []  # out-of-distribution prompts are optional
-    if not os.path.exists(file):
-        raise DataError(f"{file}: missing; run --stage=data first")
-    return data.read_jsonl(file, data.SCHEMAS[name])
-
-
-def load_tokenizer(cfg):
-    if not os.path.exists(path(cfg, "tokenizer.json")):
-        raise DataError(f"{path(cfg, 'tokenizer.json')}: missing; run --stage=data first")
-    return data.load_tokenizer(path(cfg, "tokenizer.json"))
-
-
-def encode_groups(cfg, env, enc, prompts, responses, what):
-    """Each prompt with its responses (one demonstration, or a chosen and a rejected one) as token ids
-    for packing.pack, logging how many sequences will be cut to fit block_size."""
-    groups = [packing.encode_group(enc, p, rs) for p, rs in zip(prompts, responses)]
-    log_cut(cfg, env, what, sum(packing.fit(p, rs, cfg.block_size)[2] for p, rs in groups), sum(len(rs) for rs in responses))
-    return groups
-
-
-@dataclass
-class Candidates:
-    """The scored candidates, ready for alignment: groups[i] is prompt i with its n candidates as
-    token ids (packing.encode_group, what packing.pack reads); ref_logps and rewards are (B, n) float32."""
-    groups: list
-    ref_logps: torch.Tensor
-    rewards: torch.Tensor
-
-
-def load_candidates(cfg, env, enc, file=None):
-    file = file or path(cfg, "candidates.jsonl")
-    if not os.path.exists(file):
-        raise DataError(f"{file}: missing; run --stage=sample first")
-    records = data.read_jsonl(file, data.SCHEMAS["candidates"])
-    n = len(records[0]["responses"])
-    for line, r in enumerate(records, 1):
-        if len(r["responses"]) < 2:
-            raise DataError(f"{file}:{line}: field 'responses' has {len(r['responses'])} candidate; VCB and the baselines need at least 2")
-        for key in ("rewards", "ref_logps"):
-            if len(r[key]) != len(r["responses"]):
-                raise DataError(f"{file}:{line}: field '{key}' has {len(r[key])} values for {len(r['responses'])} responses")
-        if len(r["responses"]) != n:
-            raise DataError(f"{file}:{line}: field 'responses' has {len(r['responses'])} candidates but line 1 has {n}; "
-                            f"every prompt needs the same number")
-    ref_logps, rewards = torch.tensor([r["ref_logps"] for r in records]), torch.tensor([r["rewards"] for r in records])
-    for key, values in (("ref_logps", ref_logps), ("rewards", rewards), ("rewards", vcb.reward_sigma(rewards)[:, None])):
-        bad = (~values.isfinite()).any(-1).nonzero()
-        if len(bad):  # finite in JSON's float64, but not in float32 (or their spread is not)
-            raise DataError(f"{file}:{int(bad[0]) + 1}: field '{key}' has values too large for float32 (|value| < 1e38)")
-    groups = [packing.encode_group(enc, r["prompt"], r["responses"]) for r in records]
-    log_cut(cfg, env, "candidates", sum(packing.fit(p, rs, cfg.block_size)[2] for p, rs in groups), n * len(groups))
-    return Candidates(groups, ref_logps, rewards)
-
-
-def log_cut(cfg, env, what, cut, total):
-    if cut:
-        log(env, f"{what}: {cut} of {total} sequences were longer than block_size={cfg.block_size}; "
-                 f"prompts were cut from the left (responses from the right where they alone did not fit)")

@@ -1,5 +1,5 @@
 """
-corpora.py: the paper's data sets, Anthropic HH-RLHF and Reddit TL;DR, and your own JSON-lines
+tasks/corpora.py: the paper's data sets, Anthropic HH-RLHF and Reddit TL;DR, and your own JSON-lines
 files, read from a local folder into the pipeline's records (data.TASK_FILES). Nothing is
 downloaded: fetch the published files once and point --data_dir at them (docs/data.md).
 
@@ -8,12 +8,13 @@ downloaded: fetch the published files once and point --data_dir at them (docs/da
   assistant turn, a broken or non-UTF-8 line, a truncated .gz, a stray file) is skipped, counted
   and reported; a file with no usable record is an error.
 
-The built-in task is in reviews.py.
+The built-in task is in tasks/reviews.py.
 """
 import os
 import random
 
-from data import SCHEMAS, TASK_FILES, DataError, field, parse_json_line, read_jsonl, text_lines
+from data import SCHEMAS, TASK_FILES
+from machinery.files import DataError, field, parse_json_line, read_jsonl, text_lines
 
 
 def load_task(kind, folder, limits, seed=0):

@@ -1,14 +1,15 @@
 """
-config.py: the run's configuration. Every option of train.py and experiments.py is a field of
-`Config` with its default and a comment saying what it does; `--key=value` on the command line
-overrides it, converted to the field's type and checked before anything runs.
+machinery/config.py: the run's configuration. Every option of train.py and the experiments is a
+field of `Config` with its default and a comment saying what it does; `--key=value` on the command
+line overrides it, converted to the field's type and checked before anything runs.
 
     python train.py --help       # every option, with its default and the comment below
 
-STAGE_KEYS says which options each stage's outputs depend on: a stage whose outputs were made with
-the same settings is skipped (records.up_to_date), a stage whose inputs were made with other ones
-is refused.
+Config also notes which options are read while a task runs (reading()): machinery/records.py keeps
+them as the settings that task's outputs depend on, so what makes a stage stale is derived from what
+it reads, never listed by hand.
 """
+import contextlib
 import dataclasses
 import difflib
 import inspect
@@ -17,15 +18,13 @@ import re
 import sys
 from dataclasses import dataclass
 
-import data
 import vcb
-from data import DataError, valid_unicode
+from machinery.files import DataError, one_line, read_json, shown, valid_unicode
 from model import GPTConfig
 
+
 STAGES = ["data", "sft", "rm", "sample", "align", "eval"]
-METHODS = ["vcb", "dpo", "ipo", "slic", "rrhf", "ppo", "rloo", "rebel", "infonca", "odpo"]
-VALUE_AWARE = ["vcb", "rebel", "infonca", "odpo"]  # the methods that use the rewards' size, not only their order
-ONLINE = ["ppo", "rloo"]  # they sample from the policy as it learns (ppo.py); the others learn from the candidates
+METHODS = list(vcb.METHODS)  # the methods' names, in the order of vcb.METHODS (tables, figures, --methods)
 
 
 @dataclass
@@ -89,6 +88,7 @@ class Config:
     lam: float = 0.1                 # VCB: LogSumExp temperature over a prompt's pairs (0: plain mean)
     sigma_floor: float = vcb.SIGMA_FLOOR  # VCB: prompts whose reward spread is at or under this are skipped
     vcb_sigma: str = "prompt"        # VCB: sigma(x) per prompt (the paper's), or global: one for the whole candidate set
+    layout: str = "packed"           # how a batch of prompts with responses is read: packed (prefix-shared, faster) or padded (plain rows)
     align_steps: int = 60            # optimizer steps per method
     align_batch: int = 8             # prompts per step, each with all its candidates
     align_lr: float = 1e-3           # peak learning rate
@@ -113,6 +113,49 @@ class Config:
     # ---- logging and checkpoints
     log_interval: int = 20           # steps between printed log lines
     ckpt_interval: int = 50          # steps between resumable checkpoints
+
+    def __getattribute__(self, name):  # an option read while a task runs is one its outputs depend on
+        if _reading and name in FIELDS:
+            for reads in _reading:
+                reads.add(name)
+        return object.__getattribute__(self, name)
+
+
+FIELDS = frozenset(f.name for f in dataclasses.fields(Config))
+# Options a task reads that change none of its outputs: where files go, how often it logs and
+# checkpoints (a resumed run ends bit-identical), whether to redo it, how many worker processes run
+# the experiments. tests/test_records.py runs the pipeline with each of them changed and checks that
+# every output is the same.
+NEUTRAL = frozenset({"out_dir", "log_interval", "ckpt_interval", "force", "stage", "preset", "jobs"})
+_reading = []  # the sets collecting what the tasks under way read (innermost last): reading()
+
+
+@contextlib.contextmanager
+def reading():
+    """Yields the set of options (besides NEUTRAL) that Config instances are read for inside the block."""
+    reads = set()
+    _reading.append(reads)
+    try:
+        yield reads
+    finally:
+        _reading.remove(reads)
+        reads -= NEUTRAL
+
+
+def note_reads(names):
+    """Count these options as read by the tasks under way (what a kept result was computed from)."""
+    for reads in _reading:
+        reads.update(names)
+
+
+def peek(cfg, name):
+    """An option's value, not counted as read."""
+    return object.__getattribute__(cfg, name)
+
+
+def as_dict(cfg):
+    """Every option, not counted as read (each checkpoint and the run's config.json keep them all)."""
+    return {f.name: peek(cfg, f.name) for f in dataclasses.fields(Config)}
 
 
 # The range of every number option: what the computation holds, checked by parse_options for every
@@ -200,6 +243,7 @@ def number_list(kind, like):
 RANGES.update({
     "stage": one_of(*STAGES, "all"), "data": one_of("builtin", "hh", "tldr", "jsonl"), "tokenizer": one_of("bpe", "gpt2"),
     "dtype": one_of("auto", "float32", "bfloat16", "float16"), "vcb_sigma": one_of("prompt", "global"),
+    "layout": one_of("packed", "padded"),
     "device": lambda v: None if re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) else
     "expected auto, cpu, cuda or cuda:N (other devices are not supported)",
     "methods": method_names, "sweep_betas": number_list(float, "beta"), "sweep_online_betas": number_list(float, "beta"),
@@ -207,28 +251,10 @@ RANGES.update({
 })
 
 
-# settings each stage's outputs depend on, besides those of the stages before it
-STAGE_KEYS = {
-    "data": ["data", "data_dir", "tokenizer", "vocab_size", "n_sft", "n_prefs", "n_align", "n_eval",
-             "pref_tau", "stakes", "seed"],
-    "sft": ["init_from", "n_layer", "n_head", "n_embd", "block_size", "dropout", "weight_decay",
-            "grad_clip", "warmup_steps", "sft_steps", "sft_batch", "sft_lr"],
-    "rm": ["rm_steps", "rm_batch", "rm_lr", "rm_holdout"],
-    "sample": ["n_candidates", "max_new_tokens", "temperature", "top_k", "top_p", "sample_batch"],
-    "align": ["beta", "lam", "sigma_floor", "vcb_sigma", "align_steps", "align_batch", "align_lr"],  # the online methods: ONLINE_KEYS
-    "eval": ["methods", "eval_samples"],
-}
-
-
-ONLINE_KEYS = ["beta", "online_iters", "online_prompts", "online_k", "online_lr", "critic_lr", "ppo_epochs", "ppo_minibatches",
-               "ppo_clip", "ppo_vf_coef", "ppo_gamma", "ppo_lambda", "ppo_target_kl", "ppo_kl_horizon", "eos_penalty",
-               "max_new_tokens"]
-
-
 class ConfigError(ValueError):
     """A bad command-line option, with a one-line message."""
     def __init__(self, message):
-        super().__init__(data.one_line(message))
+        super().__init__(one_line(message))
 
 
 def parse_args(argv, doc=""):
@@ -291,10 +317,10 @@ def check_ranges(opts, ranges=RANGES):
 
 
 def read_options(file, option=""):
-    """A JSON object of options (a preset, a run's config.json), read as data.read_json reads a file;
+    """A JSON object of options (a preset, a run's config.json), read as files.read_json reads a file;
     option: the command-line option that named the file, to begin the error with."""
     try:
-        return data.read_json(file)
+        return read_json(file)
     except DataError as e:
         raise ConfigError(f"{option}={e}" if option else str(e)) from None
 
@@ -312,7 +338,7 @@ def apply_options(cfg, options, file, exclude=(), unknown="error"):
             raise ConfigError(f"{file}: unknown option '{key}'" + (f"; did you mean '{near[0]}'?" if near else ""))
         kind = type(getattr(type(cfg), key))
         if isinstance(value, bool) != (kind is bool) or not isinstance(value, (str, int, float, bool)):
-            raise ConfigError(f"{file}: option '{key}' is {data.shown(value)}, expected {kind.__name__}")
+            raise ConfigError(f"{file}: option '{key}' is {shown(value)}, expected {kind.__name__}")
         setattr(cfg, key, convert(key, str(value).lower() if isinstance(value, bool) else str(value), kind, file))
     try:
         check_ranges(cfg)
@@ -365,12 +391,11 @@ def validate(cfg):
     if cfg.data == "builtin" and cfg.data_dir:
         raise ConfigError(f"--data_dir={cfg.data_dir} is read only with --data=hh, tldr or jsonl (the built-in task "
                           f"makes its own data)")
-    for key in ("sft_batch", "rm_batch", "align_batch"):
-        if getattr(cfg, key) < cfg.grad_accum:
-            raise ConfigError(f"--{key}={getattr(cfg, key)} cannot be split into --grad_accum={cfg.grad_accum} micro-batches")
-    if "rloo" in method_list(cfg) and cfg.online_k < 2:
+    check_launch(cfg, world=1)
+    online = [vcb.METHODS[m] for m in method_list(cfg) if vcb.METHODS[m].online]
+    if any(not m.critic for m in online) and cfg.online_k < 2:
         raise ConfigError(f"--online_k={cfg.online_k}: RLOO's baseline is the other samples of a prompt, it needs at least 2")
-    if "ppo" in method_list(cfg) and cfg.ppo_minibatches > cfg.online_prompts:
+    if any(m.critic for m in online) and cfg.ppo_minibatches > cfg.online_prompts:
         raise ConfigError(f"--ppo_minibatches={cfg.ppo_minibatches} is more than the --online_prompts={cfg.online_prompts} to split")
 
 
@@ -396,15 +421,16 @@ def usage(doc="", cls=Config):
     return "\n".join(lines)
 
 
-def stage_settings(cfg, stage, **extra):
-    """The settings a stage's outputs depend on: its own keys and every earlier stage's."""
-    keys = [k for s in STAGES[:STAGES.index(stage) + 1] for k in STAGE_KEYS[s]]
-    return {**{k: getattr(cfg, k) for k in keys}, **extra}
-
-
-def align_settings(cfg, method, seed):
-    """What one policy depends on: the stages before alignment, its method, seed and own options."""
-    settings = stage_settings(cfg, "align", method=method, align_seed=seed)
-    if method in ONLINE:  # an online method's options are its own: changing them redoes only ppo and rloo
-        settings.update({k: getattr(cfg, k) for k in ONLINE_KEYS})
-    return settings
+def check_launch(cfg, world):
+    """What the options ask of `world` processes (torchrun's), checked before the first stage: every
+    training batch splits into world x grad_accum micro-batches, and the online methods, which run in
+    one process, are not among those asked of several."""
+    for key in ("sft_batch", "rm_batch", "align_batch"):
+        if getattr(cfg, key) < world * cfg.grad_accum:
+            raise ConfigError(f"--{key}={getattr(cfg, key)} cannot be split into " + (f"{world} processes x " if world > 1 else "")
+                              + f"--grad_accum={cfg.grad_accum} micro-batches")
+    online = [m for m in method_list(cfg) if vcb.METHODS[m].online]
+    if world > 1 and online and cfg.stage in ("all", "align"):
+        raise ConfigError(f"--methods has {', '.join(online)}, which run in one process: leave them out under torchrun "
+                          f"(--methods={','.join(m for m in method_list(cfg) if m not in online)}) and train them "
+                          f"afterwards with python train.py --stage=align")
