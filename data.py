@@ -210,15 +210,18 @@ def encode_prompt(enc, prompt, max_len):
 SCHEMAS = {"sft": {"prompt": str, "response": str},
            "prefs": {"prompt": str, "chosen": str, "rejected": str},
            "align_prompts": {"prompt": str}, "eval_prompts": {"prompt": str}, "ood_prompts": {"prompt": str},
+           "val_prompts": {"prompt": str},
            # written by the sample stage, or brought by the user: n scored candidates per prompt
            "candidates": {"prompt": str, "responses": (list, str), "rewards": (list, float), "ref_logps": (list, float)}}
-TASK_FILES = ["sft", "prefs", "align_prompts", "eval_prompts", "ood_prompts"]  # what the data stage writes
+TASK_FILES = ["sft", "prefs", "align_prompts", "eval_prompts", "ood_prompts", "val_prompts"]  # what the data stage writes
+OPTIONAL_FILES = ["ood_prompts", "val_prompts"]  # out-of-distribution and validation prompts: not every task has them
 
 
 def read_task_file(out_dir, name):
-    """A file the data stage wrote into out_dir/data; the out-of-distribution prompts are optional."""
+    """A file the data stage wrote into out_dir/data; the out-of-distribution and validation prompts
+    are optional."""
     file = os.path.join(out_dir, "data", f"{name}.jsonl")
-    if name == "ood_prompts" and not os.path.exists(file):
+    if name in OPTIONAL_FILES and not os.path.exists(file):
         return []
     if not os.path.exists(file):
         raise DataError(f"{file}: missing; run --stage=data first")

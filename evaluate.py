@@ -114,22 +114,26 @@ def reference_models(cfg, env, enc):
     return {"sft": load_model(path(cfg, "sft.pt"), env, enc, cfg).eval(), "rm": load_model(path(cfg, "rm.pt"), env, enc, cfg).eval()}
 
 
-def score_policy(cfg, env, enc, name, file, seed, refs):
-    """One policy's samples on each prompt set at temperature 1 with no top-k/top-p (samples from pi
-    itself, which the KL estimate needs), scored by the gold reward, the RM and both log-probs.
-    They are kept beside the policy (<policy>.seed<seed>.scored.json) and read back while the policy,
-    the models and prompts that judge it and the options they were made with are the same."""
-    judges = [file, path(cfg, "sft.pt"), path(cfg, "rm.pt"), path(cfg, "tokenizer.json"),
-              path(cfg, "data", "eval_prompts.jsonl"), path(cfg, "data", "ood_prompts.jsonl")]
-    key = {"seed": seed, "inputs": fingerprints(cfg, judges)}
+PROMPT_SETS = {"eval": "eval_prompts", "ood": "ood_prompts", "val": "val_prompts"}  # held out, out of distribution, validation
+
+
+def score_policy(cfg, env, enc, name, file, seed, refs, sets=("eval", "ood")):
+    """One policy's samples on each prompt set (PROMPT_SETS) at temperature 1 with no top-k/top-p
+    (samples from pi itself, which the KL estimate needs), scored by the gold reward, the RM and both
+    log-probs. They are kept beside the policy (<policy>.seed<seed>.scored.json; the validation
+    prompts' in <policy>.seed<seed>.val.scored.json) and read back while the policy, the models and
+    prompts that judge it and the options they were made with are the same."""
+    judges = [file, path(cfg, "sft.pt"), path(cfg, "rm.pt"), path(cfg, "tokenizer.json")]
+    key = {"seed": seed, "inputs": fingerprints(cfg, judges + [path(cfg, "data", f"{PROMPT_SETS[s]}.jsonl") for s in sets])}
 
     def sample():
         pi = refs["sft"] if file == path(cfg, "sft.pt") else load_model(file, env, enc, cfg).eval()
-        sets = {"eval": data.read_task_file(cfg.out_dir, "eval_prompts"), "ood": data.read_task_file(cfg.out_dir, "ood_prompts")}
-        return {s: sample_and_score(cfg, env, enc, name, pi, refs["sft"], refs["rm"], [r["prompt"] for r in prompts], seed, s)
-                for s, prompts in sets.items() if prompts}
+        prompts = {s: data.read_task_file(cfg.out_dir, PROMPT_SETS[s]) for s in sets}
+        return {s: sample_and_score(cfg, env, enc, name, pi, refs["sft"], refs["rm"], [r["prompt"] for r in ps], seed, s)
+                for s, ps in prompts.items() if ps}
 
-    return kept(os.path.splitext(file)[0] + f".seed{seed}.scored.json", key, sample, cfg, env)
+    tag = "" if tuple(sets) == ("eval", "ood") else "." + "-".join(sets)
+    return kept(os.path.splitext(file)[0] + f".seed{seed}{tag}.scored.json", key, sample, cfg, env)
 
 
 SFT = "sft"         # the reference policy: every policy is compared with it
@@ -152,10 +156,11 @@ def compare(cfg, env, scored):
 
 @torch.no_grad()
 def sample_and_score(cfg, env, enc, name, pi, sft, rm, prompts, seed, set_name):
-    """eval_samples samples per prompt from pi, each with logp_pi (from the sampler itself) and logp_sft
-    on the exact sampled tokens, its RM score and gold reward. Chunked like the sample stage, so
-    results do not depend on the number of processes."""
-    k, offset = cfg.eval_samples, {"eval": 0, "ood": 500_009}[set_name]  # other seeds for the other set
+    """eval_samples samples per prompt from pi (val_samples on the validation prompts), each with
+    logp_pi (from the sampler itself) and logp_sft on the exact sampled tokens, its RM score and gold
+    reward. Chunked like the sample stage, so results do not depend on the number of processes."""
+    k = cfg.val_samples if set_name == "val" else cfg.eval_samples
+    offset = {"eval": 0, "ood": 500_009, "val": 900_007}[set_name]  # other seeds for the other sets
     rows, size = [], max(1, cfg.eval_batch // k)  # eval_batch sequences per generate() call: fewer, fuller steps
     for c, batch, ids, (outs, logp_pi) in sample_chunks(cfg, env, enc, pi, prompts, seed, offset, f"eval {name} {set_name}",
                                                         size, temperature=1.0, num_samples=k, return_logps=True):

@@ -102,10 +102,10 @@ def stage_data(cfg, env, task):
     if env.master:
         if cfg.data == "builtin":
             files = reviews.builtin_task(cfg.seed, cfg.n_sft, cfg.n_prefs, cfg.n_align, cfg.n_eval, cfg.n_eval, cfg.pref_tau,
-                                         cfg.stakes)
+                                         cfg.stakes, n_val=cfg.n_eval)
         else:
             limits = dict(sft=cfg.n_sft, prefs=cfg.n_prefs, align_prompts=cfg.n_align, eval_prompts=cfg.n_eval,
-                          ood_prompts=cfg.n_eval)
+                          ood_prompts=cfg.n_eval, val_prompts=cfg.n_eval)
             files, notes = corpora.load_task(cfg.data, cfg.data_dir, limits, cfg.seed)
             for note in notes:
                 log(env, note)
@@ -349,11 +349,11 @@ def candidates(cfg, env, enc, file=None):
 
 def stage_tasks(cfg, stage):
     """[(records.Task, run)] of a stage; run(cfg, env, task) does the work. align has one per method."""
-    data_files = [path(cfg, "data", f"{n}.jsonl") for n in data.TASK_FILES if n != "ood_prompts"]
+    data_files = [path(cfg, "data", f"{n}.jsonl") for n in data.TASK_FILES if n not in data.OPTIONAL_FILES]
     if stage == "data":
         inputs = [os.path.join(d, f) for d, _, fs in os.walk(cfg.data_dir) for f in sorted(fs)] if cfg.data != "builtin" else []
         return [(Task("data", "data", inputs, data_files + [path(cfg, "tokenizer.json")],
-                      optional=[path(cfg, "data", "ood_prompts.jsonl")]), stage_data)]
+                      optional=[path(cfg, "data", f"{n}.jsonl") for n in data.OPTIONAL_FILES]), stage_data)]
     if stage == "sft":
         inputs = [path(cfg, "data", "sft.jsonl"), path(cfg, "tokenizer.json")] + ([cfg.init_from] if cfg.init_from != "scratch" else [])
         return [(Task("sft", "sft", inputs, [path(cfg, "sft.pt")]), stage_sft)]
@@ -388,19 +388,21 @@ def run_stage(cfg, env, stage):
         records.run(cfg, env, task, lambda: run(cfg, env, task))
 
 
-def main(argv, then=None, doc=__doc__, check=None):
-    """The stages (--stage, default all), each task skipped when up to date, then `then(cfg, env)`
-    if given (the experiments); check(cfg): what `then` needs of the options, checked before anything runs."""
+def main(argv, then=None, doc=__doc__, check=None, stages=None):
+    """The stages (--stage, default all; stages: the caller's own), each task skipped when up to date,
+    then `then(cfg, env)` if given (the experiments); check(cfg): what `then` needs of the options,
+    checked before anything runs."""
     cfg, env = start(argv, doc, check)
     t0, times = time.time(), []
-    for stage in STAGES if cfg.stage == "all" else [cfg.stage]:
+    for stage in stages if stages is not None else STAGES if cfg.stage == "all" else [cfg.stage]:
         if env.device_type == "cuda":
             torch.cuda.reset_peak_memory_stats(env.device)
         t = time.time()
         run_stage(cfg, env, stage)
         peak = f", peak GPU memory {torch.cuda.max_memory_allocated(env.device) / 2**30:.2f} GiB" if env.device_type == "cuda" else ""
         times.append(f"{stage} {time.time() - t:.1f}s{peak}")
-    log(env, "stage times: " + "; ".join(times))
+    if times:
+        log(env, "stage times: " + "; ".join(times))
     if cfg.compile:  # one graph per way of reading a batch; past the limit, dynamo would fall back to eager
         from torch._dynamo.utils import counters
         log(env, f"torch.compile: {counters['stats']['unique_graphs']} graphs compiled in this process "

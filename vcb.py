@@ -385,6 +385,7 @@ class Method:
     diagnostics: Callable = None  # extra metrics to watch: diagnostics(logps, ref_logps, rewards, beta, sigma, sigma_floor) -> dict
     online: bool = False         # samples from the policy as it learns (ppo.py), instead of learning from the candidates
     critic: bool = False         # online with a value model (PPO), or with the other samples as baseline (RLOO)
+    betas: tuple = (3.0, 1.0, 0.3)  # the sweep's betas, low KL to high: each method's beta moves the KL its own way
 
     @property
     def value_aware(self):       # uses the rewards' size, not only their order
@@ -420,11 +421,7 @@ def odpo(logps, ref_logps, rewards, beta, lam, sigma, sigma_floor):
     return odpo_pairwise_loss(logps, ref_logps, rewards, beta, sigma, reduction="sum")
 
 
-# what each sum is a mean over: count(rewards (b, n), sigma_floor) -> int
-def calibrated_prompts(rewards, sigma_floor):
-    return vcb_count(rewards, sigma_floor)
-
-
+# what each sum is a mean over: count(rewards (b, n), sigma_floor) -> int (VCB's: vcb_count)
 def ordered_pairs(rewards, sigma_floor):
     return pair_count(rewards)
 
@@ -442,13 +439,13 @@ def vcb_watch(logps, ref_logps, rewards, beta, sigma, sigma_floor):
 
 
 METHODS = {
-    "vcb": Method("VCB", "tab:orange", vcb, calibrated_prompts, sigma="prompt", diagnostics=vcb_watch),
-    "dpo": Method("DPO", "tab:green", pairs_of(dpo_loss), ordered_pairs),
-    "ipo": Method("IPO", "tab:blue", pairs_of(ipo_loss), ordered_pairs),
-    "slic": Method("SLiC", "tab:purple", pairs_of(slic_loss), ordered_pairs),
-    "rrhf": Method("RRHF", "tab:red", rrhf, prompts, beta=False, reference=False, length_averaged=True),
-    "ppo": Method("PPO", "tab:cyan", online=True, critic=True),
-    "rloo": Method("RLOO", "tab:olive", online=True),
+    "vcb": Method("VCB", "tab:orange", vcb, vcb_count, sigma="prompt", diagnostics=vcb_watch),
+    "dpo": Method("DPO", "tab:green", pairs_of(dpo_loss), ordered_pairs, betas=(10.0, 3.0, 1.0)),
+    "ipo": Method("IPO", "tab:blue", pairs_of(ipo_loss), ordered_pairs, betas=(1.0, 0.3, 0.1)),
+    "slic": Method("SLiC", "tab:purple", pairs_of(slic_loss), ordered_pairs, betas=(10.0, 3.0, 1.0)),
+    "rrhf": Method("RRHF", "tab:red", rrhf, prompts, beta=False, reference=False, length_averaged=True, betas=()),
+    "ppo": Method("PPO", "tab:cyan", online=True, critic=True, betas=(0.3, 0.1, 0.03)),
+    "rloo": Method("RLOO", "tab:olive", online=True, betas=(0.3, 0.1, 0.03)),
     # the value-aware peers, set so that their optimum on the candidates is VCB's with one sigma for the
     # set: delta_i - delta_j = (r_i - r_j) / (beta * sigma) (docs/method.md, "The value-aware peers")
     "rebel": Method("REBEL", "tab:pink", rebel, unordered_pairs, sigma="set"),

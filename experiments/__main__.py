@@ -1,35 +1,28 @@
 """
-python -m experiments NAME: experiments that drive the pipeline's stages many times.
+python -m experiments NAME: experiments that drive the pipeline many times, all on one instrument
+(experiments/sweep.py): several seeds, each a whole pipeline; each method over its grid of betas and
+learning rates, with snapshots along training; each method's policy at a KL budget chosen on the
+validation prompts and scored on the held-out ones; paired differences with their 95% intervals.
 
-    python -m experiments sweep     # every method over sweep_betas x sweep_seeds -> the reward/KL frontier
-    python -m experiments all       # the sweep, then every ablation
-    python -m experiments values    # the value-aware losses against DPO and SLiC
+    python -m experiments sweep            # every method of --methods over its grid -> out/sweep/
+    python -m experiments sweep --quick    # two seeds, a few minutes
+    python -m experiments all              # the sweep, then every ablation -> out/ablations/
+    python -m experiments values           # the value-aware losses against DPO and SLiC
 
-Every experiment first runs (or finds up to date) the stages of train.py in --out_dir, then trains
-and evaluates its policies as jobs, several at once in worker processes (--jobs), and writes
-results.json, results.md, frontier.png, curves.png and the matched-KL summary into a folder of
-its own. Options are train.py's (python train.py --help).
+Every experiment first runs (or finds up to date) each seed's pipeline before alignment (the seed of
+--seed in --out_dir, the others in --out_dir/seeds/), then trains and scores its policies as jobs,
+several at once in worker processes (--jobs), and writes its tables, figures and where its time went
+into a folder of its own. Options are train.py's (python train.py --help).
 """
 import train
 from experiments import ablations, values
-from experiments.harness import main_grid, need_gold, write_results
-from machinery.config import ConfigError, method_list, sweep_list
+from experiments.harness import need_gold
+from experiments.sweep import sweep
+from machinery.config import ConfigError
 from machinery.runtime import command
 
-
-def sweep(cfg, env):
-    """Align and evaluate every method for each beta in sweep_betas (the online ones: sweep_online_betas)
-    and seed in sweep_seeds, sharing the SFT model, the RM and the candidates (the seed changes the
-    alignment batch order and the evaluation samples). A method without a beta is trained once per seed."""
-    seeds = sweep_list(cfg, "sweep_seeds", int)
-    write_results(cfg, env, "sweep", main_grid(cfg, env, method_list(cfg)),
-                  f"Reward against KL over beta, mean ± std over {len(seeds)} seeds", "Sweep")
-
-
-EXPERIMENTS = {"sweep": sweep, "reward_source": ablations.reward_source, "rm_quality": ablations.rm_quality,
-               "n_candidates": ablations.n_candidates, "lam": ablations.lam, "steps": ablations.steps,
-               "sigma": ablations.sigma, "ood": ablations.ood, "values": values.values}
-NEEDS_GOLD = {"reward_source", "rm_quality", "values", "all"}  # they judge with the built-in task's gold reward
+EXPERIMENTS = {"sweep": sweep, **ablations.ABLATIONS, "values": values.values}
+NEEDS_GOLD = {"values", "all", *ablations.NEEDS_GOLD}  # they judge with the built-in task's gold reward
 
 
 def every(cfg, env):
@@ -47,7 +40,7 @@ def main(argv):
         raise ConfigError(f"usage: python -m experiments NAME [--key=value ...], NAME one of {', '.join(EXPERIMENTS)}")
     name = argv[0]
     check = (lambda cfg: need_gold(cfg, name)) if name in NEEDS_GOLD else None  # before the first stage, not after it
-    train.main(argv[1:], then=EXPERIMENTS[name], doc=__doc__, check=check)
+    train.main(argv[1:], then=EXPERIMENTS[name], doc=__doc__, check=check, stages=[])  # each seed's pipeline: the experiment's
 
 
 if __name__ == "__main__":

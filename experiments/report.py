@@ -1,9 +1,9 @@
 """
 experiments/report.py: from the metrics of scored policies (evaluate.metrics) to the tables and
-figures of train.py's eval stage and of the experiments: results tables, the reward/KL plot, the
-training curves, the reward at matched KL. No models here: plain Python on lists of dicts, and
-matplotlib for the figures. Run alone, it copies the tables and figures a run wrote into the
-documentation:
+figures of train.py's eval stage and of the experiments: results tables, the reward/KL plots, the
+training curves, means over seeds with their 95% intervals and the verdicts of paired differences.
+No models here: plain Python on lists of dicts, and matplotlib for the figures. Run alone, it copies
+the tables and figures a run wrote into the documentation:
 
     python -m experiments.report --out_dir=out   # every `<!-- from FILE -->` block of README.md and docs/*.md
 """
@@ -14,7 +14,7 @@ import re
 import shutil
 from dataclasses import dataclass
 
-from evaluate import mean, reward_key, win_rate
+from evaluate import mean, reward_key
 from machinery import records
 from machinery.files import atomic_path, write_text
 from vcb import METHODS
@@ -46,24 +46,6 @@ def pearson(a, b):
     cov = sum((x - ma) * (y - mb) for x, y in zip(a, b))
     norm = math.sqrt(sum((x - ma) ** 2 for x in a) * sum((y - mb) ** 2 for y in b))
     return cov / norm if norm > 0 else float("nan")
-
-
-def summarise(runs):
-    """Sweep runs [{method, beta, seed, eval: metrics, ood: metrics}] ->
-    {method: {beta: {set: {metric: (mean, std over seeds) or None}}}}."""
-    groups = {}
-    for run in runs:
-        groups.setdefault(run["method"], {}).setdefault(run["beta"], []).append(run)
-    summary = {}
-    for method, by_beta in groups.items():
-        for beta, group in by_beta.items():
-            out = summary.setdefault(method, {}).setdefault(beta, {})
-            for s in ("eval", "ood"):
-                if s in group[0]:
-                    out[s] = {}
-                    for key in group[0][s]:
-                        out[s][key] = spread([g[s][key] for g in group if g[s][key] is not None])
-    return summary
 
 
 def fmt(v):
@@ -174,68 +156,73 @@ def plot_curves(file, png):
 
 
 # -----------------------------------------------------------------------------
-# one number per method: the reward at matched KL
+# over seeds: means with their 95% intervals, and what an interval of a difference says
 
-def interpolate(points, x):
-    """points [(x, y)] of one curve; y at x by linear interpolation between the nearest points on
-    either side, None when x is outside the measured range (never extrapolated)."""
-    points = sorted(points)
-    if not points or not points[0][0] <= x <= points[-1][0]:
-        return None
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
-        if x0 <= x <= x1:
-            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-    return points[0][1]  # a single point, exactly at x
+T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+       2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
 
 
-def matched_kl(runs, judge, kls=(2.0, 4.0, 8.0), split="eval", baseline="dpo"):
-    """The reward of each method at fixed KL values, read off its reward/KL curve over beta: for each
-    seed, the method's (KL, reward) points interpolated at each KL, then the mean and std over the
-    seeds whose measured KL range covers it. runs: [{method, beta, seed, split: metrics}].
-    Also, where the scored samples are at hand ("rows"), the win rate against `baseline` between the
-    two policies nearest that KL in each seed: both policies are real, their KLs are reported beside.
-    Returns {method: {kl: {"reward": (mean, std) or None, "seeds": k, "win": ..., ...}}}."""
-    key, out = reward_key(judge), {}
-    by_method = {}
-    for r in runs:
-        if r.get("beta") is not None and split in r:
-            by_method.setdefault(r["method"], {}).setdefault(r["seed"], []).append(r)
-    for method, by_seed in by_method.items():
-        for kl in kls:
-            values = [interpolate([(r[split]["kl"], r[split][key]) for r in rs], kl) for rs in by_seed.values()]
-            values = [v for v in values if v is not None]
-            cell = {"reward": spread(values), "seeds": len(values), "of": len(by_seed)}
-            wins = []
-            for seed, rs in by_seed.items():
-                other = by_method.get(baseline, {}).get(seed)
-                if method != baseline and other and "rows" in rs[0]:
-                    a = min(rs, key=lambda r: abs(r[split]["kl"] - kl))
-                    b = min(other, key=lambda r: abs(r[split]["kl"] - kl))
-                    wins.append((win_rate(a["rows"][split], b["rows"][split], judge), a[split]["kl"], b[split]["kl"]))
-            if wins:
-                cell.update(win=spread([w for w, _, _ in wins]), kl_self=mean([k for _, k, _ in wins]),
-                            kl_baseline=mean([k for _, _, k in wins]))
-            out.setdefault(method, {})[kl] = cell
-    return out
+def t95(df):
+    """Student's t quantile for a two-sided 95% interval with df degrees of freedom: the usual table up
+    to 30, then the Cornish-Fisher expansion around the normal's 1.96 (within 1e-3 beyond)."""
+    if df <= len(T95):
+        return T95[df - 1]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
 
 
-def matched_kl_table(summary, judge, baseline="dpo"):
-    """The matched-KL summary as markdown: a row per method, a reward column per KL, then the win rate
-    against the baseline between the policies nearest each KL (their mean KLs in brackets)."""
-    kls = sorted({kl for cells in summary.values() for kl in cells})
-    head = ["method"] + [f"{judge} reward at KL {kl:g}" for kl in kls] + [f"win vs {baseline.upper()} near KL {kl:g}" for kl in kls]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for method, cells in summary.items():
-        row = [method]
-        for kl in kls:
-            c = cells[kl]
-            row.append("outside its range" if c["reward"] is None else
-                       fmt(c["reward"]) + ("" if c["seeds"] == c["of"] else f" ({c['seeds']}/{c['of']} seeds)"))
-        for kl in kls:
-            c = cells[kl]
-            row.append(f"{fmt(c['win'])} (KL {c['kl_self']:.1f} vs {c['kl_baseline']:.1f})" if "win" in c else "-")
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
+def interval(values):
+    """The mean of values over seeds with its 95% t-interval (sample standard deviation, n - 1 degrees
+    of freedom): {"mean", "lo", "hi", "n"}; with one value there is no interval (lo, hi None)."""
+    n = len(values)
+    if not n:
+        return {"mean": None, "lo": None, "hi": None, "n": 0}
+    m = mean(values)
+    if n == 1:
+        return {"mean": m, "lo": None, "hi": None, "n": 1}
+    half = t95(n - 1) * math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1) / n)
+    return {"mean": m, "lo": m - half, "hi": m + half, "n": n}
+
+
+def ci(d, signed=False):
+    """An interval as a table shows it: 0.706 [0.690, 0.722] (signed: +0.012 [-0.010, +0.034])."""
+    if not d or d["mean"] is None:
+        return "-"
+    f = (lambda x: f"{x:+.3f}") if signed else (lambda x: f"{x:.3f}")  # noqa: E731
+    return f(d["mean"]) + (f" [{f(d['lo'])}, {f(d['hi'])}]" if d["lo"] is not None else " (one seed)")
+
+
+def verdict(d):
+    """What the 95% interval of a paired difference says: ahead (above 0), behind (below 0), or level
+    (it holds 0); '-' without an interval."""
+    if not d or d["lo"] is None:
+        return "-"
+    return "ahead" if d["lo"] > 0 else "behind" if d["hi"] < 0 else "level"
+
+
+def plot_budgets(rows, file, title, judge):
+    """Each method's reward against the KL it was measured at, one point per KL budget (the mean over
+    seeds, with the 95% interval of the reward), from the rows of experiments/sweep.summary."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    variants = list(dict.fromkeys(r["variant"] for r in rows if r["variant"]))
+    for name in dict.fromkeys(r["label"] for r in rows):
+        pts = [r for r in rows if r["label"] == name and r["n"]]
+        if not pts:
+            continue
+        base, variant = pts[0]["method"], pts[0]["variant"]
+        yerr = [[r["reward"]["mean"] - (r["reward"]["lo"] if r["reward"]["lo"] is not None else r["reward"]["mean"]) for r in pts],
+                [(r["reward"]["hi"] if r["reward"]["hi"] is not None else r["reward"]["mean"]) - r["reward"]["mean"] for r in pts]]
+        style = ["-", "--", ":", "-."][variants.index(variant) % 4] if variant else "-"
+        ax.errorbar([r["kl"] for r in pts], [r["reward"]["mean"] for r in pts], yerr=yerr, marker="o", capsize=3,
+                    color=COLORS.get(base), linestyle=style, label=label(base) + (f" {variant}" if variant else ""))
+    ax.set_xlabel("KL(pi || pi_sft), nats per response (held-out)")
+    ax.set_ylabel(f"{'gold' if judge == 'gold' else 'reward-model'} reward (held-out prompts)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(plt, fig, file)
 
 
 def plot_steps(table, file, judge, factor):

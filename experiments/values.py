@@ -1,53 +1,46 @@
 """
 experiments/values.py: values or form? The value-aware losses (VCB, offline REBEL, InfoNCA, ODPO)
-against DPO and SLiC at matched KL, on candidates scored by the reward model and by the gold reward,
-on the built-in task and on its stakes variant (python -m experiments values).
+against DPO and SLiC on the sweep's instrument (experiments/sweep.py), on candidates scored by the
+reward model and by the gold reward, on the built-in task and on its stakes variant (every other
+film's reviews matter 10x less; a pipeline of its own per seed, in ablations/values/stakes/run).
+
+    python -m experiments values
 """
 import dataclasses
 import os
 
 import torch
 
-import train
 import vcb
 from experiments import report
 from experiments.ablations import gold_candidates
-from experiments.harness import main_grid, need_gold, policy_grid, write_results
+from experiments.harness import need_gold, seed_config
+from experiments.sweep import Arm, run, training
 from machinery import records
-from machinery.config import STAGES, as_dict, sweep_list
-from machinery.files import read_jsonl, write_json, write_text
+from machinery.files import read_jsonl, write_text
 from machinery.runtime import path
 from tasks import reviews
-
 
 VALUES = ["vcb", "rebel", "infonca", "odpo", "dpo", "slic"]  # the value-aware losses, and the order-based ones to beat
 
 
 def values(cfg, env):
-    """The value-aware losses (VCB, offline REBEL, InfoNCA, ODPO) against DPO and SLiC at matched KL,
-    on candidates scored by the reward model and by the gold reward (exact values: where a
-    value-aware loss should gain most, if anywhere); on the built-in task, and on its stakes
-    variant, where every other film's reviews matter 10x less (its own run: ablations/values/stakes/run).
-    Each writes the reward/KL tables and the level of each method's deltas along training."""
+    """Each task's value-aware and order-based losses with the RM's and the gold reward's candidates,
+    then the level of their deltas along training and the spread of the candidates' rewards by stake."""
     need_gold(cfg, "values")
     stakes = dataclasses.replace(cfg, out_dir=path(cfg, "ablations", "values", "stakes", "run"), stakes=True)
-    if env.master:
-        os.makedirs(stakes.out_dir, exist_ok=True)
-        write_json(path(stakes, "config.json"), as_dict(stakes))
-    for stage in STAGES[:STAGES.index("sample") + 1]:
-        train.run_stage(stakes, env, stage)
-    betas, seeds = sweep_list(cfg, "sweep_betas", float), sweep_list(cfg, "sweep_seeds", int)
     candidate_sets = []
-    for task, folder, gold_folder, name in ((cfg, "ablations/values", "ablations/reward_source", "the built-in task"),
-                                            (stakes, "ablations/values/stakes", "gold", "the stakes variant")):
-        gold = gold_candidates(task, env, gold_folder)
-        runs = [{**r, "variant": "RM"} for r in main_grid(task, env, VALUES)]
-        runs += policy_grid(task, env, "gold", gold_folder, VALUES, betas, seeds, candidates=gold, variant="gold")
-        write_results(cfg, env, folder, runs, f"Value-aware and order-based losses on {name}",
-                      f"Value-aware and order-based losses on {name}, candidates scored by the RM or by the gold reward")
-        if env.master:
-            write_text(path(cfg, folder, "levels.md"), levels_table(runs) + "\n")
-        candidate_sets += [(f"{name}, RM", path(task, "candidates.jsonl")), (f"{name}, gold", gold)]
+    for task, out, name in ((cfg, path(cfg, "ablations/values"), "the built-in task"),
+                            (stakes, path(cfg, "ablations/values/stakes"), "the stakes variant")):
+        arms = [Arm(m, "RM", tag="") for m in VALUES] + \
+            [Arm(m, "gold", candidates=gold_candidates(env), folder="ablations/reward_source") for m in VALUES]
+        measured = run(task, env, "ablations/values", arms, f"Value-aware and order-based losses on {name}",
+                       compare_to="RM", out=out)
+        if env.master and measured:
+            write_text(os.path.join(out, "levels.md"), levels_table(task, arms, measured[2]) + "\n")
+        run_cfg = seed_config(task, task.seed)
+        candidate_sets += [(f"{name}, RM", path(run_cfg, "candidates.jsonl")),
+                           (f"{name}, gold", path(run_cfg, "ablations/reward_source", "candidates_gold.jsonl"))]
     if env.master:
         write_text(path(cfg, "ablations/values/spreads.md"), spreads_table(candidate_sets) + "\n")
 
@@ -66,20 +59,22 @@ def spreads_table(candidate_sets):
     return "\n".join(lines)
 
 
-def levels_table(runs, last=10):
-    """Each method's mean delta of a prompt's candidates (the `level` its curve logs) over the last
-    `last` steps of training, mean ± std over seeds, at each beta: the common level that the
-    difference methods leave free. A markdown table."""
-    table = {}
-    for r in runs:
-        if r.get("beta") is not None:  # SFT and RRHF have none
-            rows = [c.get("level") for c in records.read_curves(r["curve"][0]) if c["task"] == r["curve"][1]]
-            rows = [v for v in rows[-last:] if v is not None]
-            if rows:
-                table.setdefault((r["method"], r["variant"]), {}).setdefault(r["beta"], []).append(sum(rows) / len(rows))
-    betas = sorted({b for by_beta in table.values() for b in by_beta})
-    lines = ["| method | " + " | ".join(f"level at beta {b:g}" for b in betas) + " |", "|---" * (len(betas) + 1) + "|"]
-    for (method, variant), by_beta in table.items():
-        cells = [report.fmt(report.spread(by_beta.get(b, []))) for b in betas]
-        lines.append(f"| {method} ({variant}) | " + " | ".join(cells) + " |")
+def levels_table(cfg, arms, grid, last=10):
+    """Each arm's mean delta of a prompt's candidates (the `level` its curve logs) over the last `last`
+    steps of its trainings at the grid's first learning rate, at each of its betas: mean and 95%
+    interval over the seeds. The common level that the difference methods leave free. A markdown table."""
+    lines = ["| method | level at each beta of its grid (mean [95% CI] over seeds) |", "|---|---|"]
+    for arm in arms:
+        cells = []
+        for beta in grid.betas(arm.method):
+            levels = []
+            for seed in grid.seeds:
+                job = training(seed_config(cfg, seed), arm, beta, grid.lrs[0], grid.snapshots)
+                curve = [c.get("level") for c in records.read_curves(os.path.join(os.path.dirname(job.file), "curves.jsonl"))
+                         if c["task"] == job.name]
+                curve = [v for v in curve[-last:] if v is not None]
+                if curve:
+                    levels.append(sum(curve) / len(curve))
+            cells.append(f"β {beta:g}: {report.ci(report.interval(levels), signed=True)}")
+        lines.append(f"| {arm.label} | " + "; ".join(cells) + " |")
     return "\n".join(lines)

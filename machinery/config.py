@@ -34,15 +34,17 @@ class Config:
     out_dir: str = "out"             # every file of the run goes here
     stage: str = "all"               # data, sft, rm, sample, align, eval, or all (in that order)
     force: bool = False              # redo the chosen stages even when their outputs are up to date
-    sweep_betas: str = "0.1,0.3,1,3"  # betas of experiments.py sweep
-    sweep_online_betas: str = "0.01,0.03,0.1,0.3"  # betas of ppo and rloo in the sweep (the same KL range needs other numbers)
-    sweep_seeds: str = "0,1,2"       # seeds of experiments.py: alignment batch order and evaluation samples
-    steps_factor: int = 4            # experiments.py steps: train this many times the usual steps, evaluating along the way
+    sweep_seeds: str = "0,1,2,3,4"   # the experiments' seeds, each a whole pipeline: data, SFT, RM, candidates, policies, evaluation
+    sweep_lrs: str = "1,3"           # the experiments' learning rates, as multiples of each training's own (--align_lr, --online_lr)
+    sweep_kls: str = "1,2,4,8"       # the KL budgets (nats) at which the experiments read each method
+    snapshots: int = 6               # the experiments: policies kept along each training (the last is the final one)
+    quick: bool = False              # the experiments: 2 seeds, 2 betas per method, one learning rate: a look in minutes
+    steps_factor: int = 4            # python -m experiments steps: train this many times the usual steps
     seed: int = 0                    # seed of the data, initialisation, batch order and sampling
     device: str = "auto"             # auto (cuda when there is one, else cpu), cpu, cuda, cuda:1, ...
     dtype: str = "auto"              # auto (bfloat16 autocast on CUDA, float32 on CPU), float32, bfloat16, float16
     compile: bool = False            # torch.compile the model for training (CUDA; slow first steps)
-    jobs: int = 0                    # experiments.py: policies trained at once in worker processes (0: auto, the CPU cores on CPU, 1 on GPU)
+    jobs: int = 0                    # the experiments: trainings at once in worker processes (0: auto, the CPU cores on CPU, 1 on GPU)
     # ---- data
     data: str = "builtin"            # builtin (reviews with a gold reward), hh, tldr, or jsonl (your own files)
     data_dir: str = ""               # folder of the hh, tldr or jsonl files (docs/data.md)
@@ -109,6 +111,7 @@ class Config:
     eos_penalty: float = 1.0         # subtracted from the normalised score of a response cut at max_new_tokens
     # ---- eval
     eval_samples: int = 2            # samples per prompt and policy, at temperature 1 with no top-k/top-p
+    val_samples: int = 1             # the same on the validation prompts, where the experiments choose each method's settings
     eval_batch: int = 256            # sequences per forward pass when scoring
     # ---- logging and checkpoints
     log_interval: int = 20           # steps between printed log lines
@@ -181,6 +184,7 @@ COUNT = 2**31 - 1   # the most of anything: steps, examples, tokens
 SCALE = 1e6         # the largest (and 1/SCALE the smallest) multiplier of float32 values
 RANGES = {
     "seed": Range(0, 2**32 - 1, why="a 32-bit seed"), "steps_factor": Range(1, 1000), "jobs": Range(1, 1024, "auto"),
+    "snapshots": Range(1, 1000), "val_samples": Range(1, 1024), "lr_factor": Range(1e-3, 1e3), "kl_budget": Range(1e-3, 1e4),
     "vocab_size": Range(257, 2**20, why="256 bytes and <|endoftext|> at least"),
     **{k: Range(1, 10**8, "all (hh, tldr and jsonl)") for k in ("n_sft", "n_prefs", "n_align", "n_eval")},
     "pref_tau": Range(1 / SCALE, SCALE),
@@ -246,7 +250,7 @@ RANGES.update({
     "layout": one_of("packed", "padded"),
     "device": lambda v: None if re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) else
     "expected auto, cpu, cuda or cuda:N (other devices are not supported)",
-    "methods": method_names, "sweep_betas": number_list(float, "beta"), "sweep_online_betas": number_list(float, "beta"),
+    "methods": method_names, "sweep_lrs": number_list(float, "lr_factor"), "sweep_kls": number_list(float, "kl_budget"),
     "sweep_seeds": number_list(int, "seed"),
 })
 

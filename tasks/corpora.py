@@ -14,6 +14,8 @@ import os
 import random
 
 from data import SCHEMAS, TASK_FILES
+
+OPTIONAL = ("ood_prompts", "val_prompts")  # files of our own a data folder may hold
 from machinery.files import DataError, field, parse_json_line, read_jsonl, text_lines
 
 
@@ -21,21 +23,26 @@ def load_task(kind, folder, limits, seed=0):
     """The pipeline's records from local files. kind: jsonl (our files, checked strictly: any bad line
     is an error), hh (Anthropic HH-RLHF) or tldr (Reddit TL;DR with human comparisons); malformed
     records of hh and tldr are skipped and reported. limits {name: n} keeps at most n records of
-    each file (0: all); prompts are shuffled with the seed first. Returns (task, notes to log)."""
+    each file (0: all); prompts are shuffled with the seed first. The validation prompts are the next
+    n held-out prompts after the evaluation's (jsonl: val_prompts.jsonl, if there is one). Returns
+    (task, notes to log)."""
     if not os.path.isdir(folder):
         raise DataError(f"{folder}: no such folder (--data_dir)")
     if kind == "jsonl":
-        task = {n: read_jsonl(os.path.join(folder, f"{n}.jsonl"), SCHEMAS[n]) for n in TASK_FILES if n != "ood_prompts"}
+        task = {n: read_jsonl(os.path.join(folder, f"{n}.jsonl"), SCHEMAS[n]) for n in TASK_FILES if n not in OPTIONAL}
         notes = []
     else:
         task, bad = load_hh(folder) if kind == "hh" else load_tldr(folder)
         notes = [f"{kind}: skipped {len(bad)} malformed records, e.g. " + "; ".join(bad[:3])] if bad else []
-    ood = os.path.join(folder, "ood_prompts.jsonl")
-    task["ood_prompts"] = read_jsonl(ood, SCHEMAS["ood_prompts"]) if os.path.exists(ood) else []
+    for name in OPTIONAL:
+        file = os.path.join(folder, f"{name}.jsonl")
+        task[name] = read_jsonl(file, SCHEMAS[name]) if os.path.exists(file) else task.get(name, [])
     rng = random.Random(seed)
     for name, n in limits.items():
         if name.endswith("prompts"):
             rng.shuffle(task[name])
+        if name == "eval_prompts" and not task["val_prompts"]:  # the held-out prompts the evaluation leaves
+            task["val_prompts"] = task[name][n:2 * n] if n else []
         if n:
             task[name] = task[name][:n]
     return task, notes

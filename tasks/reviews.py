@@ -138,11 +138,14 @@ def review_response(rng, fam):
     return " " + " ".join(parts)
 
 
-def builtin_task(seed=0, n_sft=4000, n_prefs=3000, n_align=512, n_eval=128, n_ood=128, pref_tau=0.25, stakes=False):
+def builtin_task(seed=0, n_sft=4000, n_prefs=3000, n_align=512, n_eval=128, n_ood=128, pref_tau=0.25, stakes=False,
+                 n_val=0):
     """The built-in task's files as lists of records. Evaluation prompts are drawn first and never
     appear in training. Preference labels: the winner of (a, b) is a with probability
     sigmoid((g_a - g_b) / pref_tau), g the gold reward (Bradley-Terry noise, like human labels);
-    with stakes, g is scaled by the prompt's stake, so a low-stakes pair's label is nearly a coin flip."""
+    with stakes, g is scaled by the prompt's stake, so a low-stakes pair's label is nearly a coin flip.
+    Validation prompts (n_val) are drawn last, from the prompts no other file has: choosing a setting
+    on them leaves the held-out prompts unseen, and the draws before them are the same with or without."""
     rng = random.Random(seed)
     eval_prompts = unique_prompts(rng, MOVIES, n_eval, set())
     ood_prompts = unique_prompts(rng, RESTAURANTS, n_ood, set())
@@ -167,10 +170,13 @@ def builtin_task(seed=0, n_sft=4000, n_prefs=3000, n_align=512, n_eval=128, n_oo
         ga, gb = gold_reward([a, b], [p, p] if stakes else None)
         a_wins = rng.random() < 1 / (1 + math.exp(min(-(ga - gb) / pref_tau, 700)))  # exp(> 709) overflows a float
         prefs.append({"prompt": p, "chosen": a if a_wins else b, "rejected": b if a_wins else a})
+    used = seen | set(align_prompts) | {r["prompt"] for r in sft + prefs}
+    val_prompts = unique_prompts(rng, MOVIES, n_val, used)
     return {"sft": sft, "prefs": prefs,
             "align_prompts": [{"prompt": p} for p in align_prompts],
             "eval_prompts": [{"prompt": p} for p in eval_prompts],
-            "ood_prompts": [{"prompt": p} for p in ood_prompts]}
+            "ood_prompts": [{"prompt": p} for p in ood_prompts],
+            "val_prompts": [{"prompt": p} for p in val_prompts]}
 
 
 MISSES = 10_000  # draws in a row with nothing new: the generator's prompts are used up

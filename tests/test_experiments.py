@@ -1,5 +1,5 @@
-"""The experiments (python -m experiments): the matched-KL summary on hand-made curves, the scored samples every experiment
-reuses, and every experiment on a tiny run."""
+"""The experiments (python -m experiments): the instrument's intervals, budgets and paired differences
+on hand-made results, the scored samples every experiment reuses, and every experiment on a tiny run."""
 import json
 import shutil
 
@@ -8,49 +8,72 @@ import pytest
 import evaluate
 import train
 from conftest import TINY, run_experiment
-from experiments import report
+from experiments import report, sweep
 from machinery import config, files, runtime
 
 
 JUDGE = "gold"
 
 
-def run(method, seed, points):
-    """Runs of one method and seed: points [(beta, kl, reward)]."""
-    return [{"method": method, "beta": b, "seed": seed, "eval": {"kl": kl, "gold_reward": r}} for b, kl, r in points]
+def test_the_interval_is_students_t_on_the_sample_standard_deviation():
+    d = report.interval([1.0, 2.0, 3.0])  # mean 2, sample std 1, t(2 df) = 4.303
+    assert d["mean"] == 2.0 and d["n"] == 3
+    assert d["hi"] - 2.0 == pytest.approx(4.303 / 3 ** 0.5) and d["lo"] == pytest.approx(2.0 - 4.303 / 3 ** 0.5)
+    assert report.t95(4) == 2.776 and report.t95(60) == pytest.approx(2.000, abs=1e-3) and report.t95(10 ** 6) == pytest.approx(1.96, abs=1e-3)
+    assert report.interval([0.5])["lo"] is None and report.interval([])["mean"] is None
+    assert report.ci(report.interval([1.0, 2.0, 3.0])) == "2.000 [-0.484, 4.484]"
+    assert report.ci(report.interval([0.5]), signed=True) == "+0.500 (one seed)"
 
 
-def test_interpolation_inside_at_a_knot_and_outside():
-    curve = [(1.0, 0.2), (3.0, 0.6), (5.0, 0.7)]
-    assert report.interpolate(curve, 2.0) == pytest.approx(0.4)      # halfway between the first two points
-    assert report.interpolate(curve, 3.0) == pytest.approx(0.6)      # at a knot
-    assert report.interpolate(curve[::-1], 4.0) == pytest.approx(0.65)  # the order of the points does not matter
-    assert report.interpolate(curve, 0.5) is None and report.interpolate(curve, 6.0) is None  # never extrapolated
-    assert report.interpolate([(2.0, 0.3)], 2.0) == 0.3 and report.interpolate([], 1.0) is None
+def test_the_verdict_is_what_the_interval_of_the_paired_difference_says():
+    assert report.verdict(report.interval([0.10, 0.12, 0.11])) == "ahead"
+    assert report.verdict(report.interval([-0.10, -0.12, -0.11])) == "behind"
+    assert report.verdict(report.interval([0.10, -0.12, 0.01])) == "level"
+    assert report.verdict(report.interval([0.3])) == "-"  # one seed: no interval, no verdict
 
 
-def test_matched_kl_reads_each_seed_then_averages_and_marks_what_is_outside():
-    runs = (run("vcb", 0, [(1.0, 2.0, 0.5), (0.3, 6.0, 0.9)]) + run("vcb", 1, [(1.0, 1.0, 0.3), (0.3, 5.0, 0.7)])
-            + run("dpo", 0, [(1.0, 3.0, 0.6), (0.3, 9.0, 0.8)]) + run("dpo", 1, [(1.0, 3.5, 0.6), (0.3, 10.0, 0.8)]))
-    summary = report.matched_kl(runs, JUDGE, kls=(2.0, 4.0, 6.0, 8.0))
-    vcb, dpo = summary["vcb"], summary["dpo"]
-    # KL 4: seed 0 halfway from 0.5 to 0.9 = 0.7; seed 1 at 3/4 from 0.3 to 0.7 = 0.6
-    assert vcb[4.0]["reward"][0] == pytest.approx(0.65) and vcb[4.0]["reward"][1] == pytest.approx(0.05)
-    assert vcb[4.0]["seeds"] == 2 and vcb[2.0]["seeds"] == 2 and vcb[2.0]["reward"][0] == pytest.approx((0.5 + 0.4) / 2)
-    assert vcb[6.0]["seeds"] == 1 and vcb[6.0]["of"] == 2  # seed 1 stops at KL 5: one seed covers it
-    assert vcb[8.0]["reward"] is None and dpo[2.0]["reward"] is None  # outside every seed's range
-    table = report.matched_kl_table(summary, JUDGE)
-    assert "outside its range" in table and "(1/2 seeds)" in table and "0.650 ± 0.050" in table
+def candidate(seed, kl, reward, final=True, **kw):
+    return dict(label=kw.get("label", "vcb"), seed=seed, val_kl=kl, val_reward=reward, final=final, beta=1.0, lr=1.0,
+                step=kw.get("step", 60), of=60, file=f"p{seed}-{kl}-{reward}")
 
 
-def test_win_rates_at_matched_kl_compare_the_nearest_real_policies():
-    def rows(values):
-        return {"eval": [{"gold": v} for v in values]}
-    runs = run("vcb", 0, [(1.0, 2.0, 0.5), (0.3, 4.2, 0.9)]) + run("dpo", 0, [(1.0, 3.9, 0.6), (0.3, 9.0, 0.8)])
-    for r, values in zip(runs, ([0.1, 0.1], [0.9, 0.1], [0.5, 0.5], [0.0, 0.0])):
-        r["rows"] = rows(values)
-    cell = report.matched_kl(runs, JUDGE, kls=(4.0,))["vcb"][4.0]
-    assert cell["win"][0] == 0.5 and cell["kl_self"] == 4.2 and cell["kl_baseline"] == 3.9  # 0.9 > 0.5, 0.1 < 0.5
+def test_a_budget_takes_the_best_validation_reward_within_its_window():
+    cands = [candidate(0, 1.0, 0.3), candidate(0, 3.5, 0.6), candidate(0, 3.9, 0.5), candidate(0, 4.2, 0.9), candidate(0, 2.9, 0.8)]
+    assert sweep.choose(cands, 4.0)["val_kl"] == 3.5  # in [4 / 1.3, 4]: 3.5 and 3.9; 4.2 is over the budget, 2.9 under the window
+    assert sweep.choose(cands, 1.0)["val_kl"] == 1.0 and sweep.choose(cands, 8.0) is None  # nothing in [6.2, 8]
+    tied = [candidate(0, 3.2, 0.7), candidate(0, 3.8, 0.7)]
+    assert sweep.choose(tied, 4.0)["val_kl"] == 3.2  # a tie goes to the smaller KL
+
+
+def test_the_difference_from_dpo_is_paired_by_seed_over_the_seeds_where_both_reached():
+    grid = sweep.Grid(seeds=[0, 1, 2, 3], lrs=[1.0], kls=[4.0], snapshots=2, quick=False)
+    arms = [sweep.Arm("vcb"), sweep.Arm("dpo")]
+    rewards = {"vcb": [0.50, 0.60, 0.70, 0.80], "dpo": [0.45, 0.50, None, 0.70]}  # DPO misses seed 2
+    chosen = {}
+    for name, values in rewards.items():
+        for seed, r in enumerate(values):
+            c = None if r is None else {**candidate(seed, 3.5, r, label=name), "heldout": {"eval": {"gold_reward": r, "kl": 3.6}}}
+            for variant in ("path", "final"):
+                chosen[(name, seed, 4.0, variant)] = c
+    sft = {s: {"eval": {"gold_reward": 0.1}} for s in grid.seeds}
+    rows, sft_row = sweep.summary(arms, chosen, sft, grid, JUDGE, "eval", "path")
+    vcb, dpo = rows
+    assert vcb["n"] == 4 and vcb["reward"]["mean"] == pytest.approx(0.65) and dpo["n"] == 3
+    assert vcb["vs_dpo"]["n"] == 3 and vcb["vs_dpo"]["mean"] == pytest.approx((0.05 + 0.10 + 0.10) / 3)
+    assert "vs_dpo" not in dpo and sft_row["reward"]["mean"] == pytest.approx(0.1)
+    text = sweep.table(rows, sft_row, JUDGE)
+    assert "| vcb | 4 | 4/4 | 3.60 | 0.650 [" in text and "| ahead |" in text and "| dpo | 4 | 3/4 |" in text
+
+
+def test_an_arm_of_the_sweep_in_an_ablation_reuses_the_sweeps_policies(tmp_path):
+    cfg = config.parse_args([f"--out_dir={tmp_path}", "--device=cpu"])
+    mine, sweeps = sweep.training(cfg, sweep.Arm("vcb", "RM", tag=""), 1.0, 3.0, 6), sweep.training(cfg, sweep.Arm("vcb"), 1.0, 3.0, 6)
+    assert (mine.name, mine.file) == (sweeps.name, sweeps.file) and mine.cfg.align_lr == 3 * cfg.align_lr
+    other = sweep.training(cfg, sweep.Arm("vcb", "lam=0", options={"lam": 0.0}, folder="ablations/lam"), 1.0, 1.0, 6)
+    assert other.name != sweeps.name and other.cfg.lam == 0.0 and "ablations/lam" in other.file
+    assert sweeps.steps == [10, 20, 30, 40, 50, 60] and sweeps.snapshot(60) == sweeps.file and sweeps.snapshot(10) != sweeps.file
+    online = sweep.training(cfg, sweep.Arm("ppo"), 0.1, 3.0, 6)
+    assert online.steps == [5, 10, 15, 20, 25, 30] and online.cfg.online_lr == 3 * cfg.online_lr and online.cfg.beta == 0.1
 
 
 def test_a_policy_is_sampled_once_and_again_when_it_changes(tiny_copy, monkeypatch):
@@ -83,27 +106,30 @@ def test_the_spreads_table_splits_the_prompts_by_their_stake(tmp_path):
     assert table.splitlines()[-1] == "| set | 1.500 ± 0.500 | 0.100 ± 0.000 |"
 
 
+TINY_GRID = ["--sweep_seeds=0,1", "--sweep_lrs=1", "--snapshots=2", "--sweep_kls=0.05,0.5", "--steps_factor=2"]
+
+
 @pytest.mark.slow
 def test_every_experiment_runs_on_a_tiny_run_and_writes_its_files(tiny_copy):
-    grid = ["--sweep_betas=0.5,2", "--sweep_seeds=0,1", "--sweep_online_betas=0.5", "--steps_factor=2", "--jobs=1"]
-    proc = run_experiment(tiny_copy, "all", *grid, timeout=900)
+    proc = run_experiment(tiny_copy, "all", *TINY_GRID, "--methods=vcb,dpo,rrhf,ppo", "--jobs=1", timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for folder in ["sweep"] + [f"ablations/{a}" for a in ("reward_source", "rm_quality", "n_candidates", "lam", "sigma",
-                                                             "steps", "ood", "values", "values/stakes")]:
-        for name in ("results.json", "results.md", "steps.png" if folder.endswith("steps") else "frontier.png"):
+                                                             "steps", "values", "values/stakes")]:
+        for name in ("results.json", "results.md", "matched_kl.md", "chosen.md", "frontier.png"):
             assert (tiny_copy / folder / name).exists(), (folder, name)
-    quality = json.loads((tiny_copy / "ablations/rm_quality/results.json").read_text())
-    assert {"default", "weak", "strong"} == quality["reward_models"].keys()
-    assert any(m.endswith("(gold)") for m in json.loads((tiny_copy / "ablations/reward_source/results.json").read_text())["summary"])
-    sweep = json.loads((tiny_copy / "sweep/results.json").read_text())
-    assert {"eval", "ood"} == sweep["matched_kl"].keys() and "vcb" in sweep["matched_kl"]["eval"]
+    assert (tiny_copy / "seeds/seed1/candidates.jsonl").exists() and (tiny_copy / "seeds/seed1/config.json").exists()
+    sweep_results = json.loads((tiny_copy / "sweep/results.json").read_text())
+    assert {"path/eval", "final/eval"} <= sweep_results["tables"].keys()
+    assert {c["method"] for c in sweep_results["candidates"]} == {"vcb", "dpo", "rrhf", "ppo"}
+    assert {c["seed"] for c in sweep_results["candidates"]} == {0, 1} and {c["step"] for c in sweep_results["candidates"]} >= {2, 3}
+    assert "Where the time went" in (tiny_copy / "sweep/results.md").read_text()
+    assert "| reward model |" in (tiny_copy / "ablations/rm_quality/reward_models.md").read_text()
+    gold = json.loads((tiny_copy / "ablations/reward_source/results.json").read_text())["tables"]["path/eval"]["rows"]
+    assert {r["label"] for r in gold} >= {"vcb (RM)", "vcb (gold)"} and any("vs_base" in r for r in gold)
     lam_files = sorted(p.name for p in (tiny_copy / "ablations/lam").glob("policy_*.pt"))
-    assert len(lam_files) == 3 * 2 * 2 and "policy_lam0-vcb-beta0.5-seed0.pt" in lam_files  # no variant overwrites another
-    steps = json.loads((tiny_copy / "ablations/steps/results.json").read_text())["runs"]
-    assert {(r["method"], r["step"]) for r in steps if r["seed"] == 0} >= {("vcb", s) for s in range(1, 7)}
-    assert "Reward at matched KL" in (tiny_copy / "sweep/results.md").read_text()
-    values = json.loads((tiny_copy / "ablations/values/results.json").read_text())["summary"]
-    assert {f"{m} ({v})" for m in ("vcb", "rebel", "infonca", "odpo", "dpo", "slic") for v in ("RM", "gold")} <= values.keys()
+    assert "policy_vcb-lam_0-beta1-lr1.pt" in lam_files and not list((tiny_copy / "ablations/lam").glob("policy_dpo*"))
+    values = {r["label"] for r in json.loads((tiny_copy / "ablations/values/results.json").read_text())["tables"]["path/eval"]["rows"]}
+    assert {f"{m} ({v})" for m in ("vcb", "rebel", "infonca", "odpo", "dpo", "slic") for v in ("RM", "gold")} <= values
     assert "| rebel (gold) |" in (tiny_copy / "ablations/values/stakes/levels.md").read_text()
     assert "| the stakes variant, gold |" in (tiny_copy / "ablations/values/spreads.md").read_text()
     stakes = json.loads((tiny_copy / "ablations/values/stakes/run/config.json").read_text())
@@ -111,9 +137,10 @@ def test_every_experiment_runs_on_a_tiny_run_and_writes_its_files(tiny_copy):
 
 
 @pytest.mark.slow
-def test_the_sweep_runs_in_worker_processes(tiny_copy):
-    proc = run_experiment(tiny_copy, "sweep", "--methods=vcb,dpo", "--sweep_betas=0.5,2", "--sweep_seeds=0", "--jobs=2")
+def test_the_sweep_runs_in_worker_processes_and_a_second_run_trains_nothing(tiny_copy):
+    proc = run_experiment(tiny_copy, "sweep", *TINY_GRID, "--methods=vcb,dpo", "--jobs=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "jobs on 2 worker processes" in proc.stdout
-    runs = json.loads((tiny_copy / "sweep/results.json").read_text())["runs"]
-    assert {(r["method"], r["beta"]) for r in runs} == {("sft", None), ("vcb", 0.5), ("vcb", 2.0), ("dpo", 0.5), ("dpo", 2.0)}
+    again = run_experiment(tiny_copy, "sweep", *TINY_GRID, "--methods=vcb,dpo", "--jobs=1")
+    assert again.returncode == 0 and "step 3/3: loss" not in again.stdout and "sweep-vcb-beta1-lr1: up to date" in again.stdout
+    assert (tiny_copy / "sweep/results.md").read_text().split("## Where the time went")[0] in again.stdout
