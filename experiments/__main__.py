@@ -8,6 +8,7 @@ validation prompts and scored on the held-out ones; paired differences with thei
     python -m experiments sweep --quick    # two seeds, a few minutes
     python -m experiments all              # the sweep, then every ablation -> out/ablations/
     python -m experiments values           # the value-aware losses against DPO and SLiC
+    python -m experiments values_vs_ranks  # the same loss told the true values or only their ranks
 
 Every experiment first runs (or finds up to date) each seed's pipeline before alignment (the seed of
 --seed in --out_dir, the others in --out_dir/seeds/), then trains and scores its policies as jobs,
@@ -21,8 +22,8 @@ from experiments.sweep import sweep
 from machinery.config import ConfigError
 from machinery.runtime import command
 
-EXPERIMENTS = {"sweep": sweep, **ablations.ABLATIONS, "values": values.values}
-NEEDS_GOLD = {"values", "all", *ablations.NEEDS_GOLD}  # they judge with the built-in task's gold reward
+EXPERIMENTS = {"sweep": sweep, **ablations.ABLATIONS, "values": values.values, "values_vs_ranks": values.values_vs_ranks}
+NEEDS_GOLD = {"values", "values_vs_ranks", "all", *ablations.NEEDS_GOLD}  # they judge with the built-in task's gold reward
 
 
 def every(cfg, env):

@@ -92,25 +92,26 @@ def rm_quality(cfg, env):
         write_text(path(cfg, "ablations/rm_quality", "reward_models.md"), "\n".join(lines) + "\n")
 
 
-def rescored(env, label, prefs, quality):
+def rescored(env, label, prefs, quality=None, folder="ablations/rm_quality", judge=None):
     """seed options -> that seed's candidates rescored by a reward model of its own, trained from the
-    seed's SFT on other preference data (made, and judged on the seed's held-out pairs, the first time)."""
+    seed's SFT on other preference data (judge: a monotone function of the gold reward the labels are
+    drawn from; made the first time). With quality {}, each seed's RMs judged on its held-out pairs go there."""
     def make(scfg):
-        folder = "ablations/rm_quality"
         rm_file, cands = path(scfg, folder, f"rm_{label}.pt"), path(scfg, folder, f"candidates_{label}.jsonl")
         enc = train.tokenizer(scfg)
         inputs = [path(scfg, "sft.pt"), path(scfg, "tokenizer.json"), path(scfg, "candidates.jsonl")]
         task = Task(f"rm-{label}", "rm", inputs, [rm_file, cands], extra={"variant": label, **prefs})
 
         def work():
-            pairs = reviews.builtin_task(scfg.seed + 1, n_sft=0, n_align=0, n_eval=0, n_ood=0, **prefs)["prefs"]
+            pairs = reviews.builtin_task(scfg.seed + 1, n_sft=0, n_align=0, n_eval=0, n_ood=0, judge=judge, **prefs)["prefs"]
             model, _ = train.train_rm(scfg, env, enc, pairs, task)
             finish_task(scfg, env, task, model, enc)
             rescore(scfg, env, model.eval(), cands)
         records.run(scfg, env, task, work)
-        _, held = train.split_holdout(scfg, read_jsonl(path(scfg, "data", "prefs.jsonl")))  # the seed's RM's held-out pairs
-        quality.setdefault("default", {})[scfg.seed] = rm_scores_on(scfg, env, enc, path(scfg, "rm.pt"), held)
-        quality.setdefault(label, {})[scfg.seed] = rm_scores_on(scfg, env, enc, rm_file, held)
+        if quality is not None:
+            _, held = train.split_holdout(scfg, read_jsonl(path(scfg, "data", "prefs.jsonl")))  # the seed's RM's held-out pairs
+            quality.setdefault("default", {})[scfg.seed] = rm_scores_on(scfg, env, enc, path(scfg, "rm.pt"), held)
+            quality.setdefault(label, {})[scfg.seed] = rm_scores_on(scfg, env, enc, rm_file, held)
         return cands
     return make
 

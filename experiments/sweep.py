@@ -82,11 +82,12 @@ def grid_of(cfg):
 # -----------------------------------------------------------------------------
 # measuring: every arm over its grid in every seed, chosen on validation, scored on held-out prompts
 
-def measure(cfg, env, arms, grid, times):
+def measure(cfg, env, arms, grid, times, rescale=None):
     """Train and score every arm's grid in every seed; choose each arm's policy at each KL budget and
     variant on the validation prompts; score those on the held-out prompts. Returns the chosen
-    policies {(label, seed, k, variant): candidate or None} and every candidate [dict], and adds the
-    seconds of each kind of job to times."""
+    policies {(label, seed, k, variant): candidate or None}, every candidate [dict] and SFT's metrics,
+    and adds the seconds of each kind of job to times. rescale: a monotone function the gold reward of
+    every sample goes through first (a judge whose gaps are uneven: experiments/values.py)."""
     t0 = time.time()
     seeds = {s: harness.seed_config(cfg, s) for s in grid.seeds}
     for t in harness.run_jobs(cfg, env, harness.prepare, list(seeds.values())):
@@ -105,7 +106,7 @@ def measure(cfg, env, arms, grid, times):
         for step, rows in (scored or {}).items():
             candidates.append(dict(label=arm.label, method=arm.method, variant=arm.variant, seed=seed, beta=beta, lr=f,
                                    step=step, final=step == job.steps[-1], of=job.steps[-1], file=job.snapshot(step),
-                                   **validation(cfg, rows["val"])))
+                                   **validation(cfg, rescaled(rows["val"], rescale))))
         if scored is None:
             candidates.append(dict(label=arm.label, method=arm.method, variant=arm.variant, seed=seed, beta=beta, lr=f,
                                    failed=True))
@@ -118,7 +119,7 @@ def measure(cfg, env, arms, grid, times):
     heldout = {}
     for job, (scored, t) in zip(scorings, harness.run_jobs(cfg, env, harness.run_scoring, scorings)):
         harness.merge_times(times, t)
-        heldout[(job.cfg.seed, job.file)] = scored
+        heldout[(job.cfg.seed, job.file)] = {s: rescaled(rows, rescale) for s, rows in scored.items()}
     judge = evaluate.judge_name(cfg)
     sft = {seed: heldout[(seed, path(scfg, "sft.pt"))] for seed, scfg in seeds.items()}
     for c in [c for c in chosen.values() if c]:
@@ -145,6 +146,11 @@ def training(scfg, arm, beta, f, snapshots):
 
 def slug(text):
     return "".join(ch if ch.isalnum() or ch in ".-" else "_" for ch in text)
+
+
+def rescaled(rows, rescale):
+    """Scored samples with their gold reward through rescale (None: as they are)."""
+    return rows if rescale is None else [{**r, "gold": rescale(r["gold"])} for r in rows]
 
 
 def validation(cfg, rows):
@@ -212,7 +218,8 @@ def settings_cell(settings):
 
 def table(rows, sft_row, judge, compare_to=None):
     """A markdown table of summary() rows."""
-    head = ["method", "KL budget", "seeds", "KL", f"{judge} reward [95% CI]", "− DPO [95% CI]", "vs DPO"]
+    head = ["method", "KL budget", "seeds", "KL", f"{judge} reward [95% CI]" if judge in ("gold", "rm") else f"{judge} [95% CI]",
+            "− DPO [95% CI]", "vs DPO"]
     head += [f"− {compare_to} [95% CI]", f"vs {compare_to}"] if compare_to else []
     lines = ["| " + " | ".join(head + ["chosen: beta, learning rate, step"]) + " |", "|" + "---|" * (len(head) + 1)]
     lines.append("| " + " | ".join([SFT, "0", f"{sft_row['reward']['n']}", "0"] + [report.ci(sft_row["reward"])] +
@@ -250,19 +257,20 @@ def sweep(cfg, env):
     run(cfg, env, "sweep", [Arm(m) for m in method_list(cfg)], "Every method over its grid")
 
 
-def run(cfg, env, folder, arms, title, compare_to=None, note="", out=None):
+def run(cfg, env, folder, arms, title, compare_to=None, note="", out=None, rescale=None):
     """measure() the arms, then write the experiment's results into out (default: folder in the run's
     folder): results.json, results.md (every table, and where the time went), matched_kl.md (the main
     table: the training path, held-out prompts), matched_kl_final.md, matched_kl_ood.md, chosen.md and
-    frontier.png. Returns what measure() returned."""
+    frontier.png. rescale: as in measure(). Returns the chosen policies, every candidate, the grid and
+    the tables' rows."""
     t0, times, grid, judge = time.time(), {}, grid_of(cfg), evaluate.judge_name(cfg)
     out = out or path(cfg, folder)
     if grid.quick:
         log(env, f"--quick: seeds {', '.join(map(str, grid.seeds))}, learning rate x{grid.lrs[0]:g}, the two ends of each "
                  f"method's beta grid, {grid.snapshots} snapshots: intervals over two seeds are wide")
-    chosen, candidates, sft = measure(cfg, env, arms, grid, times)
+    chosen, candidates, sft = measure(cfg, env, arms, grid, times, rescale)
     if not env.master:
-        return chosen, candidates, grid
+        return {"chosen": chosen, "candidates": candidates, "grid": grid, "tables": {}}
     tables, data = {}, {}
     for variant in VARIANTS:
         for split in ("eval", "ood"):
@@ -297,7 +305,7 @@ def run(cfg, env, folder, arms, title, compare_to=None, note="", out=None):
     print("\n" + text)
     log(env, f"{folder}: wrote results.md, results.json, matched_kl.md, matched_kl_final.md, matched_kl_ood.md, chosen.md "
              f"and frontier.png in {out} ({wall:.0f}s)")
-    return chosen, candidates, grid
+    return {"chosen": chosen, "candidates": candidates, "grid": grid, "tables": data}
 
 
 def describe(grid, arms, failed):

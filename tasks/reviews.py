@@ -139,13 +139,14 @@ def review_response(rng, fam):
 
 
 def builtin_task(seed=0, n_sft=4000, n_prefs=3000, n_align=512, n_eval=128, n_ood=128, pref_tau=0.25, stakes=False,
-                 n_val=0):
+                 n_val=0, judge=None):
     """The built-in task's files as lists of records. Evaluation prompts are drawn first and never
     appear in training. Preference labels: the winner of (a, b) is a with probability
     sigmoid((g_a - g_b) / pref_tau), g the gold reward (Bradley-Terry noise, like human labels);
     with stakes, g is scaled by the prompt's stake, so a low-stakes pair's label is nearly a coin flip.
     Validation prompts (n_val) are drawn last, from the prompts no other file has: choosing a setting
-    on them leaves the held-out prompts unseen, and the draws before them are the same with or without."""
+    on them leaves the held-out prompts unseen, and the draws before them are the same with or without.
+    judge: a monotone function the gold reward goes through before the labels are drawn from it."""
     rng = random.Random(seed)
     eval_prompts = unique_prompts(rng, MOVIES, n_eval, set())
     ood_prompts = unique_prompts(rng, RESTAURANTS, n_ood, set())
@@ -168,6 +169,7 @@ def builtin_task(seed=0, n_sft=4000, n_prefs=3000, n_align=512, n_eval=128, n_oo
             continue
         misses = 0
         ga, gb = gold_reward([a, b], [p, p] if stakes else None)
+        ga, gb = (judge(ga), judge(gb)) if judge else (ga, gb)
         a_wins = rng.random() < 1 / (1 + math.exp(min(-(ga - gb) / pref_tau, 700)))  # exp(> 709) overflows a float
         prefs.append({"prompt": p, "chosen": a if a_wins else b, "rejected": b if a_wins else a})
     used = seen | set(align_prompts) | {r["prompt"] for r in sft + prefs}
