@@ -46,7 +46,8 @@ class Config:
     # ---- data
     data: str = "builtin"            # builtin (reviews with a gold reward), hh, tldr, or jsonl (your own files)
     data_dir: str = ""               # folder of the hh, tldr or jsonl files (docs/data.md)
-    tokenizer: str = "bpe"           # bpe: trained here on the SFT text; gpt2: tiktoken's, from a local cache
+    tokenizer: str = "bpe"           # bpe: trained here on the SFT text; gpt2: GPT-2's, from its vocab.bpe and encoder.json
+    tokenizer_dir: str = ""          # gpt2: the folder of vocab.bpe and encoder.json ("": beside --init_from's weights, else gpt2)
     vocab_size: int = GPTConfig.vocab_size  # bpe: vocabulary size, <|endoftext|> included
     n_sft: int = 4000                # SFT demonstrations (hh, tldr, jsonl: at most this many, 0 for all)
     n_prefs: int = 3000              # preference pairs for the reward model (likewise)
