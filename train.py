@@ -4,6 +4,7 @@ train.py: the VCB pipeline (docs/method.md, "The pipeline"), stage by stage, in 
     python train.py                         # every stage; about a minute or two on a 2-core CPU
     python train.py --stage=align --force   # redo one stage
     python train.py --help                  # every option, with its default and meaning
+    python train.py --preset=presets/gpt2-hh.json --plan   # what a run needs, checked, and its stages estimated
     torchrun --nproc_per_node=2 train.py --methods=vcb,dpo,ipo,slic,rrhf   # data parallel (docs/gpu.md)
     python -m experiments sweep             # every method over several betas and seeds -> frontier
 
@@ -402,6 +403,9 @@ def main(argv, then=None, doc=__doc__, check=None):
     """The stages (--stage, default all), each task skipped when up to date, then `then(cfg, env)`
     if given (the experiments); check(cfg): what `then` needs of the options, checked before anything runs."""
     cfg, env = start(argv, doc, check)
+    if cfg.plan:  # every file and option checked, the stages estimated; nothing runs (tools/plan.py)
+        from tools.plan import plan
+        return plan(cfg, int(os.environ.get("WORLD_SIZE", "1")), stage_tasks, gpt2_folder(cfg))
     t0, times = time.time(), []
     for stage in STAGES if cfg.stage == "all" else [cfg.stage]:
         if env.device_type == "cuda":

@@ -34,6 +34,7 @@ class Config:
     out_dir: str = "out"             # every file of the run goes here
     stage: str = "all"               # data, sft, rm, sample, align, eval, or all (in that order)
     force: bool = False              # redo the chosen stages even when their outputs are up to date
+    plan: bool = False               # check every option and file the run needs, print its stages with estimates, and stop
     sweep_betas: str = "0.1,0.3,1,3"  # betas of experiments.py sweep
     sweep_online_betas: str = "0.01,0.03,0.1,0.3"  # betas of ppo and rloo in the sweep (the same KL range needs other numbers)
     sweep_seeds: str = "0,1,2"       # seeds of experiments.py: alignment batch order and evaluation samples
