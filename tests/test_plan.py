@@ -77,7 +77,7 @@ def test_the_methods_allowed_depend_on_the_launcher(layout, monkeypatch, capsys)
         plan(layout, monkeypatch)
     plan(layout, monkeypatch, "--methods=vcb,dpo,ipo,slic,rrhf")
     out = capsys.readouterr().out
-    assert "2 processes" in out and "each of 2 GPUs" in out and "| align: ppo |" not in out
+    assert "2 processes" in out and "on each of 2 GPUs" in out and "| align: ppo |" not in out
 
 
 def test_a_later_stage_needs_the_files_of_the_earlier_ones(layout, monkeypatch):

@@ -328,7 +328,7 @@ def duration(seconds):
 
 def print_estimates(rows, what, peak=989e12, mfu=0.4):
     """estimates() as a table, with the whole run's peak memory and time; marked as estimates."""
-    print(f"\nestimated (not measured) for {what}, on one GPU at {100 * mfu:.0f}% MFU of {peak / 1e12:.0f} TFLOP/s:")
+    print(f"\nestimated (not measured) for {what}, at {100 * mfu:.0f}% MFU of {peak / 1e12:.0f} TFLOP/s per GPU:")
     print("| stage | micro-batch | peak GPU memory | time |\n|---|---|---|---|")
     for stage, batch, memory, seconds in rows:
         print(f"| {stage} | {batch} | {memory / 2 ** 30:.1f} GiB | {duration(seconds)} |")

@@ -77,7 +77,7 @@ def plan(cfg, world, stage_tasks, gpt2_folder):
     print("\n".join(lines))
     rows = [r for r in bench.estimates(cfg, shape, world) if r[0].split(":")[0] in stages]
     what = f"{cfg.preset or 'this run'} with this model ({num_params(shape) / 1e6:.3g}M parameters)"
-    bench.print_estimates(rows, what + (f", each of {world} GPUs" if world > 1 else ""))
+    bench.print_estimates(rows, what + (f", on each of {world} GPUs" if world > 1 else ", on one GPU"))
     peak = max(r[2] for r in rows)
     if torch.cuda.is_available() and peak > 0.9 * torch.cuda.get_device_properties(0).total_memory:
         print(f"memory: the largest stage is estimated at {peak / 2**30:.1f} GiB, more than this GPU's "
