@@ -39,7 +39,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         with open(file, "rb") as f:
             body = f.read()
-        start = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+        start = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "") if server.ranges else None
         start = int(start[1]) if start else None
         if start is not None and start >= len(body):
             self.send_response(416)
@@ -64,14 +64,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 class Server:
     """A ThreadingHTTPServer on 127.0.0.1 (a free port) serving root, started by `with` and stopped at
-    its end. requests: (path, Range header) of every GET; cut: {path: bytes} to send of a file once."""
+    its end. requests: (path, Range header) of every GET; cut: {path: bytes} to send of a file once;
+    httpd.ranges = False: Range headers are ignored, as by a server that cannot resume."""
 
     def __init__(self, root):
         self.root = str(root)
 
     def __enter__(self):
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.root, self.httpd.requests, self.httpd.cut = self.root, [], {}
+        self.httpd.root, self.httpd.requests, self.httpd.cut, self.httpd.ranges = self.root, [], {}, True
         self.requests, self.cut = self.httpd.requests, self.httpd.cut
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)

@@ -95,6 +95,17 @@ def test_a_connection_cut_midway_is_resumed_by_the_next_run(site, layout, capsys
     assert "(resuming after" in capsys.readouterr().out
 
 
+def test_a_server_that_cannot_resume_sends_the_whole_file_again(site, layout, capsys):
+    server, _, dest = site
+    server.cut[WEIGHTS_URL] = 5000
+    with pytest.raises(DataError, match="run this again to resume"):
+        fetch(site, "gpt2")
+    server.httpd.ranges = False  # it answers a Range request with the whole file (200)
+    fetch(site, "gpt2")
+    assert (dest / WEIGHTS).read_bytes() == (layout / WEIGHTS).read_bytes() and not parts(dest)
+    assert "(resuming after" not in capsys.readouterr().out
+
+
 def test_a_file_of_the_wrong_size_is_refused_and_removed(site, layout):
     _, sources, dest = site
     edit(sources, WEIGHTS, size=(layout / WEIGHTS).stat().st_size + 1)

@@ -186,6 +186,13 @@ def download(url, part, have, source, opts, by_hand):
             have = 0  # the server sends the whole file: start over
         length = response.headers.get("Content-Length")
         total = have + int(length) if length is not None and length.isdigit() else None
+        if resumed:  # "bytes START-END/TOTAL": the part must be the start of this very file
+            span = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", response.headers.get("Content-Range", ""))
+            if not span or int(span[1]) != have:
+                os.remove(part)
+                raise DataError(f"{url}: the server resumed elsewhere than after the {have:,} bytes of {part}; it is "
+                                f"removed: run this again")
+            total = int(span[2]) if span[2] != "*" else total
         if source.size is not None and total is not None and total != source.size:
             if os.path.exists(part):
                 os.remove(part)
@@ -246,7 +253,12 @@ def main(argv):
     if unknown:
         raise ConfigError(f"unknown name {unknown[0]!r}; known: {', '.join(sources)}")
     todo = list({s.path: s for n in names for s in sources[n]}.values())
-    fetched = [fetch(s, opts) for s in todo]
+    try:
+        fetched = [fetch(s, opts) for s in todo]
+    except KeyboardInterrupt:  # not runtime.command's message, which speaks of training
+        print("\ninterrupted: the files fetched are kept, and the next run resumes the one under way from its .part file",
+              file=sys.stderr)
+        sys.exit(130)
     print(f"fetched {sum(1 for n in fetched if n)} files ({sum(fetched) / 1e6:,.1f} MB), {fetched.count(0)} already there, "
           f"into {os.path.abspath(opts.dest)}: " + ", ".join(dict.fromkeys(s.path.split("/")[0] + "/" for s in todo)))
 
