@@ -1,7 +1,8 @@
 """The README's user paths, as written. From a fresh copy of the repository, with a loopback server
 standing in for the internet (tests/loopback.py), the README's commands run one after the other through
 bash as a user types them, each with options appended that make it tiny and keep it on the CPU: for GPT-2
-on HH the fetch, the plan, every stage of the preset with its own methods, the samples and the export.
+on HH the fetch, the plan, every stage of the preset with its own methods, the samples and the export;
+for GPT-2 on TL;DR all but the export.
 Only the fetch may open a connection, and only to 127.0.0.1: a sitecustomize refuses any other."""
 import os
 import shutil
@@ -114,8 +115,12 @@ def test_gpt2_on_hh_fetch_plan_every_stage_samples_and_export_as_the_readme_writ
     assert back.config.vocab_size == 300 and back.config.block_size == 96
 
 
-def test_gpt2_on_tldr_fetch_and_plan_as_the_readme_writes_them(internet):
+def test_gpt2_on_tldr_fetch_plan_every_stage_and_samples_as_the_readme_writes_them(internet):
+    clone = internet[2]
     lines = readme_commands("gpt2-tldr")
     assert lines[0] == "python -m tools.prepare gpt2 tldr" and lines[1] == "python train.py --preset=presets/gpt2-tldr.json --plan"
     assert "fetched 25 files" in run(lines[0], internet)
     assert "data: tldr in tldr: train.jsonl, test.jsonl, comparisons/batch10.json" in run(lines[1], internet)
+    trained = run(lines[2], internet)
+    assert all((clone / "out-tldr" / f"policy_{m}.pt").exists() for m in ("vcb", "dpo", "ipo", "slic", "rrhf", "ppo", "rloo"))
+    assert "| rloo |" in trained and "prompt: 'SUBREDDIT: r/cooking" in run(lines[3], internet)
