@@ -3,7 +3,7 @@ data.py: the tokenizer, the task's files and the token sequences the models read
 
 - Tokenizer: a byte-level BPE the project trains itself (deterministic, seconds on 1 MB), served
   through tiktoken.Encoding and saved as a JSON rank file that we write and parse ourselves; GPT-2's
-  own; a plain 256-byte encoding for tests. Every tokenizer here is a tiktoken.Encoding with
+  own, built from the two files OpenAI published with it; a plain 256-byte encoding for tests. Every tokenizer here is a tiktoken.Encoding with
   <|endoftext|>.
 - Sequences: a prompt and its responses as token ids, <|endoftext|> + prompt, then each response +
   <|endoftext|>, cut to fit the context (encode_group, fit); prompts for generation (encode_prompt).
@@ -19,14 +19,13 @@ import hashlib
 import heapq
 import os
 import re
-import tempfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 import tiktoken
 import torch
 
-from machinery.files import DataError, field, read_json, read_jsonl, shown, write_json
+from machinery.files import DataError, field, read_json, read_jsonl, shown, text_lines, write_json, write_text
 
 
 EOT = "<|endoftext|>"
@@ -119,7 +118,7 @@ def fingerprint(enc):
 
 def save_tokenizer(enc, path):
     """Our own rank file: JSON with the pattern and the tokens' bytes in rank order (base64). Later
-    stages load this file, so even --tokenizer=gpt2 needs tiktoken's cache only in the data stage."""
+    stages load this file, so even --tokenizer=gpt2 reads GPT-2's files only in the data stage."""
     ranks = sorted(enc._mergeable_ranks.items(), key=lambda kv: kv[1])
     write_json(path, {"format": "vcb-tokenizer-1", "name": enc.name, "pat_str": enc._pat_str,
                       "tokens": [base64.b64encode(b).decode("ascii") for b, _ in ranks]})
@@ -148,24 +147,101 @@ def load_tokenizer(path):
         raise DataError(f"{path}: field 'pat_str' is not a pattern tiktoken can use ({str(e)[:120]})") from None
 
 
-def gpt2_tokenizer():
-    """tiktoken's GPT-2 encoding, from tiktoken's local cache only. tiktoken downloads its files on
-    first use; here the download function is swapped for one that fails at once, so offline this
-    never hangs and says what to provide."""
+# GPT-2's tokenizer, from the two files OpenAI published with GPT-2 (python -m tools.prepare gpt2 puts them
+# beside the weights). The split pattern is tiktoken 0.14's for its "gpt2" encoding: the same splits as
+# GPT-2's original pattern, written to run faster, so a run's tokenizer.json matches tiktoken's own.
+GPT2_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+GPT2_FILES = ("vocab.bpe", "encoder.json")
+
+
+def gpt2_alphabet():
+    """How GPT-2's files spell bytes: every token is a string of one character per byte, the printable
+    Latin-1 bytes other than space as themselves and the 68 others as chr(256), chr(257), ... in byte
+    order, so that no token holds whitespace or control characters. Returns ({character: byte}, the bytes
+    in the order of their ranks: the printable ones first)."""
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + k): b for k, b in enumerate(others)}}, printable + others
+
+
+def gpt2_tokenizer(folder):
+    """GPT-2's tokenizer as a tiktoken.Encoding, built from folder/vocab.bpe and folder/encoder.json
+    (read_gpt2_files). Without them, tiktoken's own cache is used if it holds GPT-2's files; it is
+    never asked to download, so offline this fails at once with a line saying what to provide."""
+    if all(os.path.exists(os.path.join(folder, name)) for name in GPT2_FILES):
+        return read_gpt2_files(folder)
     import tiktoken.load
 
     def no_download(url):
-        cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or \
-            os.path.join(tempfile.gettempdir(), "data-gym-cache")
-        raise DataError(f"--tokenizer=gpt2: {url.rsplit('/', 1)[-1]} is not in tiktoken's cache {cache}; on a machine "
-                        f"with network run TIKTOKEN_CACHE_DIR=gpt2-cache python -c \"import tiktoken; "
-                        f"tiktoken.get_encoding('gpt2')\", copy gpt2-cache here and set TIKTOKEN_CACHE_DIR to it")
+        raise DataError(f"--tokenizer=gpt2: {os.path.join(folder, 'vocab.bpe')} and encoder.json are missing (and "
+                        f"tiktoken's cache has no copy): run python -m tools.prepare gpt2, which puts them beside the "
+                        f"weights in gpt2/, or copy GPT-2's two files into {folder}")
 
     download, tiktoken.load.read_file = tiktoken.load.read_file, no_download
     try:
         return tiktoken.get_encoding("gpt2")
     finally:
         tiktoken.load.read_file = download
+
+
+def read_gpt2_files(folder):
+    """The Encoding of GPT-2's files: vocab.bpe lists the merges in priority order after a version line,
+    each as two tokens; the 256 single bytes take ranks 0-255 in the alphabet's order (gpt2_alphabet),
+    the k-th merge makes the token of rank 256 + k, and <|endoftext|> comes last. encoder.json must give
+    every token the same id, as tiktoken's own loader requires; anything else is a DataError naming the
+    file and line."""
+    bpe_file, json_file = (os.path.join(folder, name) for name in GPT2_FILES)
+    chars, order = gpt2_alphabet()
+
+    def spelled(text, where):
+        try:
+            return bytes(chars[c] for c in text)
+        except KeyError as e:
+            raise DataError(f"{where}: {e.args[0]!r} is not a character of GPT-2's byte alphabet") from None
+
+    ranks = {bytes([b]): rank for rank, b in enumerate(order)}
+    for n, line in text_lines(bpe_file):
+        if isinstance(line, DataError):
+            raise line
+        if (n == 1 and line.startswith("#version")) or not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            raise DataError(f"{bpe_file}:{n}: expected a merge of two tokens, got {shown(line.strip())}")
+        token = spelled(parts[0], f"{bpe_file}:{n}") + spelled(parts[1], f"{bpe_file}:{n}")
+        if token in ranks:
+            raise DataError(f"{bpe_file}:{n}: the merge {shown(line.strip())} makes a token an earlier line made")
+        ranks[token] = len(ranks)
+    ids = read_json(json_file)
+    eot = ids.pop(EOT, len(ranks))
+    ids.pop("<|startoftext|>", None)
+    for text, rank in ids.items():
+        token = spelled(text, json_file)
+        if type(rank) is not int or ranks.get(token) != rank:
+            raise DataError(f"{json_file}: token {shown(text)} has id {shown(rank)}, but vocab.bpe gives it "
+                            f"{ranks.get(token, 'none')}: the two files are not one tokenizer")
+    if len(ids) != len(ranks) or eot != len(ranks):
+        raise DataError(f"{json_file}: {len(ids)} tokens and <|endoftext|> {shown(eot)}, but vocab.bpe makes "
+                        f"{len(ranks)} tokens before <|endoftext|>: the two files are not one tokenizer")
+    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PAT_STR, mergeable_ranks=ranks, special_tokens={EOT: eot})
+
+
+def write_gpt2_files(enc, folder):
+    """enc (an Encoding with <|endoftext|> last) as GPT-2's two files in folder, which read_gpt2_files
+    reads back: made-up tokenizers in GPT-2's layout for the tests and the rehearsal. Single bytes take
+    the ranks of the alphabet's order, which renumbers the ids but splits text the same way (BPE merges
+    by the ranks of longer tokens alone); each longer token is written as a merge of two earlier ones."""
+    chars, order = gpt2_alphabet()
+    spell = {b: c for c, b in chars.items()}
+    text = lambda token: "".join(spell[b] for b in token)  # noqa: E731
+    ranks = {bytes([b]): rank for rank, b in enumerate(order)}
+    merges = []
+    for token in sorted((t for t in enc._mergeable_ranks if len(t) > 1), key=enc._mergeable_ranks.get):
+        k = next(k for k in range(1, len(token)) if token[:k] in ranks and token[k:] in ranks)
+        merges.append(f"{text(token[:k])} {text(token[k:])}")
+        ranks[token] = len(ranks)
+    write_text(os.path.join(folder, "vocab.bpe"), "#version: 0.2\n" + "".join(m + "\n" for m in merges))
+    write_json(os.path.join(folder, "encoder.json"), {**{text(t): r for t, r in ranks.items()}, EOT: len(ranks)})
 
 
 # -----------------------------------------------------------------------------

@@ -4,6 +4,7 @@ train.py: the VCB pipeline (docs/method.md, "The pipeline"), stage by stage, in 
     python train.py                         # every stage; about a minute or two on a 2-core CPU
     python train.py --stage=align --force   # redo one stage
     python train.py --help                  # every option, with its default and meaning
+    python train.py --preset=presets/gpt2-hh.json --plan   # what a run needs, checked, and its stages estimated
     torchrun --nproc_per_node=2 train.py --methods=vcb,dpo,ipo,slic,rrhf   # data parallel (docs/gpu.md)
     python -m experiments sweep             # every method over several betas and seeds -> frontier
 
@@ -113,7 +114,7 @@ def stage_data(cfg, env, task):
         if cfg.tokenizer == "bpe":
             enc = data.train_bpe("\n".join(r["prompt"] + r["response"] for r in files["sft"])[:5_000_000], cfg.vocab_size)
         else:
-            enc = data.gpt2_tokenizer()
+            enc = data.gpt2_tokenizer(gpt2_folder(cfg))
         t_tok = time.time() - t0
         for name in data.TASK_FILES:
             if files.get(name):
@@ -325,6 +326,14 @@ def tokenizer(cfg):
     return data.load_tokenizer(path(cfg, "tokenizer.json"))
 
 
+def gpt2_folder(cfg):
+    """Where --tokenizer=gpt2 finds vocab.bpe and encoder.json: --tokenizer_dir, else beside the GPT-2
+    weights, else gpt2/ (python -m tools.prepare gpt2 puts all of them there)."""
+    if cfg.tokenizer_dir:
+        return cfg.tokenizer_dir
+    return os.path.dirname(cfg.init_from) if cfg.init_from != "scratch" else "gpt2"
+
+
 def encode(cfg, env, enc, prompts, responses, what):
     """Each prompt with its responses (one demonstration, or a chosen and a rejected one) as token ids,
     logging how many sequences will be cut to fit block_size."""
@@ -352,6 +361,8 @@ def stage_tasks(cfg, stage):
     data_files = [path(cfg, "data", f"{n}.jsonl") for n in data.TASK_FILES if n not in data.OPTIONAL_FILES]
     if stage == "data":
         inputs = [os.path.join(d, f) for d, _, fs in os.walk(cfg.data_dir) for f in sorted(fs)] if cfg.data != "builtin" else []
+        if cfg.tokenizer == "gpt2":  # GPT-2's files: another copy of them makes the run's tokenizer anew
+            inputs += [os.path.join(gpt2_folder(cfg), name) for name in data.GPT2_FILES]
         return [(Task("data", "data", inputs, data_files + [path(cfg, "tokenizer.json")],
                       optional=[path(cfg, "data", f"{n}.jsonl") for n in data.OPTIONAL_FILES]), stage_data)]
     if stage == "sft":
@@ -393,6 +404,9 @@ def main(argv, then=None, doc=__doc__, check=None, stages=None):
     then `then(cfg, env)` if given (the experiments); check(cfg): what `then` needs of the options,
     checked before anything runs."""
     cfg, env = start(argv, doc, check)
+    if cfg.plan:  # every file and option checked, the stages estimated; nothing runs (tools/plan.py)
+        from tools.plan import plan
+        return plan(cfg, int(os.environ.get("WORLD_SIZE", "1")), stage_tasks, gpt2_folder(cfg))
     t0, times = time.time(), []
     for stage in stages if stages is not None else STAGES if cfg.stage == "all" else [cfg.stage]:
         if env.device_type == "cuda":

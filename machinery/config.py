@@ -34,6 +34,7 @@ class Config:
     out_dir: str = "out"             # every file of the run goes here
     stage: str = "all"               # data, sft, rm, sample, align, eval, or all (in that order)
     force: bool = False              # redo the chosen stages even when their outputs are up to date
+    plan: bool = False               # check every option and file the run needs, print its stages with estimates, and stop
     sweep_seeds: str = "0,1,2,3,4"   # the experiments' seeds, each a whole pipeline: data, SFT, RM, candidates, policies, evaluation
     sweep_lrs: str = "1,3"           # the experiments' learning rates, as multiples of each training's own (--align_lr, --online_lr)
     sweep_kls: str = "1,2,4,8"       # the KL budgets (nats) at which the experiments read each method
@@ -48,7 +49,8 @@ class Config:
     # ---- data
     data: str = "builtin"            # builtin (reviews with a gold reward), hh, tldr, or jsonl (your own files)
     data_dir: str = ""               # folder of the hh, tldr or jsonl files (docs/data.md)
-    tokenizer: str = "bpe"           # bpe: trained here on the SFT text; gpt2: tiktoken's, from a local cache
+    tokenizer: str = "bpe"           # bpe: trained here on the SFT text; gpt2: GPT-2's, from its vocab.bpe and encoder.json
+    tokenizer_dir: str = ""          # gpt2: the folder of vocab.bpe and encoder.json ("": beside --init_from's weights, else gpt2)
     vocab_size: int = GPTConfig.vocab_size  # bpe: vocabulary size, <|endoftext|> included
     n_sft: int = 4000                # SFT demonstrations (hh, tldr, jsonl: at most this many, 0 for all)
     n_prefs: int = 3000              # preference pairs for the reward model (likewise)
@@ -202,8 +204,9 @@ RANGES = {
     "online_k": Range(1, 1024), "ppo_epochs": Range(1, 1000), "ppo_clip": Range(1 / SCALE, 0.99),
     "ppo_vf_coef": Range(1 / SCALE, SCALE), "ppo_gamma": Range(0, 1), "ppo_lambda": Range(0, 1),
     "ppo_target_kl": Range(1 / SCALE, SCALE, "off"), "eos_penalty": Range(0, SCALE), "eval_samples": Range(1, 1024),
-    # the other commands' own: sample.py, bench.py, gpu_check.py, rehearse.py
+    # the other commands' own: sample.py, bench.py, gpu_check.py, rehearse.py, prepare.py
     "num_samples": Range(1, 1024), "new_tokens": Range(1, COUNT), "limit": Range(1, 7 * 24 * 3600), "steps": Range(1, COUNT),
+    "timeout": Range(0.1, 3600),  # prepare.py: seconds to wait for a server
 }
 
 
@@ -252,6 +255,8 @@ RANGES.update({
     "expected auto, cpu, cuda or cuda:N (other devices are not supported)",
     "methods": method_names, "sweep_lrs": number_list(float, "lr_factor"), "sweep_kls": number_list(float, "kl_budget"),
     "sweep_seeds": number_list(int, "seed"),
+    "mirror": lambda v: None if v == "" or re.fullmatch(r"https?://[^\s/]+(/\S*)?", v) else
+    "expected the address of a server, http://HOST[:PORT][/PATH] or https://...",
 })
 
 

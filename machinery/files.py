@@ -5,7 +5,8 @@ of JSON and JSON lines are strict, and anything wrong is a DataError of one line
 the line and the field.
 
 - one_line, DataError: the error a bad file ends with (runtime.command prints it, exit status 2).
-- atomic_path, write_jsonl, write_json, write_text: whole files or nothing.
+- atomic_path, write_jsonl, write_json, write_text: whole files or nothing; resumable_path: the
+  same for a download that may resume.
 - check_file, text_lines: regular files only, one line at a time (a line that is not UTF-8 spoils
   nothing else; a truncated .gz gives the lines before the cut).
 - parse_json, json_value, read_json, read_jsonl: the one JSON parser, and what it refuses.
@@ -48,6 +49,17 @@ def atomic_path(path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+@contextlib.contextmanager
+def resumable_path(path):
+    """Yields `path` + '.part', where a download grows; renamed onto `path` only if the block succeeds.
+    Unlike atomic_path, a block that fails leaves the part file, so that the next try resumes from it
+    (the block removes it itself when what it holds is wrong)."""
+    path = str(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    yield f"{path}.part"
+    os.replace(f"{path}.part", path)  # atomic: the file is whole or absent
 
 
 def finite(obj):

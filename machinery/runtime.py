@@ -105,11 +105,14 @@ def setup(cfg):
 
 def start(argv, doc="", check=None):
     """Options, devices and processes of a run, every check of the options before anything runs
-    (check(cfg): the caller's own); prints and saves the config."""
+    (check(cfg): the caller's own); prints and saves the config. With --plan, the checks alone:
+    returns (cfg, None) and starts, creates and writes nothing."""
     cfg = parse_args(argv, doc)
     check_launch(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     if check is not None:
         check(cfg)
+    if cfg.plan:
+        return cfg, None
     try:
         os.makedirs(cfg.out_dir, exist_ok=True)
     except OSError as e:

@@ -33,8 +33,8 @@ def stages_json(out):
 def test_a_data_stage_that_fails_drops_its_record_and_changes_no_file(tiny_copy, monkeypatch):
     before = {p.name: p.read_bytes() for p in (tiny_copy / "data").iterdir()}
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tiny_copy / "no-cache"))
-    with pytest.raises(files.DataError, match="is not in tiktoken's cache"):
-        run(tiny_copy, "--stage=data", "--tokenizer=gpt2")
+    with pytest.raises(files.DataError, match="vocab.bpe and encoder.json are missing"):
+        run(tiny_copy, "--stage=data", "--tokenizer=gpt2", f"--tokenizer_dir={tiny_copy / 'no-gpt2'}")
     assert "data" not in stages_json(tiny_copy)
     assert {p.name: p.read_bytes() for p in (tiny_copy / "data").iterdir()} == before
 

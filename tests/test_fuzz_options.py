@@ -23,7 +23,7 @@ from experiments import report
 from generators import EDGE_FLOATS, EDGE_INTS, SCALE, folder, outcome
 from machinery import config, files, runtime
 from model import sample_next
-from tools import bench, gpu_check, rehearse
+from tools import bench, gpu_check, prepare, rehearse
 
 
 # ---- classes 1 and 5: every option of every command at the edges of its type, and together ---------------
@@ -34,6 +34,7 @@ PARSERS = {  # every command's option parser, without running the command
     "tools.bench": (bench.BenchConfig, bench.parse),
     "tools.gpu_check": (gpu_check.CheckConfig, lambda argv: config.parse_options(gpu_check.CheckConfig(), argv)),
     "tools.rehearse": (rehearse.RehearseConfig, lambda argv: config.parse_options(rehearse.RehearseConfig(), argv)),
+    "tools.prepare": (prepare.PrepareConfig, lambda argv: config.parse_options(prepare.PrepareConfig(), argv)),
     "experiments.report": (report.SyncConfig, lambda argv: config.parse_options(report.SyncConfig(), argv)),
 }
 
@@ -86,7 +87,7 @@ def test_any_option_at_the_edges_of_its_type_is_read_or_refused_in_one_line(line
 def test_a_bad_option_is_exit_status_2_and_one_line_from_every_command(capsys, monkeypatch):
     """Through runtime.command, as each program runs its main (report.py's too)."""
     for module, argv in [(train, ["--seed=99999999999999999999"]), (sample, ["--num_samples=0"]),
-                         (bench, ["--new_tokens=-1"]), (gpu_check, ["--limit=1e9"]), (rehearse, ["--steps=0"]),
+                         (bench, ["--new_tokens=-1"]), (gpu_check, ["--limit=1e9"]), (rehearse, ["--steps=0"]), (prepare, ["--timeout=0"]), (prepare, ["--mirror=ftp://x"]),
                          (report, ["--out_dir=a\x00b"]), (bench, ["--device=cuda\nx"])]:  # the message escapes the newline
         monkeypatch.setattr(sys, "argv", [module.__name__ + ".py", *argv])
         with pytest.raises(SystemExit) as e:

@@ -13,6 +13,7 @@ import data
 from conftest import ROOT, run_train
 from machinery import files, runtime
 from model import GPT, GPTConfig
+from tasks import reviews
 from tools import gpt2
 
 
@@ -157,10 +158,47 @@ def test_pipeline_starts_from_local_pretrained_weights(tiny_copy):
 def test_gpt2_tokenizer_offline_fails_fast_and_says_what_to_provide(tmp_path, monkeypatch):
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))
     with pytest.raises(files.DataError) as e:
-        data.gpt2_tokenizer()
+        data.gpt2_tokenizer(str(tmp_path / "gpt2"))
     message = str(e.value)
-    assert "is not in tiktoken's cache" in message and "TIKTOKEN_CACHE_DIR" in message and "\n" not in message
-    assert not (tmp_path / "empty-cache").exists()  # nothing was fetched or written
+    assert "vocab.bpe and encoder.json are missing" in message and "python -m tools.prepare gpt2" in message
+    assert "\n" not in message
+    assert not (tmp_path / "empty-cache").exists() and not (tmp_path / "gpt2").exists()  # nothing was fetched or written
+
+
+def made_up_tokenizer(vocab_size=400):
+    """A BPE trained on a little of the built-in task's text: GPT-2's file format at a test's size."""
+    text = "\n".join(r["prompt"] + r["response"] for r in reviews.builtin_task(0, 200, 0, 0, 0, 0)["sft"])
+    return data.train_bpe(text, vocab_size), text
+
+
+def test_gpt2_files_build_the_tokenizer_tiktoken_builds_from_them(tmp_path, monkeypatch):
+    """Our reader of vocab.bpe and encoder.json against tiktoken's own loader of the same files (local
+    paths; an empty TIKTOKEN_CACHE_DIR turns its cache off), and against the tokenizer they were written from."""
+    import tiktoken.load
+    enc, text = made_up_tokenizer()
+    data.write_gpt2_files(enc, tmp_path)
+    ours = data.gpt2_tokenizer(str(tmp_path))
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
+    assert ours._mergeable_ranks == tiktoken.load.data_gym_to_mergeable_bpe_ranks(
+        str(tmp_path / "vocab.bpe"), str(tmp_path / "encoder.json"))
+    assert ours.n_vocab == enc.n_vocab and ours.eot_token == ours.n_vocab - 1 and ours.name == "gpt2"
+    sample = text[:3000] + " naïve ☃ \x00 12345"
+    pieces = lambda e: [e.decode_single_token_bytes(t) for t in e.encode_ordinary(sample)]  # noqa: E731
+    assert pieces(ours) == pieces(enc) and ours.decode(ours.encode_ordinary(sample)) == sample
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda d: (d / "vocab.bpe").write_text("#version: 0.2\nab\n"), "vocab.bpe:2: expected a merge of two tokens"),
+    (lambda d: (d / "vocab.bpe").write_text("#version: 0.2\na \x7f\n"), "vocab.bpe:2: '\\x7f' is not a character"),
+    (lambda d: (d / "encoder.json").write_text('{"a": 5}'), "encoder.json: token \"a\" has id 5, but vocab.bpe gives it"),
+    (lambda d: (d / "encoder.json").write_text("[1]"), "encoder.json: expected a JSON object, got list"),
+])
+def test_gpt2_files_that_do_not_fit_are_one_line_errors(tmp_path, damage, message):
+    data.write_gpt2_files(made_up_tokenizer(300)[0], tmp_path)
+    damage(tmp_path)
+    with pytest.raises(files.DataError) as e:
+        data.gpt2_tokenizer(str(tmp_path))
+    assert message in str(e.value) and "\n" not in str(e.value)
 
 
 # ---- export: a policy back out in GPT-2's layout

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import data
-from conftest import run_experiment, run_train
+from conftest import run_train
 from machinery import config, files, runtime
 
 

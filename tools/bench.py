@@ -15,7 +15,8 @@ It measures
      alignment (VCB) step with each layout, in response tokens/s, back to back, and which is faster
      here; and that step per response token against an SFT step as the pipeline runs both (the
      reference log-probs are precomputed, so alignment needs one model: the target is <= 1.2x);
-and then prints the estimated peak GPU memory and time per stage of the GPT-2-small HH preset.
+and then prints the estimated peak GPU memory and time per stage of presets/gpt2-hh.json with GPT-2
+small (estimates(): train.py --plan prints them for the run at hand).
 """
 import dataclasses
 import os
@@ -28,7 +29,7 @@ import torch
 
 import packing
 import vcb
-from machinery.config import ConfigError, parse_options
+from machinery.config import Config, ConfigError, apply_options, method_list, parse_options, read_options
 from machinery.runtime import command, setup
 from model import GPT, GPTConfig
 
@@ -229,7 +230,7 @@ def main(argv):
           f"(target <= 1.2x)")
     if opts["run"]:
         print(precision(opts["run"], env))
-    print_estimates(peak if device_type == "cuda" else None)
+    preset_estimates(peak if device_type == "cuda" else None)
 
 
 # ---- precision: what the autocast dtype does to the log-probs of a run's SFT model
@@ -269,20 +270,23 @@ def precision(out_dir, env, n_prompts=64):
             f"(largest |logp_sampler - logp_scorer| {kl.abs().max():.2e}, {len(kl)} samples)")
 
 
-# ---- estimates for a real run: GPT-2-small on HH (docs/gpu.md, "Presets")
+# ---- estimates for a real run: what `python train.py --plan` prints for the run at hand, and this
+# command for presets/gpt2-hh.json with GPT-2 small
 
-HH_PRESET = dict(n_params=124e6, n_layer=12, n_embd=768, vocab=50257, seq=512, new_tokens=128,
-                 sft=dict(steps=2000, batch=64, accum=4), rm=dict(steps=1000, batch=64, accum=4),
-                 align=dict(steps=800, prompts=8, accum=4), n_candidates=8, n_align=8000, n_eval=500, methods=5)
+PRESET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "presets", "gpt2-hh.json")
+GPT2_SMALL = dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257)
 
 
-def print_estimates(peak=None, mfu=0.4, bandwidth=3.35e12):
-    """Peak GPU memory per stage from parameter, optimizer and activation sizes, and time per stage
-    from FLOPs at an assumed MFU, or for sampling from memory bandwidth (each new token reads the
-    weights and the KV cache). Estimates, not measurements: peak defaults to an H100's dense
-    bfloat16 989 TFLOP/s and bandwidth to its 3.35 TB/s; Python overhead per token is left out."""
-    h, peak = HH_PRESET, peak or 989e12
-    N, L, C, V, S = h["n_params"], h["n_layer"], h["n_embd"], h["vocab"], h["seq"]
+def estimates(cfg, shape, world=1, peak=989e12, mfu=0.4, bandwidth=3.35e12):
+    """[(stage, micro-batch, peak GPU memory in bytes, seconds)] of a run with the options cfg (a
+    Config) and the model shape (a GPTConfig) on `world` GPUs. Memory from parameter, optimizer and
+    activation sizes, time from FLOPs at an assumed MFU, or for sampling from memory bandwidth (each new
+    token reads the weights and the KV cache). Estimates, not measurements: peak defaults to an H100's
+    dense bfloat16 989 TFLOP/s and bandwidth to its 3.35 TB/s; every sequence is counted at block_size
+    tokens, the most it can have; Python overhead per token is left out."""
+    with torch.device("meta"):
+        N = GPT(shape).num_params()
+    L, C, V, S, n = shape.n_layer, shape.n_embd, shape.vocab_size, cfg.block_size, cfg.n_candidates
     train_state = 16 * N  # float32 weights and gradients, AdamW's two moments
 
     def activations(rows):  # bfloat16, flash attention (no T^2 term): ~34 s b h bytes per layer
@@ -290,30 +294,52 @@ def print_estimates(peak=None, mfu=0.4, bandwidth=3.35e12):
         return L * 34 * S * rows * C + rows * S * V * (2 + 4 + 4)
 
     kv = lambda rows: 2 * L * rows * S * C * 2  # noqa: E731  bfloat16 keys and values
-    rows = {"sft": h["sft"]["batch"] // h["sft"]["accum"], "rm": 2 * h["rm"]["batch"] // h["rm"]["accum"],
-            "align": h["align"]["prompts"] * h["n_candidates"] // h["align"]["accum"]}
-    memory = {"sft": train_state + activations(rows["sft"]), "rm": train_state + activations(rows["rm"]),
-              "sample": 4 * N + kv(32 * h["n_candidates"]) + 32 * h["n_candidates"] * V * 4,
-              "align": train_state + activations(rows["align"]),
-              "eval": 3 * 4 * N + kv(64) + 64 * V * 4}
-    flops_train = lambda seqs: 6 * N * seqs * S / (mfu * peak)  # noqa: E731
+    train = lambda seqs: 6 * N * seqs * S / (mfu * peak)  # noqa: E731
+
     def decode(seqs, batch):  # each new token reads the bfloat16 weights and half a full KV cache on average
         step = max((2 * N + kv(batch) / 2) / bandwidth, 2 * N * batch / (mfu * peak))
-        return seqs / batch * h["new_tokens"] * step
+        return seqs / batch * cfg.max_new_tokens * step
 
-    n_samples = h["n_align"] * h["n_candidates"]
-    seconds = {"sft": flops_train(h["sft"]["steps"] * h["sft"]["batch"]),
-               "rm": flops_train(h["rm"]["steps"] * h["rm"]["batch"] * 2),
-               "sample": decode(n_samples, 32 * h["n_candidates"]) + 2 * flops_train(n_samples) / 3,
-               "align": h["methods"] * flops_train(h["align"]["steps"] * h["align"]["prompts"] * h["n_candidates"]),
-               "eval": (1 + h["methods"]) * 2 * (decode(h["n_eval"], 64) + flops_train(h["n_eval"]) / 2)}
-    print(f"\nestimated for the GPT-2-small HH preset (docs/gpu.md), at {100 * mfu:.0f}% MFU of {peak / 1e12:.0f} TFLOP/s:")
+    split, methods = world * cfg.grad_accum, method_list(cfg)
+    n_align, n_eval = cfg.n_align or 1000, cfg.n_eval or 1000  # 0 (all): counted as 1,000
+    sft, rm, align, sample = cfg.sft_batch // split, 2 * cfg.rm_batch // split, cfg.align_batch * n // split, cfg.sample_batch * n
+    rows = [("sft", f"{sft} x {S} tokens", train_state + activations(sft), train(cfg.sft_steps * cfg.sft_batch) / world),
+            ("rm", f"{rm} x {S} tokens", train_state + activations(rm), train(cfg.rm_steps * cfg.rm_batch * 2) / world),
+            ("sample", f"{sample} rows, KV cache", 4 * N + kv(sample) + sample * V * 4,
+             (decode(n_align * n, sample) + 2 * train(n_align * n) / 3) / world)]  # then the SFT and RM scores
+    offline = [m for m in methods if not vcb.METHODS[m].online]
+    if offline:
+        rows.append((f"align: {', '.join(offline)}", f"{align} x {S} tokens", train_state + activations(align),
+                     len(offline) * train(cfg.align_steps * cfg.align_batch * n) / world))
+    for m in (m for m in methods if vcb.METHODS[m].online):  # one process: policy, reference, RM, PPO's critic
+        critic, R = vcb.METHODS[m].critic, cfg.online_prompts * cfg.online_k
+        mb = R // cfg.ppo_minibatches if critic else R
+        iteration = decode(R, R) + (4 if critic else 3) / 3 * train(R) + (2 * cfg.ppo_epochs if critic else 1) * train(R)
+        rows.append((f"align: {m}", f"{mb} x {S} tokens, {R} rollouts", (2 if critic else 1) * train_state + 8 * N +
+                     max((2 if critic else 1) * activations(mb), kv(R)), cfg.online_iters * iteration))
+    rows.append(("eval", f"{cfg.eval_batch} rows, 3 models", 3 * 4 * N + kv(cfg.eval_batch) + cfg.eval_batch * V * 4,
+                 (1 + len(methods)) * cfg.eval_samples * (decode(n_eval, cfg.eval_batch) + train(n_eval) / 2) / world))
+    return rows
+
+
+def duration(seconds):
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def print_estimates(rows, what, peak=989e12, mfu=0.4):
+    """estimates() as a table, with the whole run's peak memory and time; marked as estimates."""
+    print(f"\nestimated (not measured) for {what}, at {100 * mfu:.0f}% MFU of {peak / 1e12:.0f} TFLOP/s per GPU:")
     print("| stage | micro-batch | peak GPU memory | time |\n|---|---|---|---|")
-    for stage in ("sft", "rm", "sample", "align", "eval"):
-        batch = f"{rows[stage]} x {S} tokens" if stage in rows else ("256 rows, KV cache" if stage == "sample" else "64 rows, 3 models")
-        t = seconds[stage]
-        print(f"| {stage} | {batch} | {memory[stage] / 2 ** 30:.1f} GiB | {t / 60:.0f} min |" if t >= 120 else
-              f"| {stage} | {batch} | {memory[stage] / 2 ** 30:.1f} GiB | {t:.0f} s |")
+    for stage, batch, memory, seconds in rows:
+        print(f"| {stage} | {batch} | {memory / 2 ** 30:.1f} GiB | {duration(seconds)} |")
+    print(f"| all | | {max(r[2] for r in rows) / 2 ** 30:.1f} GiB | {duration(sum(r[3] for r in rows))} |")
+
+
+def preset_estimates(peak=None):
+    """The estimates of presets/gpt2-hh.json with GPT-2 small's shape."""
+    cfg = apply_options(Config(), read_options(PRESET), PRESET)
+    shape = GPTConfig(block_size=cfg.block_size, **GPT2_SMALL)
+    print_estimates(estimates(cfg, shape, peak=peak or 989e12), "presets/gpt2-hh.json with GPT-2 small", peak=peak or 989e12)
 
 
 if __name__ == "__main__":

@@ -25,26 +25,48 @@ CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_
 
 def from_pretrained(path, block_size=None, log=print, **overrides):
     """A GPT initialised from a GPT-2 checkpoint in the common `model.safetensors` layout (the
-    layout of the public GPT-2 releases), read from a local file: nothing is downloaded. The shape
-    comes from the config.json beside it (n_head cannot be read off the weights); without one,
-    n_head = n_embd / 64 as in the four OpenAI sizes, and log says so. What our GPT cannot
-    represent (another activation, LayerNorm epsilon or MLP width) is refused. Every key and
-    shape is checked. block_size crops the positions; overrides: other GPTConfig fields
-    (dropout, reward_head)."""
+    layout of the public GPT-2 releases), read from a local file: nothing is downloaded. Its shape and
+    every key are checked first (pretrained_config); block_size crops the positions; overrides: other
+    GPTConfig fields (dropout, reward_head)."""
     from safetensors.torch import load_file
+    config = GPTConfig(**{**pretrained_config(path, log), **overrides})
     try:
         sd_hf = load_file(str(path))
+    except Exception as e:  # a file that changed since its header was read
+        raise DataError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    model = GPT(config)
+    sd = model.state_dict()
+    with torch.no_grad():
+        for k, v in sd_hf.items():
+            k = k.removeprefix("transformer.")
+            if "transformer." + k in sd:
+                sd["transformer." + k].copy_(v.t() if k.endswith(CONV1D) else v)
+    if block_size is not None and block_size < model.config.block_size:
+        model.crop_block_size(block_size)
+    return model
+
+
+def pretrained_config(path, log=print):
+    """The GPTConfig fields of a GPT-2 checkpoint, from the header of its model.safetensors (the names,
+    shapes and types of its tensors, not their values: seconds for any size) and the config.json beside
+    it (n_head cannot be read off the weights; without one, n_head = n_embd / 64 as in the four OpenAI
+    sizes, and log says so). What our GPT cannot represent (another activation, LayerNorm epsilon or
+    MLP width) is refused; every key and shape is checked against our GPT's on the meta device."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), "pt") as f:
+            shapes = {k.removeprefix("transformer."): (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype())
+                      for k in f.keys()}
     except Exception as e:  # a missing, truncated or foreign file
         raise DataError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
-    sd_hf = {k.removeprefix("transformer."): v for k, v in sd_hf.items()
-             if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # causal-mask buffers, not weights
-    sd_hf.pop("lm_head.weight", None)  # tied to wte
+    shapes = {k: v for k, v in shapes.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # causal masks, not weights
+    shapes.pop("lm_head.weight", None)  # tied to wte
     for key in ("wte.weight", "wpe.weight", "h.0.attn.c_attn.weight"):
-        if key not in sd_hf:
-            raise DataError(f"{path}: no '{key}': not a GPT-2 checkpoint")
-    n_embd = sd_hf["wte.weight"].shape[1]
-    args = dict(block_size=sd_hf["wpe.weight"].shape[0], vocab_size=sd_hf["wte.weight"].shape[0],
-                n_layer=1 + max(int(m[1]) for k in sd_hf if (m := re.match(r"h\.(\d+)\.", k))),
+        if key not in shapes or len(shapes[key][0]) != 2:
+            raise DataError(f"{path}: no '{key}' matrix: not a GPT-2 checkpoint")
+    n_embd = shapes["wte.weight"][0][1]
+    args = dict(block_size=shapes["wpe.weight"][0][0], vocab_size=shapes["wte.weight"][0][0],
+                n_layer=1 + max(int(m[1]) for k in shapes if (m := re.match(r"h\.(\d+)\.", k))),
                 n_head=max(1, n_embd // 64), n_embd=n_embd, bias=True)  # GPT-2's heads are 64 wide
     config = read_gpt2_config(os.path.join(os.path.dirname(os.path.abspath(path)), "config.json"))
     if config is not None:
@@ -52,27 +74,19 @@ def from_pretrained(path, block_size=None, log=print, **overrides):
     else:
         log(f"{path}: no GPT-2 config.json beside it; n_head = n_embd / 64 = {args['n_head']} as in OpenAI's GPT-2 "
             f"sizes (a checkpoint with other heads needs its config.json)")
-    config = GPTConfig(**{**args, **overrides})
-    with torch.device("meta"):  # keys and shapes first, with no memory: the file may describe a huge model
-        sd = GPT(config).state_dict()
+    with torch.device("meta"):  # keys and shapes with no memory: the file may describe a huge model
+        sd = GPT(GPTConfig(**args)).state_dict()
     ours = {k for k in sd if not k.startswith(("lm_head.", "reward_head."))}
-    theirs = {"transformer." + k for k in sd_hf}
+    theirs = {"transformer." + k for k in shapes}
     if ours != theirs:
         raise DataError(f"{path}: keys differ from GPT-2's: missing {sorted(ours - theirs)[:3]}, "
                         f"unexpected {sorted(theirs - ours)[:3]}")
-    for k, v in sd_hf.items():
-        shape = v.t().shape if k.endswith(CONV1D) else v.shape  # GPT-2 stores these as Conv1D: (in, out)
-        if shape != sd["transformer." + k].shape or not v.is_floating_point():
-            raise DataError(f"{path}: {k} has shape {tuple(shape)}, expected {tuple(sd['transformer.' + k].shape)} "
-                            f"(and a floating-point tensor, this one is {v.dtype})")
-    model = GPT(config)
-    sd = model.state_dict()
-    with torch.no_grad():
-        for k, v in sd_hf.items():
-            sd["transformer." + k].copy_(v.t() if k.endswith(CONV1D) else v)
-    if block_size is not None and block_size < model.config.block_size:
-        model.crop_block_size(block_size)
-    return model
+    for k, (shape, dtype) in shapes.items():
+        shape = shape[::-1] if k.endswith(CONV1D) else shape  # GPT-2 stores these as Conv1D: (in, out)
+        if shape != tuple(sd["transformer." + k].shape) or not dtype.startswith(("F", "BF")):
+            raise DataError(f"{path}: {k} has shape {shape}, expected {tuple(sd['transformer.' + k].shape)} "
+                            f"(and a floating-point tensor, this one is {dtype})")
+    return args
 
 
 def read_gpt2_config(file):

@@ -4,15 +4,17 @@ tools/rehearse.py: the GPT-2 user's path, end to end, at GPT-2-small's size, wit
     python -m tools.rehearse                            # on a GPU: bfloat16 autocast, --compile=true
     python -m tools.rehearse --device=cpu --out=reh     # the same on a CPU (docs/gpu.md says how long it takes)
 
-What a user with GPT-2 weights and Anthropic HH does, each step run as that user runs it:
-  1. HH-RLHF files in their published format (train.jsonl.gz, test.jsonl.gz of "\\n\\nHuman: ...
-     \\n\\nAssistant: ..." transcripts), made from the built-in task's reviews;
-  2. the data stage with presets/gpt2-hh.json; the tokenizer is this project's BPE (GPT-2's own
-     needs tiktoken's cache, which an offline machine does not have);
-  3. a GPT-2-small-shaped checkpoint (12 layers x 768, 12 heads, 1024 positions; the tokenizer's
-     vocabulary; random weights) in the model.safetensors + config.json layout, as if downloaded;
-  4. every stage from it with the preset, a few steps each, methods vcb and dpo, under the dtype and
-     --compile of the options;
+What a user does after python -m tools.prepare gpt2 hh, each step run as that user runs it, on
+stand-ins of the fetched files written in --out in the very layout the fetch command writes:
+  1. hh-rlhf/helpful-base/train.jsonl.gz and test.jsonl.gz in HH-RLHF's published format ("\\n\\nHuman:
+     ...\\n\\nAssistant: ..." transcripts), made from the built-in task's reviews;
+  2. gpt2/vocab.bpe and encoder.json, a BPE trained on that text written in GPT-2's format (GPT-2's
+     own files are not here offline), and gpt2/model.safetensors + config.json, a GPT-2-small-shaped
+     checkpoint (12 layers x 768, 12 heads, 1024 positions; the tokenizer's vocabulary; random weights);
+  3. python train.py --preset=presets/gpt2-hh.json --plan, from --out, so that the preset's own paths
+     find the files;
+  4. every stage with the preset, a few steps each, methods vcb and dpo, under the dtype and --compile
+     of the options;
   5. python -m tools.gpt2 export of the VCB policy, read back by gpt2.from_pretrained: the same logits.
 Each step's time and the peak memory of the processes go into rehearsal.md in --out.
 """
@@ -37,10 +39,9 @@ from tools import gpt2
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
-FEW = ["--n_sft=256", "--n_prefs=128", "--n_align=8", "--n_eval=4", "--vocab_size=8192", "--max_new_tokens=16",
-       "--grad_accum=1", "--warmup_steps=1", "--sft_batch=8", "--rm_batch=8", "--align_batch=4", "--n_candidates=4",
-       "--sample_batch=8", "--eval_samples=1", "--eval_batch=16", "--log_interval=1", "--ckpt_interval=1000",
-       "--methods=vcb,dpo"]
+FEW = ["--n_sft=256", "--n_prefs=128", "--n_align=8", "--n_eval=4", "--max_new_tokens=16", "--grad_accum=1",
+       "--warmup_steps=1", "--sft_batch=8", "--rm_batch=8", "--align_batch=4", "--n_candidates=4", "--sample_batch=8",
+       "--eval_samples=1", "--eval_batch=16", "--log_interval=1", "--ckpt_interval=1000", "--methods=vcb,dpo"]
 
 
 @dataclass
@@ -54,7 +55,7 @@ class RehearseConfig:
 
 def write_hh(folder, n=300):
     """The built-in task's reviews as HH-RLHF transcripts: the chosen and the rejected response of a
-    preference pair after the same "Human:" turn; SFT reads the chosen ones."""
+    preference pair after the same "Human:" turn; SFT reads the chosen ones. Returns their text."""
     os.makedirs(folder, exist_ok=True)
     prefs = reviews.builtin_task(seed=0, n_sft=0, n_prefs=n, n_align=0, n_eval=0, n_ood=0)["prefs"]
     for split, part in (("train", prefs[:n - 40]), ("test", prefs[n - 40:])):
@@ -62,14 +63,23 @@ def write_hh(folder, n=300):
                              "rejected": f"\n\nHuman: {r['prompt']}\n\nAssistant:{r['rejected']}"}) for r in part]
         with atomic_path(os.path.join(folder, f"{split}.jsonl.gz")) as tmp, gzip.open(tmp, "wt", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")
+    return "\n".join(f"{r['prompt']}{r['chosen']}" for r in prefs)
+
+
+def write_gpt2(folder, text, vocab_size=8192):
+    """GPT-2's four files as python -m tools.prepare gpt2 writes them: a BPE trained on text in GPT-2's
+    tokenizer format, and random weights of GPT-2-small's shape with that vocabulary."""
+    enc = data.train_bpe(text, vocab_size)
+    data.write_gpt2_files(enc, folder)
+    torch.manual_seed(0)
+    gpt2.save_pretrained(GPT(GPTConfig(block_size=1024, vocab_size=enc.n_vocab, n_layer=12, n_head=12, n_embd=768)), folder)
 
 
 def main(argv):
     opts = parse_options(RehearseConfig(), argv, __doc__)
-    out, log = os.path.abspath(opts.out), []
-    run_dir, weights = os.path.join(out, "run"), os.path.join(out, "gpt2-small")
-    options = ["--preset=" + os.path.join(ROOT, "presets", "gpt2-hh.json"), f"--out_dir={run_dir}",
-               f"--data_dir={os.path.join(out, 'hh')}", "--tokenizer=bpe", f"--device={opts.device}", f"--dtype={opts.dtype}",
+    out, log, text = os.path.abspath(opts.out), [], []
+    run_dir = os.path.join(out, "out-hh")  # the preset's out_dir, below --out where the files are
+    options = ["--preset=" + os.path.join(ROOT, "presets", "gpt2-hh.json"), f"--device={opts.device}", f"--dtype={opts.dtype}",
                f"--compile={opts.compile}", f"--sft_steps={opts.steps}", f"--rm_steps={opts.steps}",
                f"--align_steps={opts.steps}", *FEW]
 
@@ -79,15 +89,10 @@ def main(argv):
         fn()
         log.append((name, time.time() - t0))
 
-    def train(*args):
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *options, *args], cwd=ROOT)
+    def train(*args):  # from --out, as a user runs it from the folder the fetch command filled
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *options, *args], cwd=out)
         if proc.returncode:
             raise ConfigError(f"train.py {' '.join(args)} failed (exit status {proc.returncode}); its output is above")
-
-    def checkpoint():  # random weights of GPT-2-small's shape and the tokenizer's vocabulary, as a download would be
-        torch.manual_seed(0)
-        vocab = data.load_tokenizer(os.path.join(run_dir, "tokenizer.json")).n_vocab
-        gpt2.save_pretrained(GPT(GPTConfig(block_size=1024, vocab_size=vocab, n_layer=12, n_head=12, n_embd=768)), weights)
 
     def export():
         proc = subprocess.run([sys.executable, "-m", "tools.gpt2", "export",
@@ -105,10 +110,10 @@ def main(argv):
             raise ConfigError(f"the exported policy's logits differ from the policy's by {diff:.2e}")
         log.append(("exported logits against the policy's (max |difference|)", diff))
 
-    step("HH-RLHF files", lambda: write_hh(os.path.join(out, "hh")))
-    step("data stage (tokenizer, files)", lambda: train("--stage=data"))
-    step("GPT-2-small-shaped checkpoint", checkpoint)
-    step("sft, rm, sample, align (vcb, dpo), eval", lambda: train(f"--init_from={os.path.join(weights, 'model.safetensors')}"))
+    step("HH-RLHF files (hh-rlhf/helpful-base)", lambda: text.append(write_hh(os.path.join(out, "hh-rlhf", "helpful-base"))))
+    step("GPT-2 files (gpt2/: tokenizer, GPT-2-small-shaped checkpoint)", lambda: write_gpt2(os.path.join(out, "gpt2"), text[0]))
+    step("plan", lambda: train("--plan"))
+    step("data, sft, rm, sample, align (vcb, dpo), eval", train)
     step("export and read back", export)
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # GiB (Linux reports KiB)
     device = torch.cuda.get_device_name() if opts.device != "cpu" and torch.cuda.is_available() else "CPU"
