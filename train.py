@@ -35,7 +35,7 @@ import vcb
 from experiments import report
 from machinery import records
 from machinery.config import STAGES, as_dict, method_list
-from machinery.files import DataError, write_json, write_jsonl, write_text
+from machinery.files import DataError, remove, write_json, write_jsonl, write_text
 from machinery.progress import Progress, finish_task
 from machinery.records import Task
 from machinery.runtime import (all_reduce, barrier, batch_indices, close, command, load_checkpoint, load_model, log, lr_at,
@@ -118,8 +118,8 @@ def stage_data(cfg, env, task):
         for name in data.TASK_FILES:
             if files.get(name):
                 write_jsonl(path(cfg, "data", f"{name}.jsonl"), files[name])
-            elif os.path.exists(path(cfg, "data", f"{name}.jsonl")):
-                os.remove(path(cfg, "data", f"{name}.jsonl"))
+            else:
+                remove(path(cfg, "data", f"{name}.jsonl"))
         data.save_tokenizer(enc, path(cfg, "tokenizer.json"))
         log(env, f"data: {', '.join(f'{len(files[n])} {n}' for n in data.TASK_FILES if files.get(n))}; "
                  f"tokenizer {enc.name} with {enc.n_vocab} tokens ({t_tok:.1f}s)")

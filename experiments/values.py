@@ -4,7 +4,6 @@ against DPO and SLiC at matched KL, on candidates scored by the reward model and
 on the built-in task and on its stakes variant (python -m experiments values).
 """
 import dataclasses
-import os
 
 import torch
 
@@ -15,7 +14,7 @@ from experiments.ablations import gold_candidates
 from experiments.harness import main_grid, need_gold, policy_grid, write_results
 from machinery import records
 from machinery.config import STAGES, as_dict, sweep_list
-from machinery.files import read_jsonl, write_json, write_text
+from machinery.files import make_folder, read_jsonl, write_json, write_text
 from machinery.runtime import path
 from tasks import reviews
 
@@ -32,7 +31,7 @@ def values(cfg, env):
     need_gold(cfg, "values")
     stakes = dataclasses.replace(cfg, out_dir=path(cfg, "ablations", "values", "stakes", "run"), stakes=True)
     if env.master:
-        os.makedirs(stakes.out_dir, exist_ok=True)
+        make_folder(stakes.out_dir)
         write_json(path(stakes, "config.json"), as_dict(stakes))
     for stage in STAGES[:STAGES.index("sample") + 1]:
         train.run_stage(stakes, env, stage)

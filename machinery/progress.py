@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from machinery import records
 from machinery.config import peek
-from machinery.files import DataError, field
+from machinery.files import DataError, field, remove
 from machinery.runtime import TrainingError, barrier, load_checkpoint, log, note_progress, path, save_checkpoint, save_model
 
 
@@ -150,6 +150,6 @@ class Progress:
 def finish_task(cfg, env, task, model, enc, **extra):
     """Write a trained model atomically, then drop its resumable checkpoint."""
     save_model(cfg, env, task.outputs[0], model, enc, **extra)
-    if env.master and os.path.exists(progress_file(cfg, task)):
-        os.remove(progress_file(cfg, task))
+    if env.master:
+        remove(progress_file(cfg, task))
     barrier(env)

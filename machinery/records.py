@@ -20,7 +20,7 @@ import stat
 from dataclasses import dataclass
 
 from machinery.config import FIELDS, STAGES, ConfigError, note_reads, peek, reading
-from machinery.files import DataError, finite, parse_json, read_json, text_lines, write_json, write_jsonl
+from machinery.files import DataError, finite, make_folder, parse_json, read_json, text_lines, write_json, write_jsonl, writing
 from machinery.runtime import barrier, log, note_progress, path
 
 
@@ -28,9 +28,12 @@ from machinery.runtime import barrier, log, note_progress, path
 def locked(file):
     """An exclusive lock on file + '.lock' for the block: several processes (the experiments' workers)
     may read, change and write the same small file."""
-    os.makedirs(os.path.dirname(os.path.abspath(file)), exist_ok=True)
-    with open(f"{file}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    make_folder(os.path.dirname(os.path.abspath(file)))
+    with writing(f"{file}.lock"):
+        lock = open(f"{file}.lock", "w")
+    with lock:
+        with writing(f"{file}.lock", "lock"):
+            fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 
 
@@ -248,5 +251,7 @@ def curves_from(file, task, step):
 
 
 def curves_append(file, *rows):
-    with locked(file), open(file, "a", encoding="utf-8") as f:
+    """Rows appended to a curves file. A full disk may cut the last line short: read_curves skips it,
+    and the task that resumes rewrites the file without it (curves_from)."""
+    with locked(file), writing(file), open(file, "a", encoding="utf-8") as f:
         f.write("".join(json.dumps(finite(r), allow_nan=False) + "\n" for r in rows))

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 import data
 from machinery.config import RANGES, ConfigError, as_dict, check_launch, parse_args
-from machinery.files import DataError, atomic_path, field, one_line, write_json
+from machinery.files import REFUSALS, DataError, atomic_path, field, make_folder, one_line, refusal, write_json
 from model import GPT, GPTConfig
 
 
@@ -57,6 +57,11 @@ def command(main):
         print(f"\ninterrupted{during}: finished stages are kept, and training resumes from its last checkpoint "
               f"(every --ckpt_interval steps): run the same command again to go on", file=sys.stderr)
         sys.exit(130)
+    except OSError as e:  # the file system's refusal where no writer named the path (files.writing names it where one did)
+        if e.errno not in REFUSALS:
+            raise
+        print(f"error: {refusal(e.filename or 'a file of the run', e, 'use')}", file=sys.stderr)
+        sys.exit(2)
 
 
 # -----------------------------------------------------------------------------
@@ -110,10 +115,7 @@ def start(argv, doc="", check=None):
     check_launch(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     if check is not None:
         check(cfg)
-    try:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"--out_dir={cfg.out_dir}: cannot create it ({e.strerror})") from None
+    make_folder(cfg.out_dir)
     env = setup(cfg)
     if env.master:
         print("config: " + ", ".join(f"{k}={v}" for k, v in as_dict(cfg).items()))
@@ -207,8 +209,11 @@ def path(cfg, *parts):
 
 
 def save_checkpoint(file, payload):
-    with atomic_path(file) as tmp:
-        torch.save(payload, tmp)
+    """torch.save through a Python file object: given a path, torch writes in C++ and a full disk
+    comes back as "[enforce fail at inline_container.cc] unexpected pos"; through a file object it is
+    the OSError itself, which files.writing turns into one line naming the file."""
+    with atomic_path(file) as tmp, open(tmp, "wb") as f:
+        torch.save(payload, f)
 
 
 def load_checkpoint(file):
