@@ -33,7 +33,7 @@ import packing
 import ppo
 import vcb
 from experiments import report
-from machinery import records
+from machinery import processes, records
 from machinery.config import STAGES, as_dict, method_list
 from machinery.files import DataError, remove, write_json, write_jsonl, write_text
 from machinery.progress import Progress, finish_task
@@ -390,8 +390,16 @@ def run_stage(cfg, env, stage):
 
 def main(argv, then=None, doc=__doc__, check=None):
     """The stages (--stage, default all), each task skipped when up to date, then `then(cfg, env)`
-    if given (the experiments); check(cfg): what `then` needs of the options, checked before anything runs."""
+    if given (the experiments); check(cfg): what `then` needs of the options, checked before anything
+    runs. The run holds --out_dir until it ends: a second run into it is refused (machinery/processes.py)."""
     cfg, env = start(argv, doc, check)
+    try:
+        run_all(cfg, env, then)
+    finally:
+        processes.release(cfg.out_dir)
+
+
+def run_all(cfg, env, then):
     t0, times = time.time(), []
     for stage in STAGES if cfg.stage == "all" else [cfg.stage]:
         if env.device_type == "cuda":

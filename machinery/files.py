@@ -106,7 +106,7 @@ def atomic_path(path):
     """Yields a temporary path beside `path`; renamed onto `path` only if the block succeeds. The
     file system's refusals, in the block or in the rename, are one WriteError naming path; the
     temporary is removed (a process killed before that leaves it, and the next run in the folder
-    removes it)."""
+    removes it: processes.claim)."""
     path = str(path)
     tmp = f"{path}.tmp{os.getpid()}"
     with writing(path):

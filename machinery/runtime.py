@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 import data
 from machinery.config import RANGES, ConfigError, as_dict, check_launch, parse_args
+from machinery import processes
 from machinery.files import REFUSALS, DataError, atomic_path, field, make_folder, one_line, refusal, write_json
 from model import GPT, GPTConfig
 
@@ -110,17 +111,28 @@ def setup(cfg):
 
 def start(argv, doc="", check=None):
     """Options, devices and processes of a run, every check of the options before anything runs
-    (check(cfg): the caller's own); prints and saves the config."""
+    (check(cfg): the caller's own); prints and saves the config. The run holds its --out_dir from
+    here until processes.release(cfg.out_dir) (train.main) or its end: a second run into the same
+    folder is refused at once (machinery/processes.py)."""
     cfg = parse_args(argv, doc)
     check_launch(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     if check is not None:
         check(cfg)
     make_folder(cfg.out_dir)
-    env = setup(cfg)
-    if env.master:
-        print("config: " + ", ".join(f"{k}={v}" for k, v in as_dict(cfg).items()))
-        write_json(path(cfg, "config.json"), as_dict(cfg))
-        print(f"device: {env.device} ({str(env.dtype).removeprefix('torch.')}), processes: {env.world}")
+    if int(os.environ.get("RANK", "0")) == 0:  # the other processes of a torchrun group are this run's own
+        holder = processes.claim(cfg.out_dir)
+        if holder is not None:
+            raise ConfigError(f"--out_dir={cfg.out_dir} is in use by another run ({holder}): wait for it to end, or use "
+                              f"another --out_dir")
+    try:
+        env = setup(cfg)
+        if env.master:
+            print("config: " + ", ".join(f"{k}={v}" for k, v in as_dict(cfg).items()))
+            write_json(path(cfg, "config.json"), as_dict(cfg))
+            print(f"device: {env.device} ({str(env.dtype).removeprefix('torch.')}), processes: {env.world}")
+    except BaseException:
+        processes.release(cfg.out_dir)
+        raise
     return cfg, env
 
 
