@@ -10,6 +10,7 @@ into a folder of its own. The experiments are in experiments/__main__.py (python
 import dataclasses
 import os
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import get_context
 
@@ -19,11 +20,11 @@ import evaluate
 import train
 from evaluate import BASELINE, SFT
 from experiments import report
-from machinery import records
+from machinery import processes, records
 from machinery.config import METHODS, Config, ConfigError, as_dict, method_list, sweep_list
 from machinery.files import write_json, write_text
 from machinery.records import file_hash
-from machinery.runtime import log, path, setup
+from machinery.runtime import TrainingError, log, path, setup
 from vcb import METHODS as REGISTRY
 
 
@@ -84,15 +85,30 @@ def run_jobs(cfg, env, jobs, score=True):
     """Every job's scored samples (score=False: only train), in order. With --jobs > 1 (auto on a CPU:
     one per core) they run in worker processes of cores / workers threads each: a small model keeps
     two threads only partly busy, so independent policies side by side use the cores better. Under
-    torchrun they run in turn."""
+    torchrun they run in turn. The workers die with this process, whatever kills it (worker_init); a
+    worker that dies is one line, and what it finished is kept."""
     workers = min(cfg.jobs or (1 if env.device_type == "cuda" else os.cpu_count() or 1), len(jobs))
     if workers <= 1 or env.world > 1:
         worker_context(cfg, env)
         return [run_job(job, score) for job in jobs]
     log(env, f"{len(jobs)} jobs on {workers} worker processes")
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=torch.set_num_threads,
-                             initargs=(max(1, torch.get_num_threads() // workers),)) as pool:
-        return list(pool.map(run_job, jobs, [score] * len(jobs)))
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=worker_init,
+                             initargs=(os.getpid(), max(1, torch.get_num_threads() // workers))) as pool:
+        try:
+            return list(pool.map(run_job, jobs, [score] * len(jobs)))
+        except BrokenProcessPool:
+            raise TrainingError("a worker process of the experiment died (killed, perhaps by the system for lack of memory): "
+                                "the policies it finished are kept; run the same command again to go on") from None
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # the jobs not started yet are dropped, not waited for
+            raise
+
+
+def worker_init(parent, threads):
+    """First thing in a worker process: die with the parent, whatever kills it (processes.lifeline),
+    and take a share of the cores."""
+    processes.lifeline(parent)
+    torch.set_num_threads(threads)
 
 
 # -----------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """
-machinery/processes.py: the processes of a run: one run per output folder at a time.
+machinery/processes.py: the processes of a run. One run per output folder at a time, and worker
+processes that never outlive the process that started them.
 
 - claim, release: a run holds its --out_dir for as long as it runs, with a lock that the kernel drops
   when the process ends, however it ends (kill -9 included): a second run into the same folder is
@@ -8,9 +9,19 @@ machinery/processes.py: the processes of a run: one run per output folder at a t
   sets of options. Making them safe together would mean waiting on each other task by task, for a
   case that is nearly always a command started twice, so the second is refused instead. The
   experiments' worker processes are the holder's children and take no lock of their own.
+- lifeline: called first in a worker process, it makes the worker die with its parent: the kernel's
+  parent-death signal on Linux, and a watchdog thread everywhere (it sees the parent gone when the
+  worker is handed to another parent). Without it, a parent killed alone (the out-of-memory killer
+  picks the largest process) leaves its workers blocked on a pipe, holding their memory.
+
+Standard library only: a worker imports this module before anything else it needs.
 """
+import ctypes
 import os
+import signal
 import socket
+import sys
+import threading
 import time
 
 from machinery.files import TEMPORARY, refusal, writing
@@ -88,3 +99,32 @@ def alive(pid):
     except OSError:  # another user's process
         return True
     return True
+
+
+# -----------------------------------------------------------------------------
+# workers that die with their parent
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def lifeline(parent):
+    """Make this worker process die when `parent` (the pid that started it) does, whatever killed it.
+    On Linux the kernel sends SIGKILL at the parent's death (prctl PR_SET_PDEATHSIG); it would not if
+    the parent died before the call, so the parent is checked after it; and a watchdog thread, for
+    other systems, exits once the worker has another parent."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # no prctl: the watchdog alone
+    if os.getppid() != parent:
+        os._exit(1)
+    threading.Thread(target=watchdog, args=(parent,), daemon=True, name="lifeline").start()
+
+
+def watchdog(parent, every=1.0):
+    while True:
+        time.sleep(every)
+        if os.getppid() != parent:  # orphaned: handed to init or a subreaper
+            os._exit(1)
