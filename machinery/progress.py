@@ -50,7 +50,11 @@ class Progress:
         cfg, env, task, file = self.cfg, self.env, self.task, progress_file(self.cfg, self.task)
         if not os.path.exists(file):
             return 0, {}
-        ck = load_checkpoint(file)
+        try:
+            ck = load_checkpoint(file)
+        except DataError:  # torch's words ("failed finding central directory") would not say what to do
+            raise DataError(f"{file}: a resumable checkpoint of {task.name} that cannot be read (cut short or damaged): "
+                            f"delete it to start the task over") from None
         if not records.same_settings(cfg, env, task, ck.get("settings")):
             log(env, f"{task.name}: {file} was made with other settings; starting over")
             return 0, {}

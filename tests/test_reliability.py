@@ -14,7 +14,7 @@ import torch
 import data
 import train
 from conftest import ROOT, TINY, run, run_train, write_lines
-from machinery import config, files, records, runtime
+from machinery import config, files, progress, records, runtime
 from model import GPT, GPTConfig
 
 
@@ -158,6 +158,18 @@ def test_a_truncated_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "sft.pt").write_bytes(blob[:len(blob) // 2])
     with pytest.raises(files.DataError, match="sft.pt: not a readable checkpoint"):
         runtime.load_checkpoint(tmp_path / "sft.pt")
+
+
+def test_a_resumable_checkpoint_cut_short_names_the_file_and_says_to_delete_it(tmp_path):
+    torch.save({"model": {"w": torch.ones(1000)}}, tmp_path / "sft.ckpt.pt")
+    blob = (tmp_path / "sft.ckpt.pt").read_bytes()
+    (tmp_path / "sft.ckpt.pt").write_bytes(blob[:len(blob) // 2])
+    cfg = config.parse_args([f"--out_dir={tmp_path}", "--device=cpu"])
+    task = records.Task("sft", "sft", [], [str(tmp_path / "sft.pt")])
+    with pytest.raises(files.DataError) as e:
+        progress.Progress(cfg, runtime.setup(cfg), task, {"model": torch.nn.Linear(2, 2)}, 10)
+    assert str(e.value) == (f"{tmp_path / 'sft.ckpt.pt'}: a resumable checkpoint of sft that cannot be read (cut short or "
+                            f"damaged): delete it to start the task over")
 
 
 # ---- interrupted runs lose nothing
