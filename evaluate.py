@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 import data
 import packing
-from machinery.records import fingerprints, kept
+from machinery.records import check_inputs, fingerprints, kept
 from machinery.runtime import TrainingError, gather, load_model, log, path
 from tasks import reviews
 
@@ -118,9 +118,11 @@ def score_policy(cfg, env, enc, name, file, seed, refs):
     """One policy's samples on each prompt set at temperature 1 with no top-k/top-p (samples from pi
     itself, which the KL estimate needs), scored by the gold reward, the RM and both log-probs.
     They are kept beside the policy (<policy>.seed<seed>.scored.json) and read back while the policy,
-    the models and prompts that judge it and the options they were made with are the same."""
+    the models and prompts that judge it and the options they were made with are the same; each of
+    those files must be what the task that wrote it recorded (records.check_inputs)."""
     judges = [file, path(cfg, "sft.pt"), path(cfg, "rm.pt"), path(cfg, "tokenizer.json"),
               path(cfg, "data", "eval_prompts.jsonl"), path(cfg, "data", "ood_prompts.jsonl")]
+    check_inputs(cfg, judges)  # each the file its task wrote: an experiment scores policies (and snapshots) outside any task
     key = {"seed": seed, "inputs": fingerprints(cfg, judges)}
 
     def sample():

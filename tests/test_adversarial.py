@@ -70,8 +70,7 @@ def test_a_checkpoint_made_with_another_tokenizer_of_the_same_size_is_refused(ti
     other = data.train_bpe(" ".join(r["response"] for r in reviews.builtin_task(seed=7, n_sft=300)["sft"]), 300)
     assert other.n_vocab == 300 and other._mergeable_ranks != data.load_tokenizer(tiny_copy / "tokenizer.json")._mergeable_ranks
     data.save_tokenizer(other, tiny_copy / "tokenizer.json")
-    with pytest.raises(config.ConfigError, match=r"sft outputs in .* \(sft.pt\) were made from other inputs "
-                                                 r"\(tokenizer.json has changed since\): run --stage=sft first"):
+    with pytest.raises(files.DataError, match=r"tokenizer.json: changed since the data task wrote it .*: run --stage=data again"):
         run(tiny_copy, "--stage=rm")
     (tiny_copy / "stages.json").unlink()  # without the records, the checkpoint itself says which tokenizer it needs
     with pytest.raises(files.DataError, match="sft.pt: made with another tokenizer than .*tokenizer.json"):

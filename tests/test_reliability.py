@@ -103,6 +103,33 @@ def test_command_line_errors_are_one_line_without_traceback(tmp_path):
         assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
 
 
+# ---- inputs changed since the stage that wrote them
+
+def flip_weight_bytes(file):
+    """A few bytes of a checkpoint's weights flipped in place: torch.load still reads it, with other weights."""
+    blob = bytearray(file.read_bytes())
+    weights = runtime.load_checkpoint(file)["model"]["transformer.h.0.mlp.c_fc.weight"]
+    at = bytes(blob).find(weights.numpy().tobytes()[:64])
+    assert at > 0
+    for k in range(8):
+        blob[at + 16 + k] ^= 0x10
+    file.write_bytes(bytes(blob))
+    assert not torch.equal(runtime.load_checkpoint(file)["model"]["transformer.h.0.mlp.c_fc.weight"], weights)
+
+
+@pytest.mark.parametrize("change,stage,file", [
+    (lambda out: write_lines(out / "candidates.jsonl", (out / "candidates.jsonl").read_text().splitlines()[:6]),
+     "align", "candidates.jsonl"),                                              # cut to half its lines
+    (lambda out: flip_weight_bytes(out / "sft.pt"), "align", "sft.pt"),           # still loads, other weights
+    (lambda out: shutil.copy(out / "policy_dpo.pt", out / "policy_vcb.pt"), "eval", "policy_vcb.pt"),  # one policy over another
+])
+def test_a_stage_run_alone_refuses_an_input_changed_since_it_was_written(tiny_copy, change, stage, file):
+    change(tiny_copy)
+    with pytest.raises(files.DataError) as e:
+        run(tiny_copy, f"--stage={stage}", "--methods=vcb,dpo")
+    assert str(e.value).startswith(f"{tiny_copy / file}: changed since the ") and "run --stage=" in str(e.value)
+
+
 # ---- checkpoints and tokenizer files from elsewhere
 
 @pytest.mark.slow
