@@ -92,8 +92,7 @@ def run_jobs(cfg, env, jobs, score=True):
         worker_context(cfg, env)
         return [run_job(job, score) for job in jobs]
     log(env, f"{len(jobs)} jobs on {workers} worker processes")
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=worker_init,
-                             initargs=(os.getpid(), max(1, torch.get_num_threads() // workers))) as pool:
+    with worker_pool(workers) as pool:
         try:
             return list(pool.map(run_job, jobs, [score] * len(jobs)))
         except BrokenProcessPool:
@@ -102,6 +101,13 @@ def run_jobs(cfg, env, jobs, score=True):
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)  # the jobs not started yet are dropped, not waited for
             raise
+
+
+def worker_pool(workers):
+    """The worker processes, started afresh (spawn: a forked copy of a process with threads can hang),
+    each with cores / workers threads; they die with this process (worker_init)."""
+    return ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=worker_init,
+                               initargs=(os.getpid(), max(1, torch.get_num_threads() // workers)))
 
 
 def worker_init(parent, threads):
