@@ -11,6 +11,7 @@ tools/faults.py: faults for the crash-consistency harness (tools/crashtest.py) t
 """
 import builtins
 import errno
+import io
 import json
 import os
 import signal
@@ -78,35 +79,48 @@ class Disk:
 
     def mock(self):
         """In the command's process, where no tmpfs could be mounted: once fail() has been called, a
-        write under root (opening for writing, creating a folder; renaming and removing too when
-        read-only) raises the OSError of a full or read-only disk."""
+        write under root fails as the kernel's would. Read-only: opening for writing, creating,
+        renaming and removing raise EROFS naming the path. Full: a file opens, and its first write
+        raises ENOSPC naming no path, as write(2) does (so only its writer can say which file);
+        creating a folder raises it too."""
         real = dict(open=builtins.open, os_open=os.open, mkdir=os.mkdir, replace=os.replace, rename=os.rename,
                     remove=os.remove, unlink=os.unlink)
 
-        def refused(path, always=True):
-            inside = isinstance(path, (str, os.PathLike)) and os.path.abspath(path).startswith(self.root + os.sep)
-            if inside and self.mode and (always or self.mode == "readonly"):
+        def inside(path):
+            return self.mode and isinstance(path, (str, os.PathLike)) and os.path.abspath(path).startswith(self.root + os.sep)
+
+        def refused(path, modes=("full", "readonly")):
+            if inside(path) and self.mode in modes:
                 code = errno.ENOSPC if self.mode == "full" else errno.EROFS
                 raise OSError(code, os.strerror(code), str(path))
 
-        def opener(file, mode="r", *args, **kwargs):
-            if any(c in mode for c in "wax+"):
-                refused(file)
-            return real["open"](file, mode, *args, **kwargs)
+        class Full(io.FileIO):
+            def write(self, data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def opener(file, mode="r", buffering=-1, encoding=None, errors=None, newline=None, closefd=True, opener=None):
+            if not any(c in mode for c in "wax+"):
+                return real["open"](file, mode, buffering, encoding, errors, newline, closefd, opener)
+            refused(file, ("readonly",))
+            if not inside(file):
+                return real["open"](file, mode, buffering, encoding, errors, newline, closefd, opener)
+            raw = Full(file, mode.replace("b", "").replace("t", ""))
+            binary = io.BufferedWriter(raw)
+            return binary if "b" in mode else io.TextIOWrapper(binary, encoding or "utf-8", errors, newline)
 
         def os_open(path, flags, *args, **kwargs):
             if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC) or flags & os.O_CREAT and not os.path.exists(path):
-                refused(path)
+                refused(path, ("readonly",))
             return real["os_open"](path, flags, *args, **kwargs)
 
-        def guard(name, always):
+        def guard(name, modes):
             def call(path, *args, **kwargs):
-                refused(path, always)
+                refused(path, modes)
                 return real[name](path, *args, **kwargs)
             return call
 
-        builtins.open, os.open, os.mkdir = opener, os_open, guard("mkdir", True)
-        os.replace, os.rename, os.remove, os.unlink = (guard(n, False) for n in ("replace", "rename", "remove", "unlink"))
+        builtins.open, os.open, os.mkdir = opener, os_open, guard("mkdir", ("full", "readonly"))
+        os.replace, os.rename, os.remove, os.unlink = (guard(n, ("readonly",)) for n in ("replace", "rename", "remove", "unlink"))
 
 
 # -----------------------------------------------------------------------------
