@@ -5,6 +5,8 @@ writes, which is what runs where it does not), inputs changed between stages, a 
 workers, two runs in one folder. Each case ends in the exact result of an uninterrupted run or in one
 clear line with exit status 2 (docs/guarantees.md, "Faults"). The draws are seeded: CI sees the same
 ones every run. Every command runs in a forked copy of the test process, so the cases cost seconds."""
+import builtins
+import errno
 import os
 import random
 import signal
@@ -14,7 +16,9 @@ import time
 
 import pytest
 
+import train
 from conftest import ROOT
+from machinery import runtime
 from tools import crashtest, faults
 
 SEED = 3  # of the fast part's draws; python -m tools.crashtest draws new ones
@@ -47,6 +51,30 @@ def test_kill_points_and_a_failing_disk_in_every_stage_and_the_sweep(reference, 
     assert not any("not reached" in line for line in lines), report  # every fault struck inside its stage
     assert any("Read-only file system" in line for line in lines) and any("No space left" in line or "killed" in line
                                                                            for line in lines), report
+
+
+@pytest.mark.parametrize("code,says", [(errno.ENOSPC, "the device is full"), (errno.EDQUOT, "disk quota"),
+                                       (errno.EROFS, "read-only"), (errno.EACCES, "permission denied"),
+                                       (errno.EPERM, "permission denied"), (errno.ENOTDIR, "a file is in the way"),
+                                       (errno.EIO, "input/output error")])
+def test_every_refusal_of_the_file_system_is_one_line_naming_the_path_and_what_to_do(tmp_path, monkeypatch, capsys, code, says):
+    """Whatever refuses a write (here the first file the data stage writes: as root, a folder cannot
+    be made unwritable, so the refusal is mocked), the command ends with one line and exit status 2."""
+    out, real_open = tmp_path / "out", builtins.open
+
+    def refusing(file, mode="r", *args, **kwargs):
+        if "data" in str(file) and any(c in mode for c in "wa"):
+            raise OSError(code, os.strerror(code))  # as write(2) says it: no path
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing)
+    monkeypatch.setattr(sys, "argv", ["train.py", f"--out_dir={out}", *crashtest.TINY, "--stage=data"])
+    with pytest.raises(SystemExit) as e:
+        runtime.command(train.main)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith(f"error: {out / 'data'}") and says in err and err.endswith("then run the same command again")
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]  # nothing half-written
 
 
 @pytest.mark.parametrize("name", list(crashtest.CHANGES))
