@@ -29,7 +29,7 @@ def locked(file):
     """An exclusive lock on file + '.lock' for the block: several processes (the experiments' workers)
     may read, change and write the same small file."""
     make_folder(os.path.dirname(os.path.abspath(file)))
-    with writing(f"{file}.lock"):  # read-only: flock needs no more, and a file open for writing would keep the disk from turning read-only
+    with writing(f"{file}.lock"):  # read-only: flock needs no more (a file open for writing keeps a disk from turning read-only)
         lock = os.fdopen(os.open(f"{file}.lock", os.O_RDONLY | os.O_CREAT, 0o644))
     with lock:
         with writing(f"{file}.lock", "lock"):

@@ -20,8 +20,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from machinery.config import RANGES, ConfigError, as_dict, check_launch, parse_args
 from machinery import processes
+from machinery.config import RANGES, ConfigError, as_dict, check_launch, parse_args
 from machinery.files import REFUSALS, DataError, atomic_path, field, make_folder, one_line, refusal, write_json
 from model import GPT, GPTConfig
 
