@@ -72,6 +72,7 @@ def test_prompt_longer_than_the_context_is_cut_from_the_left_and_counted(jsonl_d
     (lambda r: {**r, "rewards": ["high"] * 3}, "candidates.jsonl:2: field 'rewards[0]' should be float, got str"),
 ])
 def test_bad_candidate_sets_are_refused(tiny_copy, edit, message):
+    (tiny_copy / "stages.json").unlink()  # candidates from elsewhere: without the records, the file itself is checked
     records = files.read_jsonl(tiny_copy / "candidates.jsonl")
     records[1] = edit(records[1])
     (tiny_copy / "candidates.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))  # NaN as JSON's NaN
@@ -84,6 +85,7 @@ def test_bad_candidate_sets_are_refused(tiny_copy, edit, message):
 
 @pytest.mark.slow
 def test_a_prompt_whose_candidates_tie_is_skipped_and_counted(tiny_copy, capsys):
+    (tiny_copy / "stages.json").unlink()  # candidates from elsewhere: without the records, the file itself is checked
     records = files.read_jsonl(tiny_copy / "candidates.jsonl")
     records[0]["rewards"] = [0.5] * 3
     files.write_jsonl(tiny_copy / "candidates.jsonl", records)
