@@ -3,7 +3,7 @@ tools/crashtest.py: the crash-consistency harness. Faults drawn at random meet t
 sweep at a tiny size, and every case must end in the exact result of an uninterrupted run, or in one
 clear line with exit status 2: never a traceback, never a wrong result with exit status 0.
 
-    python -m tools.crashtest                      # 6 chains and every other case, drawn anew (minutes on 2 cores)
+    python -m tools.crashtest                      # 6 chains and every other case, drawn anew (1 to 3 minutes, 2 cores)
     python -m tools.crashtest --chains=2 --seed=7  # fewer chains, the same draws as another run with --seed=7
 
 The cases (docs/guarantees.md, "Faults"):
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from machinery import records, runtime
-from machinery.config import STAGES, parse_options
+from machinery.config import STAGES, ConfigError, parse_options
 from machinery.files import read_json, write_json
 from machinery.records import read_curves
 from tools.faults import Disk, Fault, command, one_line_error, warm
@@ -47,6 +47,7 @@ TINY = ["--device=cpu", "--n_sft=200", "--n_prefs=64", "--n_align=12", "--n_eval
         "--online_iters=2", "--online_prompts=4", "--online_k=2", "--methods=vcb,dpo,ppo",
         "--sweep_betas=0.5", "--sweep_seeds=0", "--sweep_online_betas=0.5", "--jobs=1"]  # an offline pair and an online method
 SWEEP = ("experiments", "sweep")  # the command every chain runs: the stages, then the sweep
+MARK = ".crashtest"  # in a work folder this command made: only such a folder is emptied
 
 
 # -----------------------------------------------------------------------------
@@ -274,15 +275,28 @@ def dead_parent(ref, work, delay):
 class CrashConfig:
     chains: int = 6                  # chains of faults, each through every stage and the sweep
     seed: int = 0                    # of the draws (0: one from the clock, printed, to draw the same again)
-    work: str = "crashtest"          # folder for the runs (emptied first)
+    work: str = "crashtest"          # folder for the runs (emptied first, if this command made it)
     mock: bool = False               # mock the write calls even where a tmpfs could be mounted
+
+
+def empty_work_folder(work):
+    """work emptied for this run, if it is one this command made (it holds MARK) or new; a disk a
+    killed run left mounted there is unmounted first."""
+    if os.path.isdir(work) and os.listdir(work) and not os.path.exists(os.path.join(work, MARK)):
+        raise ConfigError(f"--work={work}: a folder this command did not make; it empties its folder first, so name another")
+    with open("/proc/mounts") if os.path.exists("/proc/mounts") else open(os.devnull) as mounts:
+        for point in [line.split()[1] for line in mounts if line.split()[1].startswith(work + os.sep)]:
+            subprocess.run(["umount", "-l", point], capture_output=True)
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    open(os.path.join(work, MARK), "w").close()
 
 
 def main(argv):
     opts = parse_options(CrashConfig(), argv, __doc__)
     seed = opts.seed or int(time.time()) % 100_000 + 1
     rng, work = random.Random(seed), os.path.abspath(opts.work)
-    shutil.rmtree(work, ignore_errors=True)
+    empty_work_folder(work)
     warm()
     t0 = time.time()
     ref = reference(work)
