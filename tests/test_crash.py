@@ -22,6 +22,7 @@ from machinery import runtime
 from tools import crashtest, faults
 
 SEED = 3  # of the fast part's draws; python -m tools.crashtest draws new ones
+PROC = pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds a session's processes in /proc (Linux)")
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +102,7 @@ def test_a_second_run_into_a_folder_in_use_is_refused_at_once_and_a_killed_holde
     assert again.code == 0, again.err[-2000:]
 
 
+@PROC
 def test_a_dead_parent_takes_its_workers_with_it(tmp_path):
     """The experiments' worker pool (harness.worker_pool) in a parent that is then killed alone, as the
     out-of-memory killer does: the workers and everything else it started end with it."""
@@ -125,6 +127,7 @@ def test_a_dead_parent_takes_its_workers_with_it(tmp_path):
     assert not left, f"{len(left)} processes outlived their parent"
 
 
+@PROC
 @pytest.mark.slow
 def test_a_sweep_whose_parent_is_killed_while_its_workers_train_leaves_no_process_and_resumes_exact(reference, tmp_path):
     ok, line = crashtest.dead_parent(reference, str(tmp_path), delay=1.0)
