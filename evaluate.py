@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 import data
 import packing
-from machinery.records import fingerprints, kept
+from machinery.records import check_inputs, fingerprints, kept
 from machinery.runtime import TrainingError, gather, load_model, log, path
 from tasks import reviews
 
@@ -122,9 +122,12 @@ def score_policy(cfg, env, enc, name, file, seed, refs, sets=("eval", "ood")):
     (samples from pi itself, which the KL estimate needs), scored by the gold reward, the RM and both
     log-probs. They are kept beside the policy (<policy>.seed<seed>.scored.json; the validation
     prompts' in <policy>.seed<seed>.val.scored.json) and read back while the policy, the models and
-    prompts that judge it and the options they were made with are the same."""
+    prompts that judge it and the options they were made with are the same; each of those files must
+    be what the task that wrote it recorded (records.check_inputs)."""
     judges = [file, path(cfg, "sft.pt"), path(cfg, "rm.pt"), path(cfg, "tokenizer.json")]
-    key = {"seed": seed, "inputs": fingerprints(cfg, judges + [path(cfg, "data", f"{PROMPT_SETS[s]}.jsonl") for s in sets])}
+    judges += [path(cfg, "data", f"{PROMPT_SETS[s]}.jsonl") for s in sets]
+    check_inputs(cfg, judges)  # each the file its task wrote: an experiment scores policies (and snapshots) outside any task
+    key = {"seed": seed, "inputs": fingerprints(cfg, judges)}
 
     def sample():
         pi = refs["sft"] if file == path(cfg, "sft.pt") else load_model(file, env, enc, cfg).eval()

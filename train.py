@@ -34,9 +34,9 @@ import packing
 import ppo
 import vcb
 from experiments import report
-from machinery import records
+from machinery import processes, records
 from machinery.config import STAGES, as_dict, method_list
-from machinery.files import DataError, write_json, write_jsonl, write_text
+from machinery.files import DataError, remove, write_json, write_jsonl, write_text
 from machinery.progress import Progress, finish_task
 from machinery.records import Task
 from machinery.runtime import (all_reduce, barrier, batch_indices, close, command, load_checkpoint, load_model, log, lr_at,
@@ -119,8 +119,8 @@ def stage_data(cfg, env, task):
         for name in data.TASK_FILES:
             if files.get(name):
                 write_jsonl(path(cfg, "data", f"{name}.jsonl"), files[name])
-            elif os.path.exists(path(cfg, "data", f"{name}.jsonl")):
-                os.remove(path(cfg, "data", f"{name}.jsonl"))
+            else:
+                remove(path(cfg, "data", f"{name}.jsonl"))
         data.save_tokenizer(enc, path(cfg, "tokenizer.json"))
         log(env, f"data: {', '.join(f'{len(files[n])} {n}' for n in data.TASK_FILES if files.get(n))}; "
                  f"tokenizer {enc.name} with {enc.n_vocab} tokens ({t_tok:.1f}s)")
@@ -399,24 +399,30 @@ def run_stage(cfg, env, stage):
         records.run(cfg, env, task, lambda: run(cfg, env, task))
 
 
-def main(argv, then=None, doc=__doc__, check=None, stages=None):
-    """The stages (--stage, default all; stages: the caller's own), each task skipped when up to date,
-    then `then(cfg, env)` if given (the experiments); check(cfg): what `then` needs of the options,
-    checked before anything runs."""
+def main(argv, then=None, doc=__doc__, check=None):
+    """The stages (--stage, default all), each task skipped when up to date, then `then(cfg, env)` if
+    given (the experiments); check(cfg): what `then` needs of the options, checked before anything
+    runs. The run holds --out_dir until it ends: a second run into it is refused (machinery/processes.py)."""
     cfg, env = start(argv, doc, check)
     if cfg.plan:  # every file and option checked, the stages estimated; nothing runs (tools/plan.py)
         from tools.plan import plan
         return plan(cfg, int(os.environ.get("WORLD_SIZE", "1")), stage_tasks, gpt2_folder(cfg))
+    try:
+        run_all(cfg, env, then)
+    finally:
+        processes.release(cfg.out_dir)
+
+
+def run_all(cfg, env, then):
     t0, times = time.time(), []
-    for stage in stages if stages is not None else STAGES if cfg.stage == "all" else [cfg.stage]:
+    for stage in STAGES if cfg.stage == "all" else [cfg.stage]:
         if env.device_type == "cuda":
             torch.cuda.reset_peak_memory_stats(env.device)
         t = time.time()
         run_stage(cfg, env, stage)
         peak = f", peak GPU memory {torch.cuda.max_memory_allocated(env.device) / 2**30:.2f} GiB" if env.device_type == "cuda" else ""
         times.append(f"{stage} {time.time() - t:.1f}s{peak}")
-    if times:
-        log(env, "stage times: " + "; ".join(times))
+    log(env, "stage times: " + "; ".join(times))
     if cfg.compile:  # one graph per way of reading a batch; past the limit, dynamo would fall back to eager
         from torch._dynamo.utils import counters
         log(env, f"torch.compile: {counters['stats']['unique_graphs']} graphs compiled in this process "

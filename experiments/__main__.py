@@ -10,10 +10,11 @@ validation prompts and scored on the held-out ones; paired differences with thei
     python -m experiments values           # the value-aware losses against DPO and SLiC
     python -m experiments values_vs_ranks  # the same loss told the true values or only their ranks
 
-Every experiment first runs (or finds up to date) each seed's pipeline before alignment (the seed of
---seed in --out_dir, the others in --out_dir/seeds/), then trains and scores its policies as jobs,
-several at once in worker processes (--jobs), and writes its tables, figures and where its time went
-into a folder of its own. Options are train.py's (python train.py --help).
+Every experiment first runs (or finds up to date) the stages of train.py in --out_dir (the default
+run, the seed of --seed) and each other seed's pipeline before alignment (in --out_dir/seeds/), then
+trains and scores its policies as jobs, several at once in worker processes (--jobs), and writes its
+tables, figures and where its time went into a folder of its own. Options are train.py's
+(python train.py --help).
 """
 import train
 from experiments import ablations, values
@@ -41,7 +42,7 @@ def main(argv):
         raise ConfigError(f"usage: python -m experiments NAME [--key=value ...], NAME one of {', '.join(EXPERIMENTS)}")
     name = argv[0]
     check = (lambda cfg: need_gold(cfg, name)) if name in NEEDS_GOLD else None  # before the first stage, not after it
-    train.main(argv[1:], then=EXPERIMENTS[name], doc=__doc__, check=check, stages=[])  # each seed's pipeline: the experiment's
+    train.main(argv[1:], then=EXPERIMENTS[name], doc=__doc__, check=check)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import dataclasses
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import get_context
 
@@ -20,9 +21,9 @@ import torch
 
 import evaluate
 import train
-from machinery import records
+from machinery import processes, records
 from machinery.config import STAGES, Config, ConfigError, as_dict, sweep_list
-from machinery.files import write_json
+from machinery.files import make_folder, write_json
 from machinery.records import file_hash
 from machinery.runtime import TrainingError, log, path, setup
 from vcb import METHODS
@@ -118,15 +119,37 @@ def run_scoring(job):
 def run_jobs(cfg, env, fn, jobs):
     """fn(job) for every job, in order. With --jobs > 1 (auto on a CPU: one per core) they run in
     worker processes of cores / workers threads each: a small model keeps two threads only partly
-    busy, so independent jobs side by side use the cores better. Under torchrun they run in turn."""
+    busy, so independent jobs side by side use the cores better. Under torchrun they run in turn.
+    The workers die with this process, whatever kills it (worker_init); a worker that dies is one
+    line, and what it finished is kept."""
     workers = min(cfg.jobs or (1 if env.device_type == "cuda" else os.cpu_count() or 1), len(jobs))
     if workers <= 1 or env.world > 1:
         _state["env"] = _state.get("env") or env
         return [fn(job) for job in jobs]
     log(env, f"{len(jobs)} jobs on {workers} worker processes")
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=torch.set_num_threads,
-                             initargs=(max(1, torch.get_num_threads() // workers),)) as pool:
-        return list(pool.map(fn, jobs))
+    with worker_pool(workers) as pool:
+        try:
+            return list(pool.map(fn, jobs))
+        except BrokenProcessPool:
+            raise TrainingError("a worker process of the experiment died (killed, perhaps by the system for lack of memory): "
+                                "the policies it finished are kept; run the same command again to go on") from None
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # the jobs not started yet are dropped, not waited for
+            raise
+
+
+def worker_pool(workers):
+    """The worker processes, started afresh (spawn: a forked copy of a process with threads can hang),
+    each with cores / workers threads; they die with this process (worker_init)."""
+    return ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=worker_init,
+                               initargs=(os.getpid(), max(1, torch.get_num_threads() // workers)))
+
+
+def worker_init(parent, threads):
+    """First thing in a worker process: die with the parent, whatever kills it (processes.lifeline),
+    and take a share of the cores."""
+    processes.lifeline(parent)
+    torch.set_num_threads(threads)
 
 
 _state = {"contexts": {}}  # per process: its device environment, and per seed folder what every job there reads
@@ -156,7 +179,7 @@ def merge_times(total, times):
 
 
 def write_config(cfg, folder):
-    os.makedirs(path(cfg, folder), exist_ok=True)
+    make_folder(path(cfg, folder))
     write_json(path(cfg, folder, "config.json"), as_dict(cfg))
 
 

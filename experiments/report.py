@@ -279,7 +279,8 @@ def sync_docs(out_dir, files=None):
         for m in IMAGE.finditer(new):
             source = os.path.join(out_dir, m[1])
             if os.path.isfile(source):
-                shutil.copyfile(source, os.path.join(os.path.dirname(doc), m[2]))  # the image's path is the doc's own
+                with atomic_path(os.path.join(os.path.dirname(doc), m[2])) as tmp:  # the image's path is the doc's own
+                    shutil.copyfile(source, tmp)
                 copied += 1
             else:
                 missing.append(m[1])

@@ -259,9 +259,9 @@ def sweep(cfg, env):
 
 def run(cfg, env, folder, arms, title, compare_to=None, note="", out=None, rescale=None):
     """measure() the arms, then write the experiment's results into out (default: folder in the run's
-    folder): results.json, results.md (every table, and where the time went), matched_kl.md (the main
-    table: the training path, held-out prompts), matched_kl_final.md, matched_kl_ood.md, chosen.md and
-    frontier.png. rescale: as in measure(). Returns the chosen policies, every candidate, the grid and
+    folder): results.json, results.md (every table), matched_kl.md (the main table: the training
+    path, held-out prompts), matched_kl_final.md, matched_kl_ood.md, chosen.md, frontier.png, and
+    time.md (where the time went). rescale: as in measure(). Returns the chosen policies, every candidate, the grid and
     the tables' rows."""
     t0, times, grid, judge = time.time(), {}, grid_of(cfg), evaluate.judge_name(cfg)
     out = out or path(cfg, folder)
@@ -284,27 +284,27 @@ def run(cfg, env, folder, arms, title, compare_to=None, note="", out=None, resca
             write_text(os.path.join(out, name), tables[key] + "\n")
     write_text(os.path.join(out, "chosen.md"), chosen_table(arms, chosen, grid, "path") + "\n")
     failed = [c for c in candidates if c.get("failed")]
-    times["tables and figures"] = time.time()
+    t_tables = time.time()
     report.plot_budgets(data.get("path/eval", {}).get("rows", []), os.path.join(out, "frontier.png"),
                         f"{title}: reward at each KL budget (held-out, mean and 95% CI over {len(grid.seeds)} seeds)", judge)
-    times["tables and figures"] = time.time() - times["tables and figures"]
+    times["tables and figures"] = time.time() - t_tables
     wall = time.time() - t0
     where = "\n".join(f"| {k} | {v:.0f} |" for k, v in sorted(times.items(), key=lambda kv: -kv[1]))
     text = (f"# {title}\n\n{note + chr(10) * 2 if note else ''}{describe(grid, arms, failed)}\n\n"
             + "".join(f"## {'Held-out' if split == 'eval' else 'Out-of-distribution'} prompts, {VARIANTS[variant]}\n\n"
                       f"{tables[(variant, split)]}\n\n" for variant in VARIANTS for split in ("eval", "ood")
                       if (variant, split) in tables)
-            + f"## The settings each seed chose (the training path)\n\n{chosen_table(arms, chosen, grid, 'path')}\n\n"
-            + f"## Where the time went\n\n{wall:.0f} s of wall clock; seconds of each kind of work, summed over the "
-              f"worker processes:\n\n| work | seconds |\n|---|---|\n{where}\n")
+            + f"## The settings each seed chose (the training path)\n\n{chosen_table(arms, chosen, grid, 'path')}\n")
+    timing = (f"{title}: {wall:.0f} s of wall clock, the jobs that were up to date skipped; seconds of each kind of work, "
+              f"summed over the worker processes:\n\n| work | seconds |\n|---|---|\n{where}\n")
     write_text(os.path.join(out, "results.md"), text)
+    write_text(os.path.join(out, "time.md"), timing)  # a measurement of this run, not a result: apart from them
     write_json(os.path.join(out, "results.json"), {
-        "judge": judge, "grid": dataclasses.asdict(grid), "window": WINDOW, "tables": data, "wall_seconds": wall,
-        "seconds": times, "candidates": [{k: v for k, v in c.items() if k != "file"} for c in candidates],
-        "config": as_dict(cfg)})
-    print("\n" + text)
-    log(env, f"{folder}: wrote results.md, results.json, matched_kl.md, matched_kl_final.md, matched_kl_ood.md, chosen.md "
-             f"and frontier.png in {out} ({wall:.0f}s)")
+        "judge": judge, "grid": dataclasses.asdict(grid), "window": WINDOW, "tables": data,
+        "candidates": [{k: v for k, v in c.items() if k != "file"} for c in candidates], "config": as_dict(cfg)})
+    print("\n" + text + "\n## Where the time went\n\n" + timing)
+    log(env, f"{folder}: wrote results.md, results.json, matched_kl.md, matched_kl_final.md, matched_kl_ood.md, chosen.md, "
+             f"time.md and frontier.png in {out} ({wall:.0f}s)")
     return {"chosen": chosen, "candidates": candidates, "grid": grid, "tables": data}
 
 

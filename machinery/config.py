@@ -204,9 +204,10 @@ RANGES = {
     "online_k": Range(1, 1024), "ppo_epochs": Range(1, 1000), "ppo_clip": Range(1 / SCALE, 0.99),
     "ppo_vf_coef": Range(1 / SCALE, SCALE), "ppo_gamma": Range(0, 1), "ppo_lambda": Range(0, 1),
     "ppo_target_kl": Range(1 / SCALE, SCALE, "off"), "eos_penalty": Range(0, SCALE), "eval_samples": Range(1, 1024),
-    # the other commands' own: sample.py, bench.py, gpu_check.py, rehearse.py, prepare.py
+    # the other commands' own: sample.py, bench.py, gpu_check.py, rehearse.py, prepare.py, crashtest.py
     "num_samples": Range(1, 1024), "new_tokens": Range(1, COUNT), "limit": Range(1, 7 * 24 * 3600), "steps": Range(1, COUNT),
     "timeout": Range(0.1, 3600),  # prepare.py: seconds to wait for a server
+    "chains": Range(1, 1000),
 }
 
 

@@ -5,6 +5,9 @@ of JSON and JSON lines are strict, and anything wrong is a DataError of one line
 the line and the field.
 
 - one_line, DataError: the error a bad file ends with (runtime.command prints it, exit status 2).
+- WriteError, refusal, writing, make_folder, remove: the file system's refusals (out of space,
+  read-only, permission denied, a file where a folder should be), in one place: one line naming the
+  path and what to do, whatever was writing.
 - atomic_path, write_jsonl, write_json, write_text: whole files or nothing; resumable_path: the
   same for a download that may resume.
 - check_file, text_lines: regular files only, one line at a time (a line that is not UTF-8 spoils
@@ -13,6 +16,7 @@ the line and the field.
 - field, check_value: the typed accessor every reader of a record, a spec or a checkpoint uses.
 """
 import contextlib
+import errno
 import gzip
 import json
 import math
@@ -37,18 +41,84 @@ class DataError(ValueError):
         super().__init__(one_line(message))
 
 
+# -----------------------------------------------------------------------------
+# the file system's refusals, in one place
+
+class WriteError(DataError):
+    """The file system refused a write: out of space, read-only, permission denied, a file where a
+    folder should be. One line naming the path and what to do. Every write is atomic, so nothing was
+    left half-written, and the same command run again after the fix goes on from where it stopped."""
+
+
+WHAT_TO_DO = {  # errno -> what the user can do about it
+    errno.ENOSPC: "the device is full: free some space there or use another --out_dir",
+    errno.EDQUOT: "the disk quota is used up: free some space there or use another --out_dir",
+    errno.EROFS: "the file system is read-only: mount it writable or use another --out_dir",
+    errno.EACCES: "permission denied: make the folder writable for this user or use another --out_dir",
+    errno.EPERM: "permission denied: make the folder writable for this user or use another --out_dir",
+    errno.ENOTDIR: "a file is in the way where a folder should be: move it or use another --out_dir",
+    errno.EEXIST: "a file is in the way where a folder should be: move it or use another --out_dir",
+    errno.EISDIR: "a folder is in the way where a file should be: move it or use another --out_dir",
+    errno.ENAMETOOLONG: "the path is too long for the file system: use a shorter --out_dir",
+    errno.EFBIG: "the file is larger than the file system allows: use another --out_dir",
+    errno.EIO: "the device reported an input/output error: check the disk, or use another --out_dir",
+}
+REFUSALS = set(WHAT_TO_DO)  # the errors runtime.command reports in one line even when no writer named its path
+
+
+def refusal(path, error, doing="write"):
+    """The one-line WriteError for the file system's refusal `error` (an OSError) of `doing` at path."""
+    why = error.strerror or type(error).__name__
+    what = WHAT_TO_DO.get(error.errno, "fix that or use another --out_dir")
+    return WriteError(f"{path}: cannot {doing} it ({why}): {what}; then run the same command again")
+
+
+@contextlib.contextmanager
+def writing(path, doing="write"):
+    """The block writes (or creates, or removes) path: an OSError in it becomes refusal(path). Every
+    write of the project passes here, so a full disk is the same line whether torch.save, a JSON
+    writer, matplotlib, the stage records, the curves or a lock met it."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as e:
+        raise refusal(path, e, doing) from None
+
+
+def make_folder(folder):
+    """os.makedirs(folder, exist_ok=True), refused in one line."""
+    with writing(folder, "create"):
+        os.makedirs(folder, exist_ok=True)
+
+
+def remove(path):
+    """Remove a file if it is there, refused in one line."""
+    with writing(path, "remove"):
+        if os.path.lexists(path):
+            os.remove(path)
+
+
+TEMPORARY = re.compile(r"\.tmp(\d+)$")  # atomic_path's temporaries: <file>.tmp<pid>
+
+
 @contextlib.contextmanager
 def atomic_path(path):
-    """Yields a temporary path beside `path`; renamed onto `path` only if the block succeeds."""
+    """Yields a temporary path beside `path`; renamed onto `path` only if the block succeeds. The
+    file system's refusals, in the block or in the rename, are one WriteError naming path; the
+    temporary is removed (a process killed before that leaves it, and the next run in the folder
+    removes it: processes.claim)."""
     path = str(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        yield tmp
-        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with writing(path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        try:
+            yield tmp
+            os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half
+        finally:
+            with contextlib.suppress(OSError):  # a file system turned read-only keeps it: removed by the next run
+                if os.path.exists(tmp):
+                    os.remove(tmp)
 
 
 @contextlib.contextmanager

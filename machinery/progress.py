@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from machinery import records
 from machinery.config import peek
-from machinery.files import DataError, field
+from machinery.files import DataError, field, remove
 from machinery.runtime import TrainingError, barrier, load_checkpoint, log, note_progress, path, save_checkpoint, save_model
 
 
@@ -50,7 +50,11 @@ class Progress:
         cfg, env, task, file = self.cfg, self.env, self.task, progress_file(self.cfg, self.task)
         if not os.path.exists(file):
             return 0, {}
-        ck = load_checkpoint(file)
+        try:
+            ck = load_checkpoint(file)
+        except DataError:  # torch's words ("failed finding central directory") would not say what to do
+            raise DataError(f"{file}: a resumable checkpoint of {task.name} that cannot be read (cut short or damaged): "
+                            f"delete it to start the task over") from None
         if not records.same_settings(cfg, env, task, ck.get("settings")):
             log(env, f"{task.name}: {file} was made with other settings; starting over")
             return 0, {}
@@ -150,6 +154,6 @@ class Progress:
 def finish_task(cfg, env, task, model, enc, **extra):
     """Write a trained model atomically, then drop its resumable checkpoint."""
     save_model(cfg, env, task.outputs[0], model, enc, **extra)
-    if env.master and os.path.exists(progress_file(cfg, task)):
-        os.remove(progress_file(cfg, task))
+    if env.master:
+        remove(progress_file(cfg, task))
     barrier(env)

@@ -20,7 +20,7 @@ import stat
 from dataclasses import dataclass
 
 from machinery.config import FIELDS, STAGES, ConfigError, note_reads, peek, reading
-from machinery.files import DataError, finite, parse_json, read_json, text_lines, write_json, write_jsonl
+from machinery.files import DataError, finite, make_folder, parse_json, read_json, text_lines, write_json, write_jsonl, writing
 from machinery.runtime import barrier, log, note_progress, path
 
 
@@ -28,9 +28,12 @@ from machinery.runtime import barrier, log, note_progress, path
 def locked(file):
     """An exclusive lock on file + '.lock' for the block: several processes (the experiments' workers)
     may read, change and write the same small file."""
-    os.makedirs(os.path.dirname(os.path.abspath(file)), exist_ok=True)
-    with open(f"{file}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    make_folder(os.path.dirname(os.path.abspath(file)))
+    with writing(f"{file}.lock"):  # read-only: flock needs no more (a file open for writing keeps a disk from turning read-only)
+        lock = os.fdopen(os.open(f"{file}.lock", os.O_RDONLY | os.O_CREAT, 0o644))
+    with lock:
+        with writing(f"{file}.lock", "lock"):
+            fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 
 
@@ -124,7 +127,8 @@ def read_records(cfg):
     except DataError:
         return {}
     keys = {"stage", "settings", "inputs", "outputs"}
-    return {k: v for k, v in records.items() if isinstance(v, dict) and keys <= set(v)}
+    return {k: v for k, v in records.items() if isinstance(v, dict) and keys <= set(v) and isinstance(v["stage"], str)
+            and isinstance(v["inputs"], dict) and isinstance(v["outputs"], dict)}
 
 
 def update_records(cfg, env, change):
@@ -154,10 +158,12 @@ def run(cfg, env, task, work):
 
 def up_to_date(cfg, env, task):
     """True (and says so) when the task's outputs exist and were made with these settings from these
-    inputs, unless --force; otherwise the task will run. Either way the outputs of earlier stages
-    that it builds on must have been made with this run's settings and from the files now in the
-    folder, or a stage run alone would silently build on stale ones."""
+    inputs, unless --force; otherwise the task will run (and, when it had run before, says why). Either
+    way every input it reads must still be the file its maker wrote (check_inputs), and the outputs of
+    earlier stages that it builds on must have been made with this run's settings and from the files
+    now in the folder, or a stage run alone would silently build on stale ones."""
     records = read_records(cfg)
+    check_inputs(cfg, task.inputs, records, skip=task.name)
     now = fingerprints(cfg, task.inputs)
     for name, rec in records.items():  # a producer of an input whose own inputs have changed since
         built_on = [f for f, h in now.items() if h is not None and rec["outputs"].get(f) == h and name != task.name]
@@ -166,11 +172,12 @@ def up_to_date(cfg, env, task):
             raise ConfigError(f"{name} outputs in {cfg.out_dir} ({built_on[0]}) were made from other inputs ({stale[0]} has "
                               f"changed since): run --stage={rec['stage']} first (or every stage), or use another --out_dir")
     rec = records.get(task.name)
-    if not cfg.force and rec is not None and same_settings(cfg, env, task, rec["settings"]) and rec["inputs"] == now:
-        outputs = {f: file_hash(os.path.join(cfg.out_dir, f)) for f in rec["outputs"]}  # with the optional ones it wrote
-        if outputs == rec["outputs"] and {record_name(cfg, f) for f in task.outputs} <= outputs.keys():
+    if not cfg.force and rec is not None:
+        why = redo_reason(cfg, env, task, rec, now)
+        if why is None:
             log(env, f"{task.name}: up to date")
             return True
+        log(env, f"{task.name}: {why}: running it again")
     for earlier in earlier_tasks(cfg, task):
         have = records.get(earlier.name, {}).get("settings")
         diff = differences(cfg, env, earlier, have) if have is not None else []
@@ -182,6 +189,39 @@ def up_to_date(cfg, env, task):
     barrier(env)
     note_progress(task.name)
     return False
+
+
+def redo_reason(cfg, env, task, rec, now):
+    """Why a task that ran before must run again, in a few words naming what changed (its settings,
+    an input, an output); None when it is up to date."""
+    diff = differences(cfg, env, task, rec["settings"])
+    if diff:
+        return f"its settings changed ({diff[0]})"
+    changed = [f for f in dict.fromkeys([*rec["inputs"], *now]) if rec["inputs"].get(f) != now.get(f)]
+    if changed:
+        return f"its input {changed[0]} changed"
+    for f, h in rec["outputs"].items():  # with the optional ones it wrote
+        now_h = file_hash(os.path.join(cfg.out_dir, f))
+        if now_h != h:
+            return f"its output {f} {'is missing' if now_h is None else 'changed since it was written'}"
+    unrecorded = [f for f in (record_name(cfg, f) for f in task.outputs) if f not in rec["outputs"]]
+    return f"its output {unrecorded[0]} is not in its record" if unrecorded else None
+
+
+def check_inputs(cfg, files, records=None, skip=None):
+    """A DataError naming the first of files whose content is not what the task that wrote it
+    recorded in stages.json (cut short, a few bytes changed, another file copied over it): a stage
+    run alone, an experiment's worker or an evaluation would otherwise use it and end with a wrong
+    result. The full command never gets here with one: the task that wrote it runs first, sees its
+    output changed and makes it again. records: stages.json as read (default: read now); skip: the
+    task under way, whose own record is about to go."""
+    records = read_records(cfg) if records is None else records
+    for f, h in fingerprints(cfg, files).items():
+        for name, rec in records.items():  # a missing file is left to its reader, which says which stage writes it
+            if name != skip and h is not None and f in rec["outputs"] and rec["outputs"][f] != h:
+                raise DataError(f"{os.path.join(cfg.out_dir, f)}: changed since the {name} task wrote it (its content is not "
+                                f"what stages.json recorded): run --stage={rec['stage']} again, or the whole command, to make "
+                                f"it again")
 
 
 def earlier_tasks(cfg, task):
@@ -248,5 +288,7 @@ def curves_from(file, task, step):
 
 
 def curves_append(file, *rows):
-    with locked(file), open(file, "a", encoding="utf-8") as f:
+    """Rows appended to a curves file. A full disk may cut the last line short: read_curves skips it,
+    and the task that resumes rewrites the file without it (curves_from)."""
+    with locked(file), writing(file), open(file, "a", encoding="utf-8") as f:
         f.write("".join(json.dumps(finite(r), allow_nan=False) + "\n" for r in rows))

@@ -20,8 +20,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
+from machinery import processes
 from machinery.config import RANGES, ConfigError, as_dict, check_launch, parse_args
-from machinery.files import DataError, atomic_path, field, one_line, write_json
+from machinery.files import REFUSALS, DataError, atomic_path, field, make_folder, one_line, refusal, write_json
 from model import GPT, GPTConfig
 
 
@@ -57,6 +58,11 @@ def command(main):
         print(f"\ninterrupted{during}: finished stages are kept, and training resumes from its last checkpoint "
               f"(every --ckpt_interval steps): run the same command again to go on", file=sys.stderr)
         sys.exit(130)
+    except OSError as e:  # the file system's refusal where no writer named the path (files.writing names it where one did)
+        if e.errno not in REFUSALS:
+            raise
+        print(f"error: {refusal(e.filename or 'a file of the run', e, 'use')}", file=sys.stderr)
+        sys.exit(2)
 
 
 # -----------------------------------------------------------------------------
@@ -106,22 +112,30 @@ def setup(cfg):
 def start(argv, doc="", check=None):
     """Options, devices and processes of a run, every check of the options before anything runs
     (check(cfg): the caller's own); prints and saves the config. With --plan, the checks alone:
-    returns (cfg, None) and starts, creates and writes nothing."""
+    returns (cfg, None) and starts, creates and writes nothing. Otherwise the run holds its --out_dir
+    from here until processes.release(cfg.out_dir) (train.main) or its end: a second run into the same
+    folder is refused at once (machinery/processes.py)."""
     cfg = parse_args(argv, doc)
     check_launch(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     if check is not None:
         check(cfg)
     if cfg.plan:
         return cfg, None
+    make_folder(cfg.out_dir)
+    if int(os.environ.get("RANK", "0")) == 0:  # the other processes of a torchrun group are this run's own
+        holder = processes.claim(cfg.out_dir)
+        if holder is not None:
+            raise ConfigError(f"--out_dir={cfg.out_dir} is in use by another run ({holder}): wait for it to end, or use "
+                              f"another --out_dir")
     try:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"--out_dir={cfg.out_dir}: cannot create it ({e.strerror})") from None
-    env = setup(cfg)
-    if env.master:
-        print("config: " + ", ".join(f"{k}={v}" for k, v in as_dict(cfg).items()))
-        write_json(path(cfg, "config.json"), as_dict(cfg))
-        print(f"device: {env.device} ({str(env.dtype).removeprefix('torch.')}), processes: {env.world}")
+        env = setup(cfg)
+        if env.master:
+            print("config: " + ", ".join(f"{k}={v}" for k, v in as_dict(cfg).items()))
+            write_json(path(cfg, "config.json"), as_dict(cfg))
+            print(f"device: {env.device} ({str(env.dtype).removeprefix('torch.')}), processes: {env.world}")
+    except BaseException:
+        processes.release(cfg.out_dir)
+        raise
     return cfg, env
 
 
@@ -210,8 +224,11 @@ def path(cfg, *parts):
 
 
 def save_checkpoint(file, payload):
-    with atomic_path(file) as tmp:
-        torch.save(payload, tmp)
+    """torch.save through a Python file object: given a path, torch writes in C++ and a full disk
+    comes back as "[enforce fail at inline_container.cc] unexpected pos"; through a file object it is
+    the OSError itself, which files.writing turns into one line naming the file."""
+    with atomic_path(file) as tmp, open(tmp, "wb") as f:
+        torch.save(payload, f)
 
 
 def load_checkpoint(file):

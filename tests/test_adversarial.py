@@ -70,8 +70,7 @@ def test_a_checkpoint_made_with_another_tokenizer_of_the_same_size_is_refused(ti
     other = data.train_bpe(" ".join(r["response"] for r in reviews.builtin_task(seed=7, n_sft=300)["sft"]), 300)
     assert other.n_vocab == 300 and other._mergeable_ranks != data.load_tokenizer(tiny_copy / "tokenizer.json")._mergeable_ranks
     data.save_tokenizer(other, tiny_copy / "tokenizer.json")
-    with pytest.raises(config.ConfigError, match=r"sft outputs in .* \(sft.pt\) were made from other inputs "
-                                                 r"\(tokenizer.json has changed since\): run --stage=sft first"):
+    with pytest.raises(files.DataError, match=r"tokenizer.json: changed since the data task wrote it .*: run --stage=data again"):
         run(tiny_copy, "--stage=rm")
     (tiny_copy / "stages.json").unlink()  # without the records, the checkpoint itself says which tokenizer it needs
     with pytest.raises(files.DataError, match="sft.pt: made with another tokenizer than .*tokenizer.json"):
@@ -110,6 +109,7 @@ def test_a_divergence_on_the_last_step_is_not_saved(tiny_copy):
 
 @pytest.mark.slow
 def test_broken_weights_are_refused_with_one_line(tiny_copy):
+    (tiny_copy / "stages.json").unlink()  # a policy from elsewhere: without the records, the checkpoint itself is checked
     ck = runtime.load_checkpoint(tiny_copy / "policy_vcb.pt")
     ck["model"]["transformer.h.0.mlp.c_fc.weight"][0, 0] = float("nan")
     runtime.save_checkpoint(tiny_copy / "policy_vcb.pt", ck)
@@ -267,6 +267,7 @@ def test_bom_crlf_and_special_token_text_in_jsonl_files(jsonl_dir, tmp_path):
 
 @pytest.mark.slow
 def test_rewards_too_large_for_float32_are_refused(tiny_copy):
+    (tiny_copy / "stages.json").unlink()  # candidates from elsewhere: without the records, the file itself is checked
     cands = files.read_jsonl(tiny_copy / "candidates.jsonl")
     cands[1]["rewards"] = [1e39, 0.0, 1.0]
     files.write_jsonl(tiny_copy / "candidates.jsonl", cands)
@@ -279,6 +280,7 @@ def test_rewards_too_large_for_float32_are_refused(tiny_copy):
 
 
 def test_a_candidates_file_that_is_not_json_lines(tiny_copy):
+    (tiny_copy / "stages.json").unlink()  # candidates from elsewhere: without the records, the file itself is checked
     (tiny_copy / "candidates.jsonl").write_bytes(b"\x1f\x8b\x08\x00 gzip, not text")
     with pytest.raises(files.DataError, match=r"candidates.jsonl:1: not UTF-8 text"):
         run(tiny_copy, "--stage=align", "--methods=vcb")

@@ -23,7 +23,7 @@ from experiments import report
 from generators import EDGE_FLOATS, EDGE_INTS, SCALE, folder, outcome
 from machinery import config, files, runtime
 from model import sample_next
-from tools import bench, gpu_check, prepare, rehearse
+from tools import bench, crashtest, gpu_check, prepare, rehearse
 
 
 # ---- classes 1 and 5: every option of every command at the edges of its type, and together ---------------
@@ -36,6 +36,7 @@ PARSERS = {  # every command's option parser, without running the command
     "tools.rehearse": (rehearse.RehearseConfig, lambda argv: config.parse_options(rehearse.RehearseConfig(), argv)),
     "tools.prepare": (prepare.PrepareConfig, lambda argv: config.parse_options(prepare.PrepareConfig(), argv)),
     "experiments.report": (report.SyncConfig, lambda argv: config.parse_options(report.SyncConfig(), argv)),
+    "tools.crashtest": (crashtest.CrashConfig, lambda argv: config.parse_options(crashtest.CrashConfig(), argv)),
 }
 
 
@@ -88,7 +89,7 @@ def test_a_bad_option_is_exit_status_2_and_one_line_from_every_command(capsys, m
     """Through runtime.command, as each program runs its main (report.py's too)."""
     for module, argv in [(train, ["--seed=99999999999999999999"]), (sample, ["--num_samples=0"]),
                          (bench, ["--new_tokens=-1"]), (gpu_check, ["--limit=1e9"]), (rehearse, ["--steps=0"]), (prepare, ["--timeout=0"]), (prepare, ["--mirror=ftp://x"]),
-                         (report, ["--out_dir=a\x00b"]), (bench, ["--device=cuda\nx"])]:  # the message escapes the newline
+                         (report, ["--out_dir=a\x00b"]), (bench, ["--device=cuda\nx"]), (crashtest, ["--chains=0"])]:  # the message escapes the newline
         monkeypatch.setattr(sys, "argv", [module.__name__ + ".py", *argv])
         with pytest.raises(SystemExit) as e:
             runtime.command(module.main)

@@ -14,7 +14,7 @@ import torch
 import data
 import train
 from conftest import ROOT, TINY, run, run_train, write_lines
-from machinery import config, files, records, runtime
+from machinery import config, files, progress, records, runtime
 from model import GPT, GPTConfig
 
 
@@ -72,6 +72,7 @@ def test_prompt_longer_than_the_context_is_cut_from_the_left_and_counted(jsonl_d
     (lambda r: {**r, "rewards": ["high"] * 3}, "candidates.jsonl:2: field 'rewards[0]' should be float, got str"),
 ])
 def test_bad_candidate_sets_are_refused(tiny_copy, edit, message):
+    (tiny_copy / "stages.json").unlink()  # candidates from elsewhere: without the records, the file itself is checked
     records = files.read_jsonl(tiny_copy / "candidates.jsonl")
     records[1] = edit(records[1])
     (tiny_copy / "candidates.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))  # NaN as JSON's NaN
@@ -84,6 +85,7 @@ def test_bad_candidate_sets_are_refused(tiny_copy, edit, message):
 
 @pytest.mark.slow
 def test_a_prompt_whose_candidates_tie_is_skipped_and_counted(tiny_copy, capsys):
+    (tiny_copy / "stages.json").unlink()  # candidates from elsewhere: without the records, the file itself is checked
     records = files.read_jsonl(tiny_copy / "candidates.jsonl")
     records[0]["rewards"] = [0.5] * 3
     files.write_jsonl(tiny_copy / "candidates.jsonl", records)
@@ -101,6 +103,33 @@ def test_command_line_errors_are_one_line_without_traceback(tmp_path):
         proc = run_train(tmp_path / "out", *args, tiny=False)
         assert proc.returncode == 2 and message in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+# ---- inputs changed since the stage that wrote them
+
+def flip_weight_bytes(file):
+    """A few bytes of a checkpoint's weights flipped in place: torch.load still reads it, with other weights."""
+    blob = bytearray(file.read_bytes())
+    weights = runtime.load_checkpoint(file)["model"]["transformer.h.0.mlp.c_fc.weight"]
+    at = bytes(blob).find(weights.numpy().tobytes()[:64])
+    assert at > 0
+    for k in range(8):
+        blob[at + 16 + k] ^= 0x10
+    file.write_bytes(bytes(blob))
+    assert not torch.equal(runtime.load_checkpoint(file)["model"]["transformer.h.0.mlp.c_fc.weight"], weights)
+
+
+@pytest.mark.parametrize("change,stage,file", [
+    (lambda out: write_lines(out / "candidates.jsonl", (out / "candidates.jsonl").read_text().splitlines()[:6]),
+     "align", "candidates.jsonl"),                                              # cut to half its lines
+    (lambda out: flip_weight_bytes(out / "sft.pt"), "align", "sft.pt"),           # still loads, other weights
+    (lambda out: shutil.copy(out / "policy_dpo.pt", out / "policy_vcb.pt"), "eval", "policy_vcb.pt"),  # one policy over another
+])
+def test_a_stage_run_alone_refuses_an_input_changed_since_it_was_written(tiny_copy, change, stage, file):
+    change(tiny_copy)
+    with pytest.raises(files.DataError) as e:
+        run(tiny_copy, f"--stage={stage}", "--methods=vcb,dpo")
+    assert str(e.value).startswith(f"{tiny_copy / file}: changed since the ") and "run --stage=" in str(e.value)
 
 
 # ---- checkpoints and tokenizer files from elsewhere
@@ -158,6 +187,18 @@ def test_a_truncated_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "sft.pt").write_bytes(blob[:len(blob) // 2])
     with pytest.raises(files.DataError, match="sft.pt: not a readable checkpoint"):
         runtime.load_checkpoint(tmp_path / "sft.pt")
+
+
+def test_a_resumable_checkpoint_cut_short_names_the_file_and_says_to_delete_it(tmp_path):
+    torch.save({"model": {"w": torch.ones(1000)}}, tmp_path / "sft.ckpt.pt")
+    blob = (tmp_path / "sft.ckpt.pt").read_bytes()
+    (tmp_path / "sft.ckpt.pt").write_bytes(blob[:len(blob) // 2])
+    cfg = config.parse_args([f"--out_dir={tmp_path}", "--device=cpu"])
+    task = records.Task("sft", "sft", [], [str(tmp_path / "sft.pt")])
+    with pytest.raises(files.DataError) as e:
+        progress.Progress(cfg, runtime.setup(cfg), task, {"model": torch.nn.Linear(2, 2)}, 10)
+    assert str(e.value) == (f"{tmp_path / 'sft.ckpt.pt'}: a resumable checkpoint of sft that cannot be read (cut short or "
+                            f"damaged): delete it to start the task over")
 
 
 # ---- interrupted runs lose nothing

@@ -16,7 +16,7 @@ import re
 
 import torch
 
-from machinery.files import DataError, atomic_path, field, read_json, write_json
+from machinery.files import DataError, atomic_path, field, make_folder, read_json, write_json
 from model import GPT, GPTConfig
 
 
@@ -137,7 +137,7 @@ def save_pretrained(model, folder):
               "n_head": c.n_head, "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
               "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "scale_attn_weights": True,
               "tie_word_embeddings": True, "bos_token_id": c.vocab_size - 1, "eos_token_id": c.vocab_size - 1}
-    os.makedirs(folder, exist_ok=True)
+    make_folder(folder)
     with atomic_path(os.path.join(folder, "model.safetensors")) as tmp:
         save_file(weights, tmp, metadata={"format": "pt"})
     write_json(os.path.join(folder, "config.json"), config)

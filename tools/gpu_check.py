@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from machinery.config import ConfigError, parse_options
-from machinery.files import write_text
+from machinery.files import make_folder, write_text
 from machinery.runtime import command
 
 
@@ -86,7 +86,7 @@ def main(argv):
     cuda = opts.device != "cpu" and torch.cuda.is_available()
     if not opts.tiny and not cuda:
         raise ConfigError("PyTorch sees no CUDA GPU: run on a machine with one, or --tiny to check the script on a CPU")
-    os.makedirs(opts.out, exist_ok=True)
+    make_folder(opts.out)
     py, log, size, device = sys.executable, [], TINY if opts.tiny else [], [f"--device={opts.device}"]
     name = torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()})"
     marks = ["-m", "cuda"] if cuda else ["-m", "not cuda and not slow"]

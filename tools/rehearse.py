@@ -31,7 +31,7 @@ import torch
 
 import data
 from machinery.config import ConfigError, parse_options
-from machinery.files import atomic_path, write_text
+from machinery.files import atomic_path, make_folder, write_text
 from machinery.runtime import command, load_checkpoint
 from model import GPT, GPTConfig
 from tasks import reviews
@@ -56,7 +56,7 @@ class RehearseConfig:
 def write_hh(folder, n=300):
     """The built-in task's reviews as HH-RLHF transcripts: the chosen and the rejected response of a
     preference pair after the same "Human:" turn; SFT reads the chosen ones. Returns their text."""
-    os.makedirs(folder, exist_ok=True)
+    make_folder(folder)
     prefs = reviews.builtin_task(seed=0, n_sft=0, n_prefs=n, n_align=0, n_eval=0, n_ood=0)["prefs"]
     for split, part in (("train", prefs[:n - 40]), ("test", prefs[n - 40:])):
         lines = [json.dumps({"chosen": f"\n\nHuman: {r['prompt']}\n\nAssistant:{r['chosen']}",
