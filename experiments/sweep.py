@@ -10,7 +10,8 @@ experiments/sweep.py: the instrument every comparison of methods here stands on.
 2. Each method trains at each beta of its own grid (vcb.METHODS[m].betas: its beta moves the KL its own
    way) and each learning rate of one grid for every method (--sweep_lrs, multiples of each training's
    own rate), for the usual steps (--align_steps, --online_iters), keeping --snapshots policies along
-   the way. Every one is scored on the validation prompts, which neither training nor the tables see.
+   the way, closer together early where the KL moves fastest. Every one is scored on the validation
+   prompts, which neither training nor the tables see.
 3. At each KL budget k (--sweep_kls), a method's policy in a seed is its best on the validation prompts
    among those whose validation KL lies between k / 1.3 and k: over its final policies only ("final"),
    or over every snapshot too ("path": its stopping point is chosen as well). That policy, and it
@@ -74,8 +75,8 @@ class Grid:
 
 def grid_of(cfg):
     seeds, lrs = sweep_list(cfg, "sweep_seeds", int), sweep_list(cfg, "sweep_lrs", float)
-    if cfg.quick:  # the first two seeds, the first learning rate, each grid's ends, three snapshots
-        return Grid(seeds[:2], lrs[:1], sweep_list(cfg, "sweep_kls", float), min(cfg.snapshots, 3), True)
+    if cfg.quick:  # the first two seeds, the usual learning rate, each grid's ends, three snapshots
+        return Grid(seeds[:2], [1.0] if 1.0 in lrs else lrs[:1], sweep_list(cfg, "sweep_kls", float), min(cfg.snapshots, 3), True)
     return Grid(seeds, lrs, sweep_list(cfg, "sweep_kls", float), cfg.snapshots, False)
 
 
@@ -137,11 +138,18 @@ def training(scfg, arm, beta, f, snapshots):
         options["beta"] = beta
     cfg = dataclasses.replace(scfg, **options)
     total = cfg.online_iters if m.online else cfg.align_steps
-    steps = sorted({max(1, round(total * (i + 1) / snapshots)) for i in range(snapshots)})
+    steps = snapshot_steps(total, snapshots)
     variant = arm.variant if arm.tag is None else arm.tag
     tag = arm.method + (f"-{slug(variant)}" if variant else "") + (f"-beta{beta:g}" if beta is not None else "") + f"-lr{f:g}"
     return harness.Training(cfg, arm.method, f"{arm.folder}-{tag}", path(scfg, arm.folder, f"policy_{tag}.pt"), steps,
                             arm.candidates(scfg) if arm.candidates else "")
+
+
+def snapshot_steps(total, n):
+    """n steps of a training of `total` at which to keep the policy, the last one the end: closer
+    early (step total * (i / n) ** 1.5), where the KL moves fastest, so that the low budgets have
+    policies to choose from."""
+    return sorted({max(1, round(total * ((i + 1) / n) ** 1.5)) for i in range(n)})
 
 
 def slug(text):

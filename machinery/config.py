@@ -36,10 +36,10 @@ class Config:
     force: bool = False              # redo the chosen stages even when their outputs are up to date
     plan: bool = False               # check every option and file the run needs, print its stages with estimates, and stop
     sweep_seeds: str = "0,1,2,3,4"   # the experiments' seeds, each a whole pipeline: data, SFT, RM, candidates, policies, evaluation
-    sweep_lrs: str = "1,3"           # the experiments' learning rates, as multiples of each training's own (--align_lr, --online_lr)
+    sweep_lrs: str = "0.3,1"         # the experiments' learning rates, as multiples of each training's own (--align_lr, --online_lr)
     sweep_kls: str = "1,2,4,8"       # the KL budgets (nats) at which the experiments read each method
-    snapshots: int = 6               # the experiments: policies kept along each training (the last is the final one)
-    quick: bool = False              # the experiments: 2 seeds, 2 betas per method, one learning rate: a look in minutes
+    snapshots: int = 6               # the experiments: policies kept along each training, closer early (the last is the final one)
+    quick: bool = False              # the experiments: 2 seeds, 2 betas per method, the usual learning rate: a look in minutes
     steps_factor: int = 4            # python -m experiments steps: train this many times the usual steps
     seed: int = 0                    # seed of the data, initialisation, batch order and sampling
     device: str = "auto"             # auto (cuda when there is one, else cpu), cpu, cuda, cuda:1, ...

@@ -71,9 +71,9 @@ def test_an_arm_of_the_sweep_in_an_ablation_reuses_the_sweeps_policies(tmp_path)
     assert (mine.name, mine.file) == (sweeps.name, sweeps.file) and mine.cfg.align_lr == 3 * cfg.align_lr
     other = sweep.training(cfg, sweep.Arm("vcb", "lam=0", options={"lam": 0.0}, folder="ablations/lam"), 1.0, 1.0, 6)
     assert other.name != sweeps.name and other.cfg.lam == 0.0 and "ablations/lam" in other.file
-    assert sweeps.steps == [10, 20, 30, 40, 50, 60] and sweeps.snapshot(60) == sweeps.file and sweeps.snapshot(10) != sweeps.file
+    assert sweeps.steps == [4, 12, 21, 33, 46, 60] and sweeps.snapshot(60) == sweeps.file and sweeps.snapshot(4) != sweeps.file
     online = sweep.training(cfg, sweep.Arm("ppo"), 0.1, 3.0, 6)
-    assert online.steps == [5, 10, 15, 20, 25, 30] and online.cfg.online_lr == 3 * cfg.online_lr and online.cfg.beta == 0.1
+    assert online.steps == [2, 6, 11, 16, 23, 30] and online.cfg.online_lr == 3 * cfg.online_lr and online.cfg.beta == 0.1
 
 
 def test_a_policy_is_sampled_once_and_again_when_it_changes(tiny_copy, monkeypatch):
