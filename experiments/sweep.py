@@ -2,7 +2,7 @@
 experiments/sweep.py: the instrument every comparison of methods here stands on.
 
     python -m experiments sweep            # every method, 5 seeds: about 25 minutes on a 2-core CPU
-    python -m experiments sweep --quick    # 2 seeds, 2 betas per method, one learning rate: a few minutes
+    python -m experiments sweep --quick    # 2 seeds, one beta per method, one learning rate: a few minutes
 
 1. A seed is a whole pipeline: the task's data, SFT, the reward model, the candidates, the policies and
    their evaluation (experiments/harness.py). Methods are compared within a seed, on the same SFT, RM
@@ -70,13 +70,13 @@ class Grid:
 
     def betas(self, method):
         betas = list(METHODS[method].betas) or [None]  # a method without a beta trains once
-        return betas[::len(betas) - 1] if self.quick and len(betas) > 2 else betas
+        return betas[len(betas) // 2:][:1] if self.quick else betas  # --quick: the middle one
 
 
 def grid_of(cfg):
     seeds, lrs = sweep_list(cfg, "sweep_seeds", int), sweep_list(cfg, "sweep_lrs", float)
-    if cfg.quick:  # the first two seeds, the usual learning rate, each grid's ends, three snapshots
-        return Grid(seeds[:2], [1.0] if 1.0 in lrs else lrs[:1], sweep_list(cfg, "sweep_kls", float), min(cfg.snapshots, 3), True)
+    if cfg.quick:  # the first two seeds, the usual learning rate, each grid's middle beta, three snapshots
+        return Grid(seeds[:2], usual_lr(lrs), sweep_list(cfg, "sweep_kls", float), min(cfg.snapshots, 3), True)
     return Grid(seeds, lrs, sweep_list(cfg, "sweep_kls", float), cfg.snapshots, False)
 
 
@@ -91,8 +91,10 @@ def measure(cfg, env, arms, grid, times, rescale=None):
     every sample goes through first (a judge whose gaps are uneven: experiments/values.py)."""
     t0 = time.time()
     seeds = {s: harness.seed_config(cfg, s) for s in grid.seeds}
-    for t in harness.run_jobs(cfg, env, harness.prepare, list(seeds.values())):
-        harness.merge_times(times, t)
+    own = [scfg for scfg in seeds.values() if scfg.out_dir == cfg.out_dir]  # up to date after train.py's stages, mostly
+    for group in (own, [scfg for scfg in seeds.values() if scfg.out_dir != cfg.out_dir]):  # one alone runs in this process
+        for t in harness.run_jobs(cfg, env, harness.prepare, group):
+            harness.merge_times(times, t)
     log(env, f"the pipelines of seeds {', '.join(map(str, grid.seeds))} are ready ({time.time() - t0:.0f}s)")
     jobs, of = [], []
     for arm in arms:
@@ -143,6 +145,12 @@ def training(scfg, arm, beta, f, snapshots):
     tag = arm.method + (f"-{slug(variant)}" if variant else "") + (f"-beta{beta:g}" if beta is not None else "") + f"-lr{f:g}"
     return harness.Training(cfg, arm.method, f"{arm.folder}-{tag}", path(scfg, arm.folder, f"policy_{tag}.pt"), steps,
                             arm.candidates(scfg) if arm.candidates else "")
+
+
+def usual_lr(lrs):
+    """The one learning rate of a look or of an experiment that gives every training the same budget:
+    each training's own (x1) where the grid holds it, else the grid's first."""
+    return [1.0] if 1.0 in lrs else lrs[:1]
 
 
 def snapshot_steps(total, n):
@@ -274,7 +282,7 @@ def run(cfg, env, folder, arms, title, compare_to=None, note="", out=None, resca
     t0, times, grid, judge = time.time(), {}, grid_of(cfg), evaluate.judge_name(cfg)
     out = out or path(cfg, folder)
     if grid.quick:
-        log(env, f"--quick: seeds {', '.join(map(str, grid.seeds))}, learning rate x{grid.lrs[0]:g}, the two ends of each "
+        log(env, f"--quick: seeds {', '.join(map(str, grid.seeds))}, learning rate x{grid.lrs[0]:g}, the middle of each "
                  f"method's beta grid, {grid.snapshots} snapshots: intervals over two seeds are wide")
     chosen, candidates, sft = measure(cfg, env, arms, grid, times, rescale)
     if not env.master:

@@ -25,7 +25,7 @@ import vcb
 from experiments import report
 from experiments.ablations import gold_candidates, rescored
 from experiments.harness import need_gold, seed_config
-from experiments.sweep import Arm, run, training
+from experiments.sweep import Arm, run, training, usual_lr
 from machinery import records
 from machinery.config import sweep_list
 from machinery.files import read_jsonl, write_jsonl, write_text
@@ -171,10 +171,10 @@ def values_vs_ranks(cfg, env):
     """For each k of KS, the value-aware losses trained on the true values g_k, on their rank surrogate
     and (VCB) on a reward model learnt from labels drawn from g_k, beside the order-based losses, all
     judged by g_k at each KL budget: (true - rank) is what the sizes of the gaps are worth to a loss,
-    (rank - DPO) what its form is worth with the sizes aside. One learning rate (the grid's first) for
-    every training, so true and rank have the same budget."""
+    (rank - DPO) what its form is worth with the sizes aside. One learning rate for every training (x1
+    where --sweep_lrs holds it), so that true and rank have the same budget."""
     need_gold(cfg, "values_vs_ranks")
-    cfg = dataclasses.replace(cfg, sweep_lrs=cfg.sweep_lrs.split(",")[0])
+    cfg = dataclasses.replace(cfg, sweep_lrs="%g" % usual_lr(sweep_list(cfg, "sweep_lrs", float))[0])
     gold = gold_candidates(env)
     results = {}
     for k in KS:

@@ -39,7 +39,7 @@ class Config:
     sweep_lrs: str = "0.3,1"         # the experiments' learning rates, as multiples of each training's own (--align_lr, --online_lr)
     sweep_kls: str = "1,2,4,8"       # the KL budgets (nats) at which the experiments read each method
     snapshots: int = 6               # the experiments: policies kept along each training, closer early (the last is the final one)
-    quick: bool = False              # the experiments: 2 seeds, 2 betas per method, the usual learning rate: a look in minutes
+    quick: bool = False              # the experiments: 2 seeds, one beta per method, the usual learning rate: a look in minutes
     steps_factor: int = 4            # python -m experiments steps: train this many times the usual steps
     seed: int = 0                    # seed of the data, initialisation, batch order and sampling
     device: str = "auto"             # auto (cuda when there is one, else cpu), cpu, cuda, cuda:1, ...

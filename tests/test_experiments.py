@@ -1,14 +1,16 @@
 """The experiments (python -m experiments): the instrument's intervals, budgets and paired differences
 on hand-made results, the scored samples every experiment reuses, and every experiment on a tiny run."""
 import json
+import operator
 import shutil
 
 import pytest
+import torch
 
 import evaluate
 import train
 from conftest import TINY, run_experiment
-from experiments import report, sweep
+from experiments import harness, report, sweep
 from machinery import config, files, runtime
 
 
@@ -74,6 +76,21 @@ def test_an_arm_of_the_sweep_in_an_ablation_reuses_the_sweeps_policies(tmp_path)
     assert sweeps.steps == [4, 12, 21, 33, 46, 60] and sweeps.snapshot(60) == sweeps.file and sweeps.snapshot(4) != sweeps.file
     online = sweep.training(cfg, sweep.Arm("ppo"), 0.1, 3.0, 6)
     assert online.steps == [2, 6, 11, 16, 23, 30] and online.cfg.online_lr == 3 * cfg.online_lr and online.cfg.beta == 0.1
+
+
+def test_quick_is_two_seeds_one_beta_per_method_the_usual_learning_rate_and_three_snapshots(tmp_path):
+    grid = sweep.grid_of(config.parse_args([f"--out_dir={tmp_path}", "--quick", "--sweep_lrs=0.3,1,3"]))
+    assert (grid.seeds, grid.lrs, grid.snapshots) == ([0, 1], [1.0], 3)
+    assert grid.betas("dpo") == [3.0] and grid.betas("ppo") == [0.1] and grid.betas("rrhf") == [None]
+    assert sweep.grid_of(config.parse_args([f"--out_dir={tmp_path}", "--quick", "--sweep_lrs=0.3,3"])).lrs == [0.3]
+
+
+def test_the_longest_jobs_start_first_and_the_results_keep_the_jobs_order(tmp_path):
+    cfg = config.parse_args([f"--out_dir={tmp_path}", "--device=cpu", "--jobs=2"])
+    jobs = [sweep.training(cfg, sweep.Arm(m), beta, 1.0, 2) for m, beta in (("dpo", 1.0), ("ppo", 0.1), ("rloo", 0.1), ("vcb", 1.0))]
+    assert harness.longest_first(jobs + ["a scoring"]) == [1, 2, 0, 3, 4]  # ppo, rloo, then the offline ones in order
+    env = runtime.Env("cpu", "cpu", torch.float32, 0, 1)
+    assert harness.run_jobs(cfg, env, operator.attrgetter("name"), jobs) == [job.name for job in jobs]
 
 
 def test_a_policy_is_sampled_once_and_again_when_it_changes(tiny_copy, monkeypatch):
