@@ -247,7 +247,8 @@ def table(rows, sft_row, judge, compare_to=None):
             cells = [r["label"], f"{r['k']:g}", f"{r['n']}/{r['of']}", f"{r['kl']:.2f}", report.ci(r["reward"])]
             for key in ["vs_dpo"] + (["vs_base"] if compare_to else []):
                 d = r.get(key)
-                cells += [report.ci(d, signed=True), report.verdict(d)] if d else ["-", "-"]
+                fewer = f" ({d['n']} seeds)" if d and d["lo"] is not None and d["n"] < r["n"] else ""  # where both reached
+                cells += [report.ci(d, signed=True) + fewer, report.verdict(d)] if d else ["-", "-"]
         lines.append("| " + " | ".join(cells + [settings_cell(r.get("settings"))]) + " |")
     return "\n".join(lines)
 

@@ -64,7 +64,8 @@ def test_the_difference_from_dpo_is_paired_by_seed_over_the_seeds_where_both_rea
     assert vcb["vs_dpo"]["n"] == 3 and vcb["vs_dpo"]["mean"] == pytest.approx((0.05 + 0.10 + 0.10) / 3)
     assert "vs_dpo" not in dpo and sft_row["reward"]["mean"] == pytest.approx(0.1)
     text = sweep.table(rows, sft_row, JUDGE)
-    assert "| vcb | 4 | 4/4 | 3.60 | 0.650 [" in text and "| ahead |" in text and "| dpo | 4 | 3/4 |" in text
+    assert "| vcb | 4 | 4/4 | 3.60 | 0.650 [" in text and "| dpo | 4 | 3/4 |" in text
+    assert "] (3 seeds) | ahead |" in text  # the difference is over the 3 seeds both reached, not the row's 4
 
 
 def test_an_arm_of_the_sweep_in_an_ablation_reuses_the_sweeps_policies(tmp_path):
