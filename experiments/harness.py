@@ -141,13 +141,16 @@ def run_jobs(cfg, env, fn, jobs):
             raise
 
 
-STEP_COST = {"ppo": 12, "rloo": 4}  # a step's time against an offline step's, about, on the CPU: only their order matters
+def step_cost(m):
+    """About how long a step of method m takes against an offline one, on the CPU: an online iteration
+    samples and scores (x4), PPO's trains a critic too (x12). Only the order of the jobs depends on it."""
+    return 12 if m.critic else 4 if m.online else 1
 
 
 def longest_first(jobs):
-    """The jobs' indices, the longest first (a training's steps weighted by kind; others last), jobs
-    of equal length in their own order."""
-    cost = lambda job: STEP_COST.get(job.method, 1) * job.steps[-1] if isinstance(job, Training) else 0  # noqa: E731
+    """The jobs' indices, the longest first (a training's steps weighted by step_cost; others last),
+    jobs of equal length in their own order."""
+    cost = lambda job: step_cost(METHODS[job.method]) * job.steps[-1] if isinstance(job, Training) else 0  # noqa: E731
     return sorted(range(len(jobs)), key=lambda i: -cost(jobs[i]))
 
 
