@@ -12,6 +12,7 @@ import math
 import os
 import re
 import shutil
+import textwrap
 from dataclasses import dataclass
 
 from evaluate import mean, reward_key
@@ -218,7 +219,7 @@ def plot_budgets(rows, file, title, judge):
                     color=COLORS.get(base), linestyle=style, label=label(base) + (f" {variant}" if variant else ""))
     ax.set_xlabel("KL(pi || pi_sft), nats per response (held-out)")
     ax.set_ylabel(f"{'gold' if judge == 'gold' else 'reward-model'} reward (held-out prompts)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, 80)), fontsize=9)  # a long title on two lines, not cut at the edge
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
