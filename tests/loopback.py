@@ -53,7 +53,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         else:
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-        self.send_header("Content-Length", str(len(body) - start))
+        if server.lengths:
+            self.send_header("Content-Length", str(len(body) - start))
         self.end_headers()
         cut = server.cut.pop(path, None)  # send this many bytes of the file, once, then close the connection
         self.wfile.write(body[start:] if cut is None else body[start:start + cut])
@@ -65,14 +66,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
 class Server:
     """A ThreadingHTTPServer on 127.0.0.1 (a free port) serving root, started by `with` and stopped at
     its end. requests: (path, Range header) of every GET; cut: {path: bytes} to send of a file once;
-    httpd.ranges = False: Range headers are ignored, as by a server that cannot resume."""
+    httpd.ranges = False: Range headers are ignored, as by a server that cannot resume; httpd.lengths =
+    False: no Content-Length, the answer ends when the connection closes, as a streaming server's."""
 
     def __init__(self, root):
         self.root = str(root)
 
     def __enter__(self):
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.root, self.httpd.requests, self.httpd.cut, self.httpd.ranges = self.root, [], {}, True
+        self.httpd.root, self.httpd.requests, self.httpd.cut, self.httpd.ranges, self.httpd.lengths = self.root, [], {}, True, True
         self.requests, self.cut = self.httpd.requests, self.httpd.cut
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)

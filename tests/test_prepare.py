@@ -112,8 +112,19 @@ def test_a_file_of_the_wrong_size_is_refused_and_removed(site, layout):
     with pytest.raises(DataError) as e:
         fetch(site, "gpt2")
     assert "refused and removed" in str(e.value) and "published file has" in str(e.value)
+    assert "the server has" in str(e.value)  # refused on the size the server announced, before the transfer
     assert not (dest / WEIGHTS).exists() and not parts(dest)
 
+
+def test_a_file_of_the_wrong_size_is_refused_when_the_server_announces_no_size(site, layout):
+    """A server that streams without Content-Length: the published size is checked on what arrived."""
+    server, sources, dest = site
+    edit(sources, WEIGHTS, size=(layout / WEIGHTS).stat().st_size + 1, digest="")  # no checksum to catch it instead
+    server.httpd.lengths = False
+    with pytest.raises(DataError) as e:
+        fetch(site, "gpt2")
+    assert "refused and removed" in str(e.value) and "published file has" in str(e.value)
+    assert not (dest / WEIGHTS).exists() and not parts(dest)
 
 def test_a_file_whose_size_is_not_published_is_held_to_what_the_server_announced(site, layout):
     """A transfer that ends early with no published size to compare with is still caught (Content-Length)."""
