@@ -208,7 +208,7 @@ def correlations(cfg, k):
 def summary_tables(results, corr):
     """The answer in two tables: per loss and k, (true - rank) at each KL budget, and (rank - DPO)."""
     kls = results[KS[0]]["grid"].kls
-    rows = {k: {r["label"]: r for r in res["tables"].get("path/eval", {}).get("rows", [])} for k, res in results.items()}
+    rows = {k: res["tables"].get("path/eval", {}).get("rows", []) for k, res in results.items()}  # a row per arm and budget
     lines = []
     for title, key, label in (("What the sizes of the gaps are worth: true values minus rank surrogate, same loss", "vs_base",
                                "{m} (true)"),
@@ -219,10 +219,9 @@ def summary_tables(results, corr):
                   "|" + "---|" * (3 + len(kls))]
         for m in (["vcb"] if "RM" in label else VALUE_AWARE):
             for k in KS:
-                by_k = rows[k]
                 cells = []
                 for kl in kls:
-                    r = next((x for x in by_k.values() if x["label"] == label.format(m=m) and x["k"] == kl), None)
+                    r = next((x for x in rows[k] if x["label"] == label.format(m=m) and x["k"] == kl), None)
                     d = r.get(key) if r else None
                     cells.append(f"{report.ci(d, signed=True)} {report.verdict(d)}" if d and d["mean"] is not None else "-")
                 lines.append(f"| {m} | {k} | {report.ci(corr[k])} | " + " | ".join(cells) + " |")

@@ -76,3 +76,16 @@ def test_the_order_based_losses_are_the_same_on_the_true_values_and_their_surrog
     vcb_true = vcb.METHODS["vcb"].loss(logps, ref, true, 0.5, 0.1, None, 1e-6)
     vcb_rank = vcb.METHODS["vcb"].loss(logps, ref, surrogate, 0.5, 0.1, None, 1e-6)
     assert not torch.isclose(vcb_true, vcb_rank)  # the value-aware loss does see the difference
+
+
+def test_the_summary_has_every_budget_of_every_loss_and_k():
+    """Each cell of the summary is its own budget's paired difference, not the last budget's."""
+    grid = type("Grid", (), {"kls": [4.0, 8.0]})()
+    diff = lambda mean: {"mean": mean, "lo": mean - 0.01, "hi": mean + 0.01, "n": 5}  # noqa: E731
+    rows = [{"label": f"{m} ({how})", "k": kl, "vs_base": diff(0.1 * kl), "vs_dpo": diff(-0.1 * kl)}
+            for m in values.VALUE_AWARE for how in ("true", "rank", "RM") for kl in grid.kls]
+    results = {k: {"grid": grid, "tables": {"path/eval": {"rows": rows}}} for k in values.KS}
+    corr = {k: {"mean": 0.9, "lo": 0.89, "hi": 0.91, "n": 5} for k in values.KS}
+    text = values.summary_tables(results, corr)
+    line = next(x for x in text.splitlines() if x.startswith("| vcb | 0 |"))
+    assert "+0.400 [+0.390, +0.410] ahead" in line and "+0.800 [+0.790, +0.810] ahead" in line
