@@ -230,19 +230,21 @@ def summary_tables(results, corr):
 
 
 def plot_worth(results, file):
-    """(true - rank) at each KL budget against k, a line per loss, with 95% intervals."""
+    """(true - rank) at each KL budget against k, a line per loss, with 95% intervals, as a share of the
+    rank surrogate's reward there: g_k's scale grows with k, and a share reads the same at every k."""
     plt = report.pyplot()
     kls = results[KS[0]]["grid"].kls
-    fig, axes = plt.subplots(1, len(kls), figsize=(3.2 * len(kls), 3.2), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(kls), figsize=(3.2 * len(kls), 3.4), sharey=True, squeeze=False)
     for ax, kl in zip(axes[0], kls):
         for m in VALUE_AWARE:
             pts = []
             for k in KS:
-                r = next((x for x in results[k]["tables"].get("path/eval", {}).get("rows", [])
-                          if x["label"] == f"{m} (true)" and x["k"] == kl), None)
-                d = r.get("vs_base") if r else None
-                if d and d["lo"] is not None:
-                    pts.append((k, d["mean"], d["mean"] - d["lo"], d["hi"] - d["mean"]))
+                rows = results[k]["tables"].get("path/eval", {}).get("rows", [])
+                r = next((x for x in rows if x["label"] == f"{m} (true)" and x["k"] == kl), None)
+                base = next((x for x in rows if x["label"] == f"{m} (rank)" and x["k"] == kl), None)
+                d, scale = (r or {}).get("vs_base"), (base or {}).get("reward", {}).get("mean")
+                if d and d["lo"] is not None and scale:
+                    pts.append((k, 100 * d["mean"] / scale, 100 * (d["mean"] - d["lo"]) / scale, 100 * (d["hi"] - d["mean"]) / scale))
             if pts:
                 ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[[p[2] for p in pts], [p[3] for p in pts]],
                             marker="o", capsize=3, color=report.COLORS.get(m), label=report.label(m))
@@ -250,7 +252,8 @@ def plot_worth(results, file):
         ax.set_title(f"KL budget {kl:g}", fontsize=9)
         ax.set_xlabel("k (judge exp(k * gold))")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("true values − rank surrogate")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
+    axes[0][0].set_ylabel("true values − rank surrogate,\n% of the surrogate's reward")
+    handles = {h.get_label(): h for ax in axes[0] for h in ax.get_legend_handles_labels()[0]}
+    fig.legend(list(handles.values()), list(handles), fontsize=7, loc="upper right")
+    fig.tight_layout(rect=(0, 0, 0.93, 1))
     report.save_figure(plt, fig, file)
