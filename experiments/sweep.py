@@ -1,7 +1,7 @@
 """
 experiments/sweep.py: the instrument every comparison of methods here stands on.
 
-    python -m experiments sweep            # every method, 5 seeds: about 25 minutes on a 2-core CPU
+    python -m experiments sweep            # every method, 5 seeds: about 28 minutes on a 2-core CPU, after the default run
     python -m experiments sweep --quick    # 2 seeds, one beta per method, one learning rate: a few minutes
 
 1. A seed is a whole pipeline: the task's data, SFT, the reward model, the candidates, the policies and
@@ -155,8 +155,8 @@ def usual_lr(lrs):
 
 def snapshot_steps(total, n):
     """n steps of a training of `total` at which to keep the policy, the last one the end: closer
-    early (step total * (i / n) ** 1.5), where the KL moves fastest, so that the low budgets have
-    policies to choose from."""
+    early (step total * (i / n) ** 1.5 for i = 1..n), where the KL moves fastest, so that the low
+    budgets have policies to choose from."""
     return sorted({max(1, round(total * ((i + 1) / n) ** 1.5)) for i in range(n)})
 
 
