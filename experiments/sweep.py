@@ -91,8 +91,10 @@ def measure(cfg, env, arms, grid, times, rescale=None):
     every sample goes through first (a judge whose gaps are uneven: experiments/values.py)."""
     t0 = time.time()
     seeds = {s: harness.seed_config(cfg, s) for s in grid.seeds}
-    own = [scfg for scfg in seeds.values() if scfg.out_dir == cfg.out_dir]  # up to date after train.py's stages, mostly
-    for group in (own, [scfg for scfg in seeds.values() if scfg.out_dir != cfg.out_dir]):  # one alone runs in this process
+    # the run's own seed first, apart: train.py's stages have just made it (but for a variant such as the
+    # stakes task, which has a folder of its own), so the others share the workers, or one alone gets this process
+    own = [scfg for scfg in seeds.values() if scfg.out_dir == cfg.out_dir]
+    for group in (own, [scfg for scfg in seeds.values() if scfg.out_dir != cfg.out_dir]):
         for t in harness.run_jobs(cfg, env, harness.prepare, group):
             harness.merge_times(times, t)
     log(env, f"the pipelines of seeds {', '.join(map(str, grid.seeds))} are ready ({time.time() - t0:.0f}s)")
